@@ -1,0 +1,60 @@
+"""The ``modelgate`` command line: ``modelgate serve`` builds the settings from flags,
+environment and config file, then runs the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.server import BindError, serve
+from gateway.settings import Settings, SettingsError, fields, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelgate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="serve the models of a model store over gRPC")
+    run.add_argument("--config", type=Path, help="TOML file with the same settings")
+    for f in fields():
+        flag = "--" + f.name.replace("_", "-")
+        # Flags default to None so the layers below them (env, file, defaults) show through.
+        run.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"))
+    return parser
+
+
+def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
+    """Settings from parsed flags and an environment (passed in, never read at import)."""
+    flags: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields()}
+    config = args.config
+    if config is None and environ.get("MODELGATE_CONFIG"):
+        config = Path(environ["MODELGATE_CONFIG"])
+    return load_settings(config, environ, flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = build_settings(args, dict(os.environ))
+    except SettingsError as exc:
+        print(f"modelgate: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(serve(settings))
+    except BindError as exc:
+        print(f"modelgate: error: setting 'grpc_port': {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The gateway's exception hierarchy, free of gRPC; gateway/status.py maps these (and the
+other packages' errors) to status codes in one table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class GatewayError(Exception):
+    """Base of every error raised by the gateway package. ``trailers`` travel back to the
+    client as trailing metadata (retry hints, reasons)."""
+
+    def __init__(self, message: str, trailers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.trailers: Mapping[str, str] = trailers or {}
+
+
+class InvalidRequestError(GatewayError):
+    """The request itself is malformed: tensors, parameters, names."""
+
+
+class ModelNotFoundError(GatewayError):
+    """No such model or version (or one the caller may not see)."""
+
+
+class ModelNotReadyError(GatewayError):
+    """The version exists but is loading, unloading or failed to load."""
+
+
+class OverloadedError(GatewayError):
+    """A queue or limit is full; the trailers say when to retry."""
+
+
+class RequestTimeoutError(GatewayError):
+    """The request's deadline or queue timeout passed before it ran."""
+
+
+class NotSupportedError(GatewayError):
+    """A feature of the protocol this gateway does not offer."""

@@ -1,0 +1,241 @@
+"""The ONNX Runtime implementation of Runtime: ``instance_count`` sessions on CUDA when it
+really works on this machine, else on CPU, each run off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from model_store.datatypes import DataType
+from model_store.spec import ModelId, ModelSpec, TensorSpec
+from runtimes.base import InferRequest, Runtime, RuntimeMetadata, Tensor
+from runtimes.errors import (
+    InferenceFailed,
+    InvalidTensorError,
+    ModelLoadError,
+    RuntimeClosedError,
+)
+
+log = logging.getLogger(__name__)
+
+CUDA: Final = "CUDAExecutionProvider"
+CPU: Final = "CPUExecutionProvider"
+
+_ORT_TYPES: Final = {
+    "tensor(bool)": DataType.BOOL,
+    "tensor(uint8)": DataType.UINT8,
+    "tensor(uint16)": DataType.UINT16,
+    "tensor(uint32)": DataType.UINT32,
+    "tensor(uint64)": DataType.UINT64,
+    "tensor(int8)": DataType.INT8,
+    "tensor(int16)": DataType.INT16,
+    "tensor(int32)": DataType.INT32,
+    "tensor(int64)": DataType.INT64,
+    "tensor(float16)": DataType.FP16,
+    "tensor(float)": DataType.FP32,
+    "tensor(double)": DataType.FP64,
+    "tensor(bfloat16)": DataType.BF16,
+    "tensor(string)": DataType.BYTES,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OnnxOptions:
+    """Settings shared by every ONNX Runtime session: device is auto, cpu or cuda."""
+
+    device: str = "auto"
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+
+
+@functools.cache
+def cuda_works() -> tuple[bool, str]:
+    """Whether the CUDA provider really runs here, decided once by building a tiny session.
+    ONNX Runtime logs loudly when CUDA libraries are missing; that noise is kept from the
+    user by raising the logger threshold for the probe only."""
+    if CUDA not in ort.get_available_providers():
+        return False, "this onnxruntime build has no CUDA provider"
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "cuda_probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=[CUDA, CPU])
+        active = session.get_providers()
+    except Exception as exc:  # any failure means: not usable
+        return False, f"CUDA provider failed to start ({exc})"
+    finally:
+        ort.set_default_logger_severity(3)
+    if active and active[0] == CUDA:
+        return True, "CUDA provider is active"
+    return False, "CUDA libraries (CUDA 13, cuDNN 9) or a GPU are not available"
+
+
+@functools.cache
+def providers_for(device: str) -> tuple[str, ...]:
+    """The execution providers to use for ``device``; logs the choice once."""
+    if device == "cpu":
+        log.info("onnxruntime: using CPUExecutionProvider (device=cpu)")
+        return (CPU,)
+    works, why = cuda_works()
+    if works:
+        log.info("onnxruntime: using CUDAExecutionProvider (GPU)")
+        return (CUDA, CPU)
+    if device == "cuda":
+        raise ModelLoadError(f"device=cuda but {why}")
+    log.info("onnxruntime: using CPUExecutionProvider (%s)", why)
+    return (CPU,)
+
+
+class OnnxRuntime(Runtime):
+    """``spec.instance_count`` InferenceSessions of one ONNX file."""
+
+    def __init__(self, model: ModelId, spec: ModelSpec, path: Path, options: OnnxOptions) -> None:
+        self.model = model
+        self.spec = spec
+        self._path = path
+        self._options = options
+        self._pool: ThreadPoolExecutor | None = None
+        self._free: asyncio.Queue[ort.InferenceSession] = asyncio.Queue()
+        self._sessions: list[ort.InferenceSession] = []
+        self._providers: tuple[str, ...] = ()
+        self._closed = False
+
+    async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        count = max(1, self.spec.instance_count)
+        self._pool = ThreadPoolExecutor(count, thread_name_prefix=f"ort-{self.model}")
+        try:
+            self._providers = providers_for(self._options.device)
+            futures = [loop.run_in_executor(self._pool, self._new_session) for _ in range(count)]
+            self._sessions = list(await asyncio.gather(*futures))
+        except ModelLoadError:
+            self._pool.shutdown(wait=False)
+            raise
+        for session in self._sessions:
+            self._free.put_nowait(session)
+
+    def _new_session(self) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self._options.intra_op_threads
+        options.inter_op_num_threads = self._options.inter_op_threads
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(
+                str(self._path), options, providers=list(self._providers)
+            )
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise ModelLoadError(f"onnxruntime cannot load {self._path.name}: {exc}") from exc
+        _check_signature(self.spec, session.get_inputs(), "input", self.spec.inputs)
+        _check_signature(self.spec, session.get_outputs(), "output", self.spec.outputs)
+        return session
+
+    async def infer(self, request: InferRequest) -> dict[str, Tensor]:
+        if self._closed or self._pool is None:
+            raise RuntimeClosedError(f"model {self.model} is not loaded")
+        feeds = {name: _to_ort(name, array) for name, array in request.inputs.items()}
+        wanted = list(request.outputs) or [o.name for o in self.spec.outputs]
+        session = await self._free.get()
+        try:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._pool, session.run, wanted, feeds)
+        except (InvalidTensorError, RuntimeClosedError):
+            raise
+        except Exception as exc:  # onnxruntime's own failures (shape errors in ops, OOM...)
+            raise InferenceFailed(f"onnxruntime failed: {exc}") from exc
+        finally:
+            self._free.put_nowait(session)
+        return {name: _from_ort(value) for name, value in zip(wanted, results, strict=True)}
+
+    async def unload(self) -> None:
+        self._closed = True
+        # Taking every session back waits for the requests that hold one to finish.
+        for _ in self._sessions:
+            await self._free.get()
+        self._sessions.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def metadata(self) -> RuntimeMetadata:
+        device = "GPU" if self._providers and self._providers[0] == CUDA else "CPU"
+        return RuntimeMetadata(
+            model=self.model, platform="onnxruntime_onnx", device=device,
+            instances=len(self._sessions),
+        )
+
+
+def _check_signature(
+    spec: ModelSpec, actual: Sequence[Any], kind: str, declared: tuple[TensorSpec, ...]
+) -> None:
+    """A config that does not match its ONNX file fails the load, not the first request."""
+    by_name = {a.name: a for a in actual}
+    for tensor in declared:
+        got = by_name.get(tensor.name)
+        if got is None:
+            raise ModelLoadError(
+                f"config declares {kind} '{tensor.name}' but the ONNX model has "
+                f"{', '.join(sorted(by_name))}"
+            )
+        dtype = _ORT_TYPES.get(got.type)
+        if dtype is not tensor.datatype:
+            raise ModelLoadError(
+                f"{kind} '{tensor.name}': config says {tensor.datatype.value}, "
+                f"the ONNX model says {got.type}"
+            )
+        if dtype is DataType.BF16:
+            raise ModelLoadError(
+                f"{kind} '{tensor.name}': BF16 tensors are not supported by the onnxruntime "
+                "Python runtime"
+            )
+        shape = [d if isinstance(d, int) else -1 for d in got.shape]
+        full = list(spec.full_shape(tensor))
+        if len(shape) != len(full) or any(
+            s != -1 and f != -1 and s != f for s, f in zip(shape, full, strict=False)
+        ):
+            raise ModelLoadError(
+                f"{kind} '{tensor.name}': config shape {full} does not fit the ONNX shape {shape}"
+            )
+
+
+def _to_ort(name: str, array: Tensor) -> Tensor:
+    if array.dtype != object:
+        return array
+    # ONNX Runtime's Python binding takes str elements for string tensors.
+    try:
+        return np.vectorize(_decode, otypes=[object])(array) if array.size else array
+    except UnicodeDecodeError as exc:
+        raise InvalidTensorError(
+            f"input '{name}': BYTES elements must be UTF-8 text for an ONNX string input"
+        ) from exc
+
+
+def _decode(value: object) -> object:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _from_ort(value: Any) -> Tensor:
+    array = np.asarray(value)
+    if array.dtype.kind in "OU":
+        return np.vectorize(_encode, otypes=[object])(array) if array.size else array.astype(object)
+    return array
+
+
+def _encode(value: object) -> object:
+    return value.encode("utf-8") if isinstance(value, str) else value
