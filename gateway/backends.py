@@ -22,4 +22,6 @@ class RuntimeFactory:
         if spec.platform in ONNX_PLATFORMS or spec.backend in ONNX_BACKENDS:
             return OnnxRuntime(model, spec, path, self._onnx)
         kind = spec.platform or spec.backend
-        raise ModelLoadError(f"unknown platform/backend '{kind}' (modelgate serves onnxruntime_onnx)")
+        raise ModelLoadError(
+            f"unknown platform/backend '{kind}' (modelgate serves onnxruntime_onnx)"
+        )

@@ -235,7 +235,7 @@ def to_raw(datatype: DataType, array: Tensor) -> bytes:
     if datatype is DataType.BYTES:
         parts = []
         for element in array.reshape(-1):
-            data = element.encode("utf-8") if isinstance(element, str) else bytes(element)
+            data = _element_bytes(element)
             parts.append(_LEN.pack(len(data)))
             parts.append(data)
         return b"".join(parts)
@@ -252,7 +252,17 @@ def _fill_contents(
         )
     flat = array.reshape(-1)
     if datatype is DataType.BYTES:
-        values: list[Any] = [e.encode("utf-8") if isinstance(e, str) else bytes(e) for e in flat]
+        values: list[Any] = [_element_bytes(e) for e in flat]
     else:
         values = flat.tolist()
     getattr(out.contents, field).extend(values)
+
+
+def _element_bytes(element: object) -> bytes:
+    if isinstance(element, bytes):
+        return element
+    if isinstance(element, str):
+        return element.encode("utf-8")
+    if isinstance(element, (bytearray, memoryview, np.bytes_)):
+        return bytes(element)
+    return str(element).encode("utf-8")

@@ -65,7 +65,7 @@ class Gateway:
     async def start(self) -> int:
         """Bind and start serving, then load the models (health and ServerLive answer
         while they load). Returns the bound port."""
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             InferenceServicer(self.manager), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -99,7 +99,9 @@ def _tensor(t: mc.ModelInput | mc.ModelOutput, kind: str) -> TensorSpec:
     except ValueError as exc:
         raise ModelConfigError(f"{kind} '{t.name}': {exc}") from exc
     if any(d < -1 or d == 0 for d in t.dims):
-        raise ModelConfigError(f"{kind} '{t.name}': dims must be positive or -1, got {list(t.dims)}")
+        raise ModelConfigError(
+            f"{kind} '{t.name}': dims must be positive or -1, got {list(t.dims)}"
+        )
     if t.HasField("reshape"):
         raise ModelConfigError(f"{kind} '{t.name}': reshape is not supported by modelgate")
     return TensorSpec(name=t.name, datatype=datatype, dims=tuple(t.dims))

@@ -38,17 +38,18 @@ def _signature(path: Path) -> tuple[list[tuple[str, int, list[int]]], ...]:
     initializers = {i.name for i in model.graph.initializer}
 
     def describe(values: list[onnx.ValueInfoProto]) -> list[tuple[str, int, list[int]]]:
-        out = []
+        out: list[tuple[str, int, list[int]]] = []
         for v in values:
             if v.name in initializers:
                 continue
             tensor = v.type.tensor_type
-            if tensor.elem_type not in _ELEM_TO_CONFIG:
+            elem = _ELEM_TO_CONFIG.get(tensor.elem_type)  # type: ignore[call-overload]
+            if elem is None:
                 raise ModelConfigError(
                     f"ONNX tensor '{v.name}' has an element type the gateway cannot serve"
                 )
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-            out.append((v.name, _ELEM_TO_CONFIG[tensor.elem_type], dims))
+            out.append((v.name, int(elem), dims))
         return out
 
     return describe(list(model.graph.input)), describe(list(model.graph.output))
@@ -72,5 +73,6 @@ def complete_config(config: mc.ModelConfig, model_file: Path) -> None:
                         f"max_batch_size > 0 but ONNX tensor '{name}' has no variable first "
                         "dimension to batch on"
                     )
-                dims = dims[1:]
-            declared.add(name=name, data_type=dtype, dims=dims)
+                declared.add(name=name, data_type=dtype, dims=dims[1:])
+            else:
+                declared.add(name=name, data_type=dtype, dims=dims)

@@ -150,7 +150,7 @@ class ModelSpec:
                     f"(rank {len(expected)}), got {_fmt(shape)} (rank {len(shape)})"
                 )
             for axis, (want, got) in enumerate(zip(expected, shape, strict=True)):
-                if want != -1 and want != got:
+                if want not in (-1, got):
                     raise InputMismatchError(
                         f"input '{name}': expected shape {_fmt(expected)}, got {_fmt(shape)} "
                         f"(dimension {axis} must be {want})"

@@ -96,6 +96,7 @@ class GatewayProcess:
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         port: int | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.port = port or free_port()
         self.log_path = Path(tempfile.mkstemp(prefix="modelgate-", suffix=".log")[1])
@@ -104,7 +105,8 @@ class GatewayProcess:
         full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            command, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+            cwd=cwd or REPO_ROOT,
         )
 
     @property
