@@ -91,6 +91,10 @@ def test_serves_the_demo_store_from_any_folder(tmp_path: Path) -> None:
         assert client.infer("species", [species]).as_numpy("class_id").tolist() == [[2]]
         client.close()
         assert gw.stop() == 0
+    log = gw.log()
+    # One line says which execution provider runs; ONNX Runtime's CUDA noise never shows.
+    assert log.count("onnxruntime: using") == 1
+    assert "Failed to load library" not in log and "onnxruntime_src" not in log
 
 
 def _slow_model_store(root: Path) -> Path:
