@@ -130,7 +130,8 @@ class GatewayProcess:
         raise TimeoutError(f"gateway not ready after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def stop(self, timeout: float = 30) -> int:
