@@ -1,0 +1,100 @@
+"""A locust user for the V2 gRPC protocol: calls ModelInfer on one model with inputs built
+from its metadata, sending a tenant key, version or label; bounded and loopback-only.
+
+    locust -f loadtests/locustfile.py --headless -u 32 -r 8 --run-time 30s \
+        --host 127.0.0.1:8001 --model digits --batch 1 [--api-key mg_...] [--model-version 2]
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import gevent
+import grpc
+import grpc.experimental.gevent as grpc_gevent
+from locust import User, events, task
+from locust.env import Environment
+
+from loadtests.requests import request_for, require_loopback
+from modelgate_pb import grpc_service_pb2 as pb
+from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
+
+# gRPC's own threads must cooperate with gevent's event loop, or every call blocks a worker.
+grpc_gevent.init_gevent()
+
+DEFAULT_RUN_TIME_S = 60
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser: Any) -> None:
+    parser.add_argument("--model", default="digits", help="model to call")
+    parser.add_argument("--model-version", default="", help="version number or label")
+    parser.add_argument("--batch", type=int, default=1, help="rows per request")
+    parser.add_argument("--api-key", default="", env_var="MODELGATE_API_KEY",
+                        help="tenant API key (sent as authorization: Bearer)")
+    parser.add_argument("--routing-key", default="", help="x-routing-key for sticky canaries")
+    parser.add_argument("--max-requests", type=int, default=100_000,
+                        help="stop after this many requests in total")
+
+
+@events.test_start.add_listener
+def _bound_the_run(environment: Environment, **_: Any) -> None:
+    options = environment.parsed_options
+    require_loopback(environment.host or "127.0.0.1:8001")
+    # Never run unbounded: without --run-time, stop after DEFAULT_RUN_TIME_S.
+    if options is not None and not options.run_time and environment.runner is not None:
+        runner = environment.runner
+        gevent.spawn_later(DEFAULT_RUN_TIME_S, runner.quit)
+
+
+class V2User(User):
+    """One client connection calling ModelInfer in a closed loop."""
+
+    host = "127.0.0.1:8001"
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        self.model = options.model if options else "digits"
+        self.channel = grpc.insecure_channel(require_loopback(self.host or "127.0.0.1:8001"))
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+        self.metadata: list[tuple[str, str]] = []
+        if options is not None and options.api_key:
+            self.metadata.append(("authorization", f"Bearer {options.api_key}"))
+        if options is not None and options.routing_key:
+            self.metadata.append(("x-routing-key", options.routing_key))
+        described = self.stub.ModelMetadata(
+            pb.ModelMetadataRequest(name=self.model), metadata=self.metadata, timeout=10
+        )
+        self.request = request_for(
+            described,
+            batch=options.batch if options else 1,
+            version=options.model_version if options else "",
+        )
+        self.limit = options.max_requests if options else 100_000
+
+    def on_stop(self) -> None:
+        self.channel.close()
+
+    @task
+    def infer(self) -> None:
+        stats = self.environment.stats.total
+        if stats.num_requests >= self.limit and self.environment.runner is not None:
+            self.environment.runner.quit()
+            return
+        started = time.perf_counter()
+        error: Exception | None = None
+        size = 0
+        try:
+            response = self.stub.ModelInfer(self.request, metadata=self.metadata, timeout=30)
+            size = response.ByteSize()
+        except grpc.RpcError as exc:
+            error = exc
+        events.request.fire(
+            request_type="grpc",
+            name=f"ModelInfer {self.model}",
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=size,
+            exception=error,
+            context={},
+        )

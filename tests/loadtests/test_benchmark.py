@@ -1,0 +1,50 @@
+"""The benchmark runner works (not how fast anything is): percentiles, both drivers against
+the real gateway for a fraction of a second, the table, and the ONNX Runtime ceiling."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from gateway.settings import demo_store
+from loadtests.benchmark import LevelResult, format_table, ort_ceiling, percentile, run_levels
+from tests.support.gateway import running_gateway
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 50) == 2.5
+    assert percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_levels_against_the_real_gateway() -> None:
+    with running_gateway() as gw:
+        results = asyncio.run(run_levels(
+            gw.target, ["digits"], [4], [200.0], duration_s=0.3, warmup_s=0.1, channels=2,
+        ))
+    closed, opened = results
+    assert (closed.mode, closed.load, opened.mode, opened.load) == ("closed", 4, "open", 200)
+    for result in results:
+        assert result.requests > 0 and result.errors == {}
+        assert result.inferences is not None and result.executions is not None
+        assert result.inferences >= result.executions >= 1
+        summary = result.summary()
+        assert summary["requests"] == result.requests and "p99_ms" in summary
+    table = format_table(results, {"digits": {1: 1000.0}})
+    assert table.count("| digits |") == 3 and "4 conc" in table and "200 req/s offered" in table
+
+
+def test_ort_ceiling_measures_rows_per_second() -> None:
+    assert ort_ceiling(demo_store() / "digits" / "1" / "model.onnx", 8, 0.1) > 0
+
+
+def test_level_result_without_statistics_has_no_mean_batch() -> None:
+    result = LevelResult("m", "closed", 1, 1, 1.0, [0.001, 0.002])
+    assert result.mean_batch is None and result.throughput == 2.0
