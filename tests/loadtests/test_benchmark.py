@@ -26,9 +26,17 @@ def test_percentile_interpolates_between_ranks() -> None:
 
 def test_levels_against_the_real_gateway() -> None:
     with running_gateway() as gw:
-        results = asyncio.run(run_levels(
-            gw.target, ["digits"], [4], [200.0], duration_s=0.3, warmup_s=0.1, channels=2,
-        ))
+        results = asyncio.run(
+            run_levels(
+                gw.target,
+                ["digits"],
+                [4],
+                [200.0],
+                duration_s=0.3,
+                warmup_s=0.1,
+                channels=2,
+            )
+        )
     closed, opened = results
     assert (closed.mode, closed.load, opened.mode, opened.load) == ("closed", 4, "open", 200)
     for result in results:

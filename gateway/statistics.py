@@ -1,0 +1,185 @@
+"""Per model version inference statistics with Triton's meaning (success/fail, queue and
+compute durations, inference vs execution counts, per-batch-size stats) and their recorder."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from model_store.spec import ModelId, ModelSpec
+from runtimes.base import InferRequest, Runtime, RuntimeMetadata, Tensor
+
+# The manager tags its warm-up requests so; they are not traffic and are not counted.
+WARMUP_TAG: Final = "warmup"
+
+
+def is_warmup(request: InferRequest) -> bool:
+    """Whether the request is the manager's warm-up rather than a client's."""
+    return WARMUP_TAG in request.tags
+
+
+@dataclass(slots=True)
+class Duration:
+    """A count and the total nanoseconds of what it counts."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += max(0, ns) * count
+
+
+@dataclass(slots=True)
+class BatchDurations:
+    """Compute durations of every batch of one size (count = batches executed)."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(frozen=True, slots=True)
+class StatisticsSnapshot:
+    """A consistent copy of one version's statistics, for the ModelStatistics RPC."""
+
+    model: ModelId
+    last_inference_ms: int
+    inference_count: int
+    execution_count: int
+    success: Duration
+    fail: Duration
+    queue: Duration
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+    batches: dict[int, BatchDurations]
+
+
+class ModelStatistics:
+    """Counters of one model version. Like Triton: queue and compute durations count each
+    successful request (a request in a batch of 8 adds the batch's compute time once for
+    itself); inference_count counts rows, execution_count counts batches, and batch stats
+    count batches per batch size (rows)."""
+
+    def __init__(self, model: ModelId, wall_clock: Callable[[], float] = time.time) -> None:
+        self.model = model
+        self._wall_clock = wall_clock
+        # The servicer snapshots from the event loop, but runtimes may record from threads.
+        self._lock = threading.Lock()
+        self._last_inference_ms = 0
+        self._inference_count = 0
+        self._execution_count = 0
+        self._success = Duration()
+        self._fail = Duration()
+        self._queue = Duration()
+        self._compute_input = Duration()
+        self._compute_infer = Duration()
+        self._compute_output = Duration()
+        self._batches: dict[int, BatchDurations] = {}
+
+    def record_request(self, ok: bool, duration_ns: int) -> None:
+        """One request finished (end to end inside the gateway's runtime stack)."""
+        with self._lock:
+            (self._success if ok else self._fail).add(duration_ns)
+
+    def record_queued(self, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One request of a successful execution: its queue wait and its batch's compute."""
+        with self._lock:
+            self._queue.add(queue_ns)
+            self._compute_input.add(input_ns)
+            self._compute_infer.add(infer_ns)
+            self._compute_output.add(output_ns)
+
+    def record_execution(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One successful execution (batch) of ``rows`` rows."""
+        with self._lock:
+            self._execution_count += 1
+            self._inference_count += rows
+            self._last_inference_ms = int(self._wall_clock() * 1000)
+            batch = self._batches.setdefault(rows, BatchDurations())
+            batch.compute_input.add(input_ns)
+            batch.compute_infer.add(infer_ns)
+            batch.compute_output.add(output_ns)
+
+    def snapshot(self) -> StatisticsSnapshot:
+        with self._lock:
+            return StatisticsSnapshot(
+                model=self.model,
+                last_inference_ms=self._last_inference_ms,
+                inference_count=self._inference_count,
+                execution_count=self._execution_count,
+                success=_copy(self._success),
+                fail=_copy(self._fail),
+                queue=_copy(self._queue),
+                compute_input=_copy(self._compute_input),
+                compute_infer=_copy(self._compute_infer),
+                compute_output=_copy(self._compute_output),
+                batches={
+                    size: BatchDurations(
+                        _copy(b.compute_input), _copy(b.compute_infer), _copy(b.compute_output)
+                    )
+                    for size, b in sorted(self._batches.items())
+                },
+            )
+
+
+def _copy(duration: Duration) -> Duration:
+    return Duration(duration.count, duration.ns)
+
+
+class StatisticsRuntime(Runtime):
+    """Wraps a runtime to count its requests. With ``records_executions`` every request is
+    one execution (a model without a batcher); otherwise the batcher below records the
+    queue, compute and execution figures into the same ModelStatistics."""
+
+    def __init__(
+        self, inner: Runtime, statistics: ModelStatistics, records_executions: bool
+    ) -> None:
+        self.inner = inner
+        self.model = inner.model
+        self.spec: ModelSpec = inner.spec
+        self.statistics = statistics
+        self._records_executions = records_executions
+
+    async def load(self) -> None:
+        await self.inner.load()
+
+    async def infer(self, request: InferRequest) -> dict[str, Tensor]:
+        if is_warmup(request):
+            return await self.inner.infer(request)
+        start = time.perf_counter_ns()
+        ok = False
+        try:
+            outputs = await self.inner.infer(request)
+            ok = True
+        finally:
+            elapsed = time.perf_counter_ns() - start
+            # A cancelled caller counts as a failure too: the request did not complete.
+            self.statistics.record_request(ok, elapsed)
+        if self._records_executions:
+            self.statistics.record_queued(0, 0, elapsed, 0)
+            self.statistics.record_execution(request.rows, 0, elapsed, 0)
+        return outputs
+
+    async def unload(self) -> None:
+        await self.inner.unload()
+
+    def metadata(self) -> RuntimeMetadata:
+        return self.inner.metadata()
+
+
+def statistics_of(runtime: Runtime | None) -> ModelStatistics | None:
+    """The statistics of a runtime stack, found through the wrappers' ``inner`` links (other
+    wrappers, such as tracing, may sit outside the statistics one)."""
+    seen = 0
+    current: object = runtime
+    while current is not None and seen < 16:
+        if isinstance(current, StatisticsRuntime):
+            return current.statistics
+        current = getattr(current, "inner", None)
+        seen += 1
+    return None

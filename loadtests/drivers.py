@@ -1,0 +1,123 @@
+"""Load drivers for the benchmark runner: closed loop (fixed concurrency) and open loop
+(fixed arrival rate) over grpc.aio stubs, the measurement window they fill, and percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from modelgate_pb import grpc_service_pb2 as pb
+from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The p-th percentile (0..100) with linear interpolation between ranks; nan if empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass
+class Window:
+    """The measured requests: those that start after the warm-up and before the end. A
+    closed loop also drops those finishing after the end (its callers stop there); an open
+    loop keeps them, since its late answers are the very queueing it measures."""
+
+    start: float
+    end: float
+    keep_late: bool = False
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    last_finish: float = 0.0
+
+    @property
+    def span(self) -> float:
+        """Seconds from the start to the end, or to the last kept answer if later."""
+        return max(self.end, self.last_finish) - self.start
+
+    def record(self, began: float, finished: float, error: str | None) -> None:
+        if not self.start <= began < self.end or (finished > self.end and not self.keep_late):
+            return
+        self.last_finish = max(self.last_finish, finished)
+        if error is None:
+            self.latencies.append(finished - began)
+        else:
+            self.errors[error] += 1
+
+
+async def _call(
+    stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, deadline_s: float
+) -> str | None:
+    try:
+        await stub.ModelInfer(request, timeout=deadline_s)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+    return None
+
+
+async def closed_loop(
+    stubs: Sequence[pb_grpc.GRPCInferenceServiceStub],
+    request: pb.ModelInferRequest,
+    concurrency: int,
+    *,
+    duration_s: float,
+    warmup_s: float = 1.0,
+    timeout_s: float = 30.0,
+) -> Window:
+    """``concurrency`` callers, each sending its next request when the last one answers."""
+    now = time.perf_counter()
+    window = Window(now + warmup_s, now + warmup_s + duration_s)
+
+    async def caller(index: int) -> None:
+        stub = stubs[index % len(stubs)]
+        while (began := time.perf_counter()) < window.end:
+            error = await _call(stub, request, timeout_s)
+            window.record(began, time.perf_counter(), error)
+
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    return window
+
+
+async def open_loop(
+    stubs: Sequence[pb_grpc.GRPCInferenceServiceStub],
+    request: pb.ModelInferRequest,
+    rate: float,
+    *,
+    duration_s: float,
+    warmup_s: float = 1.0,
+    timeout_s: float = 30.0,
+) -> Window:
+    """Requests sent on a fixed schedule of ``rate`` per second whether or not earlier ones
+    answered; latency counts from the scheduled send time, so a stalled server's queueing
+    is measured rather than hidden (no coordinated omission)."""
+    now = time.perf_counter()
+    window = Window(now + warmup_s, now + warmup_s + duration_s, keep_late=True)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(stub: pb_grpc.GRPCInferenceServiceStub, scheduled: float) -> None:
+        error = await _call(stub, request, timeout_s)
+        window.record(scheduled, time.perf_counter(), error)
+
+    interval = 1.0 / rate
+    index = 0
+    while (scheduled := now + index * interval) < window.end:
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(stubs[index % len(stubs)], scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        index += 1
+    if tasks:
+        await asyncio.gather(*tasks)
+    return window
