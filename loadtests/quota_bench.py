@@ -1,0 +1,210 @@
+"""The throughput cost of tenants and quotas: the same closed-loop load against ``modelgate
+serve`` open, with a key but no limits, with limits in-process, and with limits in Redis.
+
+    .venv/bin/python -m loadtests.quota_bench --model iris --concurrency 16 --duration 5
+    .venv/bin/python -m loadtests.quota_bench --micro 20000   # the quota path alone"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gateway import cli, tenant_admin
+from gateway.quota import Limits, LocalQuotaStore, QuotaStore, Scope
+from gateway.quota_redis import RedisQuotaStore
+from gateway.settings import demo_store
+from loadtests.benchmark import LevelResult, _free_port, closed_loop, gateway_process
+from loadtests.requests import request_for
+from modelgate_pb import grpc_service_pb2 as pb
+from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
+
+# Limits far above what the load reaches: every request is charged, none is rejected.
+HIGH = ["--requests-per-s", "1000000", "--burst", "1000000", "--rows-per-s", "100000000",
+        "--requests-per-day", "1000000000"]
+# (label, tenant flags or None for an open gateway, uses Redis)
+MODES: tuple[tuple[str, list[str] | None, bool], ...] = (
+    ("open (no tenants)", None, False),
+    ("key, no limits", [], False),
+    ("in-process limits", HIGH, False),
+    ("in-process + concurrent", [*HIGH, "--concurrent", "100000"], False),
+    ("redis limits (leased)", HIGH, True),
+    ("redis + concurrent", [*HIGH, "--concurrent", "100000"], True),
+)
+
+
+class _WithKey(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Adds the API key to every call, as a client library would."""
+
+    def __init__(self, key: str) -> None:
+        self._metadata = (("authorization", f"Bearer {key}"),)
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Awaitable[Any]], details: Any, request: Any
+    ) -> Any:
+        details = details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+        return await continuation(details, request)
+
+
+def _tenants_file(folder: Path, flags: list[str]) -> tuple[Path, str]:
+    path = folder / "tenants.toml"
+    path.unlink(missing_ok=True)
+
+    def run(*argv: str) -> str:
+        out = io.StringIO()
+        args = cli._parser().parse_args(["tenants", "--file", str(path), *argv])
+        if tenant_admin.run(args, {}, out) != 0:
+            raise RuntimeError(f"tenants {' '.join(argv)} failed")
+        return out.getvalue()
+
+    run("create", "bench", "--models", "*", *flags)
+    return path, run("issue-key", "bench").splitlines()[0]
+
+
+@contextlib.contextmanager
+def redis_process() -> Iterator[str]:
+    """A private redis-server on a free loopback port, without persistence."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found (scripts/install_test_deps.sh installs it)")
+    port = _free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _measure(target: str, key: str | None, model: str, *, concurrency: int,
+                   duration_s: float, warmup_s: float, rows: int) -> LevelResult:
+    interceptors: Any = [_WithKey(key)] if key else None
+    channels = [grpc.aio.insecure_channel(target, interceptors=interceptors) for _ in range(4)]
+    try:
+        stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
+        metadata = await stubs[0].ModelMetadata(pb.ModelMetadataRequest(name=model))
+        request = request_for(metadata, batch=rows)
+        window = await closed_loop(stubs, request, concurrency, duration_s=duration_s,
+                                   warmup_s=warmup_s)
+        return LevelResult(model, "closed", concurrency, rows, duration_s, window.latencies,
+                           dict(window.errors))
+    finally:
+        for channel in channels:
+            await channel.close(None)
+
+
+def run(model: str, *, concurrency: int, duration_s: float, warmup_s: float, rows: int,
+        store: Path, redis_url: str | None) -> list[dict[str, object]]:
+    rows_out: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        url = redis_url or stack.enter_context(redis_process())
+        for label, flags, uses_redis in MODES:
+            extra: list[str] = []
+            key = None
+            if flags is not None:
+                path, key = _tenants_file(Path(tmp), flags)
+                extra += ["--tenants", str(path)]
+            if uses_redis:
+                extra += ["--redis-url", url]
+            with gateway_process(store, extra) as target:
+                result = asyncio.run(_measure(
+                    target, key, model, concurrency=concurrency, duration_s=duration_s,
+                    warmup_s=warmup_s, rows=rows,
+                ))
+            summary = result.summary()
+            rows_out.append({"quotas": label, **summary})
+            print(_row(rows_out[-1]), flush=True)
+    return rows_out
+
+
+async def _admit_loop(store: QuotaStore, scopes: tuple[Scope, ...], count: int) -> float:
+    await store.start()
+    try:
+        for _ in range(min(count, 1000)):  # warm-up: connections, script load, leases
+            async with store.admit(scopes, 1):
+                pass
+        began = time.perf_counter()
+        for _ in range(count):
+            async with store.admit(scopes, 1):
+                pass
+        return time.perf_counter() - began
+    finally:
+        await store.close()
+
+
+def micro(count: int, redis_url: str | None) -> list[dict[str, object]]:
+    """The quota path alone, no gRPC: microseconds per admitted request, per store."""
+    rates = Limits(requests_per_s=1e6, burst=10**6, rows_per_s=1e8, requests_per_day=10**9)
+    with_slots = dataclasses.replace(rates, concurrent=10**5)
+    out: list[dict[str, object]] = []
+    with contextlib.ExitStack() as stack:
+        url = redis_url or stack.enter_context(redis_process())
+        cases: list[tuple[str, Callable[[], QuotaStore], Limits]] = [
+            ("in-process", LocalQuotaStore, rates),
+            ("in-process + concurrent", LocalQuotaStore, with_slots),
+            ("redis (leased)", lambda: RedisQuotaStore(url), rates),
+            ("redis + concurrent", lambda: RedisQuotaStore(url), with_slots),
+        ]
+        for label, make, limits in cases:
+            seconds = asyncio.run(_admit_loop(make(), (Scope("t:bench", limits),), count))
+            out.append({"store": label, "us_per_request": round(seconds / count * 1e6, 2),
+                        "admits_per_s": round(count / seconds)})
+            print(f"| {label} | {out[-1]['us_per_request']} | {out[-1]['admits_per_s']} |",
+                  flush=True)
+    return out
+
+
+def _row(row: dict[str, object]) -> str:
+    errors = row.get("errors") or {}
+    return (f"| {row['quotas']} | {row['requests_per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
+            f"{sum(errors.values()) if isinstance(errors, dict) else errors} |")
+
+
+HEADER = "| quotas | req/s | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quota_bench", description=__doc__)
+    parser.add_argument("--model", default="iris")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--store", type=Path, default=demo_store())
+    parser.add_argument("--redis-url", help="use this Redis (default: start a private one)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--micro", type=int, metavar="N",
+                        help="instead: time N admits through each store, without gRPC")
+    args = parser.parse_args(argv)
+    if args.micro:
+        print("| store | us/request | admits/s |\n|---|---:|---:|", flush=True)
+        results = micro(args.micro, args.redis_url)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+        return 0
+    print(HEADER, flush=True)
+    results = run(args.model, concurrency=args.concurrency, duration_s=args.duration,
+                  warmup_s=args.warmup, rows=args.rows, store=args.store,
+                  redis_url=args.redis_url)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
