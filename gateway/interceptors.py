@@ -1,0 +1,269 @@
+"""The RPC-level observer: a grpc.aio server interceptor that opens each RPC's record and
+server span, and when the RPC ends counts it, ends the span and writes the access log line."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeAlias, cast
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from gateway import observe
+from gateway.access_log import AccessEntry, AccessLog
+from gateway.auth import current_tenant
+from gateway.errors import AuthenticationError
+from gateway.metrics import Metrics
+from gateway.tracing import (
+    ATTR_MODEL,
+    ATTR_ROWS,
+    ATTR_TENANT,
+    ATTR_VERSION,
+    TRACE_ID_KEY,
+    Tracing,
+    trace_id_hex,
+)
+from modelgate_pb import grpc_service_pb2 as pb
+
+INFERENCE_SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+INFER_METHOD: Final = f"/{INFERENCE_SERVICE}/ModelInfer"
+LIMIT_KEY: Final = "modelgate-limit"
+
+# The semantic conventions' server-side error codes; the others are the client's doing.
+_SERVER_ERRORS: Final = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Behavior = Callable[[Any, Context], Awaitable[Any]]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class _TrailerContext:
+    """The servicer's view of its context: trailing metadata it sets is added to ours (the
+    trace id) instead of replacing it. Everything else goes to the real context."""
+
+    __slots__ = ("_context", "_ours")
+
+    def __init__(self, context: Context, ours: tuple[tuple[str, str], ...]) -> None:
+        self._context = context
+        self._ours = ours
+        context.set_trailing_metadata(ours)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self._context.set_trailing_metadata((*self._ours, *tuple(metadata)))
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        if trailing_metadata:
+            trailing_metadata = (*self._ours, *tuple(trailing_metadata))
+        await self._context.abort(code, details, trailing_metadata)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def _split_method(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+def _peer_address(peer: str) -> tuple[str, int | None]:
+    # grpc peers look like ipv4:127.0.0.1:5555, ipv6:[::1]:5555 or unix:/path.
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, _, port = rest.rpartition(":")
+        return host.strip("[]"), int(port) if port.isdigit() else None
+    return rest or peer, None
+
+
+def _status_code(context: Context, error: BaseException | None) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Observes every unary RPC of the inference service (health and reflection are left
+    alone: probes would drown the data). Install it first, so it sees what later
+    interceptors (auth) answer."""
+
+    def __init__(
+        self, metrics: Metrics, tracing: Tracing | None, access_log: AccessLog | None
+    ) -> None:
+        self._metrics = metrics
+        self._tracing = tracing
+        self._access_log = access_log
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        method: str = handler_call_details.method
+        service, name = _split_method(method)
+        if service != INFERENCE_SERVICE:
+            return await continuation(handler_call_details)
+        record = observe.RequestRecord(method=name, start=time.perf_counter())
+        observe.begin(record)
+        token: object | None = None
+        if self._tracing is not None:
+            # Opened before the inner interceptors run, so their spans (auth) are children.
+            parent = self._tracing.extract(handler_call_details.invocation_metadata)
+            span = self._tracing.tracer.start_span(
+                method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
+                attributes={
+                    "rpc.system": "grpc", "rpc.service": service, "rpc.method": name,
+                },
+            )
+            record.tracer = self._tracing.tracer
+            record.span = span
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+        record.otel_token = token
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            self._finish(record, grpc.StatusCode.UNIMPLEMENTED, None, None)
+            return handler
+        if handler.unary_unary is None:
+            # Streaming RPCs (ModelStreamInfer) are not observed yet: close what we opened.
+            if record.span is not None:
+                record.span.end()
+                _detach(record)
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        # grpc.aio behaviors are coroutines; the stubs only know the sync signature.
+        inner = cast(Behavior, handler.unary_unary)
+        wrapped: Handler = grpc.unary_unary_rpc_method_handler(
+            self._observed(inner),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _observed(self, behavior: Behavior) -> Behavior:
+        async def observed(request: Any, context: Context) -> Any:
+            record = observe.current()
+            if record is None:  # not opened by intercept_service (cannot happen)
+                return await behavior(request, context)
+            served: Any = context
+            if record.span is not None:
+                served = _TrailerContext(context, ((TRACE_ID_KEY, trace_id_hex(record.span)),))
+            error: BaseException | None = None
+            try:
+                return await behavior(request, served)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._finish(record, _status_code(context, error), request, context)
+
+        return observed
+
+    def _finish(
+        self, record: observe.RequestRecord, code: grpc.StatusCode, request: Any,
+        context: Context | None,
+    ) -> None:
+        peer = context.peer() if context is not None else ""
+        elapsed = time.perf_counter() - record.start
+        code_name = code.name
+        if record.tenant is None:
+            record.tenant = _tenant_id()
+        if record.method == "ModelInfer":
+            self._metrics.count_request(record.model, record.tenant, code_name, elapsed)
+            if record.rejected_by == observe.QUOTA or (
+                code is grpc.StatusCode.RESOURCE_EXHAUSTED and _names_limit(context)
+            ):
+                self._metrics.count_quota_rejection(record.tenant)
+        span = record.span
+        if span is not None:
+            self._end_span(record, span, code, peer)
+        if self._access_log is not None:
+            self._access_log.write(_entry(record, code_name, request, peer, elapsed))
+
+    def _end_span(
+        self, record: observe.RequestRecord, span: trace.Span, code: grpc.StatusCode, peer: str
+    ) -> None:
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            host, port = _peer_address(peer)
+            span.set_attribute("network.peer.address", host)
+            if port is not None:
+                span.set_attribute("network.peer.port", port)
+            if record.tenant:
+                span.set_attribute(ATTR_TENANT, record.tenant)
+            if record.model is not None:
+                span.set_attribute(ATTR_MODEL, record.model.name)
+                span.set_attribute(ATTR_VERSION, record.model.version)
+            if record.rows is not None:
+                span.set_attribute(ATTR_ROWS, record.rows)
+            if code in _SERVER_ERRORS:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end()
+        _detach(record)
+
+
+def _detach(record: observe.RequestRecord) -> None:
+    token = record.otel_token
+    if token is not None:
+        record.otel_token = None
+        otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def _tenant_id() -> str | None:
+    # Auth's interceptor runs inside ours and sets the tenant in this task's context.
+    try:
+        return current_tenant().id
+    except AuthenticationError:
+        return None
+
+
+def _names_limit(context: Context | None) -> bool:
+    """Whether the answer carries the quota's trailer (a quota rejection, not a full
+    queue): the modelgate-limit trailer is part of the wire contract."""
+    if context is None:
+        return False
+    return any(key == LIMIT_KEY for key, _ in context.trailing_metadata() or ())
+
+
+def _entry(
+    record: observe.RequestRecord, code: str, request: Any, peer: str, elapsed: float
+) -> AccessEntry:
+    model: str | None = None
+    version: str | None = None
+    if record.model is not None:
+        model, version = record.model.name, str(record.model.version)
+    elif request is not None:
+        # What the client asked for; escaped and cut by the log's formatter.
+        model = getattr(request, "model_name", None) or getattr(request, "name", None)
+        version = getattr(request, "model_version", None) or getattr(request, "version", None)
+    span = record.span
+    return AccessEntry(
+        method=record.method,
+        code=code,
+        peer=peer,
+        tenant=record.tenant,
+        model=model or None,
+        version=version or None,
+        rows=record.rows,
+        batch_rows=record.batch_rows,
+        queue_us=None if record.queue_s is None else int(record.queue_s * 1e6),
+        compute_us=None if record.compute_s is None else int(record.compute_s * 1e6),
+        total_us=int(elapsed * 1e6),
+        trace_id=trace_id_hex(span) if span is not None else None,
+    )
