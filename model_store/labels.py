@@ -76,13 +76,11 @@ def parse_routing(text: str) -> RoutingSpec:
                 f"{ROUTING_FILE}: label '{name}' must match [A-Za-z][A-Za-z0-9_-]* (max 64)"
             )
     spec = RoutingSpec(labels=labels)
-    weights = tuple(
-        (target, _weight(target, raw)) for target, raw in _table(data, "weights").items()
-    )
+    weights = tuple((key, _weight(key, raw)) for key, raw in _table(data, "weights").items())
     if weights and not any(w > 0 for _, w in weights):
         raise RoutingConfigError(f"{ROUTING_FILE}: [weights] needs at least one weight > 0")
-    for target, _ in weights:
-        spec.version_of(target)
+    for name, _ in weights:
+        spec.version_of(name)
     shadow = _table(data, "shadow")
     extra = set(shadow) - {"target", "fraction"}
     if extra:

@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
+from model_store.config import is_remote
 from model_store.datatypes import DataType
 from model_store.errors import ModelConfigError
 from model_store.spec import ModelSpec
@@ -39,7 +40,9 @@ def warmup_samples(spec: ModelSpec, model_folder: Path) -> list[WarmupSample]:
     except DecodeError as exc:
         raise ModelConfigError(f"model config of '{spec.name}' is corrupt: {exc}") from exc
     if not config.model_warmup:
-        return [_zeros(spec)]
+        # A remote (Triton) model is warmed by its upstream; a default request at load would
+        # only make loading depend on the upstream being up at that moment.
+        return [] if is_remote(spec.platform, spec.backend) else [_zeros(spec)]
     return [_declared(spec, w, model_folder) for w in config.model_warmup]
 
 
@@ -91,8 +94,8 @@ def _declared(spec: ModelSpec, warmup: mc.ModelWarmup, model_folder: Path) -> Wa
         if kind == "random_data":
             inputs[name] = _random(datatype, shape)
         elif kind == "input_data_file":
-            inputs[name] = _from_file(label, name, datatype, shape, model_folder,
-                                      sample.input_data_file)
+            inputs[name] = _from_file(label, name, datatype, shape, model_folder=model_folder,
+                                      file_name=sample.input_data_file)
         else:
             inputs[name] = _filled(datatype, shape)
     missing = [t.name for t in spec.inputs if t.name not in inputs]
@@ -114,7 +117,7 @@ def _random(datatype: DataType, shape: tuple[int, ...]) -> npt.NDArray[np.generi
 
 
 def _from_file(
-    label: str, name: str, datatype: DataType, shape: tuple[int, ...], model_folder: Path,
+    label: str, name: str, datatype: DataType, shape: tuple[int, ...], *, model_folder: Path,
     file_name: str,
 ) -> npt.NDArray[np.generic]:
     # As in Triton, the file lives in <model>/warmup/; a name that walks out is refused.
