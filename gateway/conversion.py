@@ -5,6 +5,7 @@ allocated, so this is where hostile input stops."""
 from __future__ import annotations
 
 import math
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -19,7 +20,13 @@ from runtimes.base import InferRequest, Tensor
 
 MAX_RANK: Final = 16
 MAX_TENSORS: Final = 128
+# No message can carry more elements than it has bytes (the receive limit is below 2**31),
+# so a larger claimed count is rejected before any arithmetic reaches numpy or a runtime.
+MAX_ELEMENTS: Final = 2**31 - 1
+MAX_NAME: Final = 256
 _LEN: Final = struct.Struct("<I")
+# C0/C1 controls, DEL and the Unicode line/paragraph separators: never in a tensor name.
+_UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 # Which typed-contents field carries each datatype; FP16 and BF16 come only as raw bytes.
 _CONTENTS_FIELD: Final = {
@@ -55,10 +62,21 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferReque
         )
     declared: dict[str, tuple[DataType, tuple[int, ...]]] = {}
     for tensor in inputs:
+        _check_name("input", tensor.name)
         if tensor.name in declared:
             raise InvalidRequestError(f"input '{tensor.name}' appears more than once")
         declared[tensor.name] = (_datatype(tensor.name, tensor.datatype), _shape(tensor))
+    requested: set[str] = set()
+    for output in request.outputs:
+        _check_name("output", output.name)
+        if output.name in requested:
+            raise InvalidRequestError(f"output '{output.name}' is requested more than once")
+        requested.add(output.name)
+    # The model's own signature speaks first (its message names the dimension it wants);
+    # that check is integer arithmetic only, so a huge claimed shape costs nothing yet.
     rows = spec.check_inputs(declared)
+    for name, (_, shape) in declared.items():
+        _check_size(name, shape)
     arrays: dict[str, Tensor] = {}
     for index, tensor in enumerate(inputs):
         datatype, shape = declared[tensor.name]
@@ -78,11 +96,22 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferReque
     )
 
 
+def _check_name(kind: str, name: str) -> None:
+    # Names are echoed in error messages (and by them in client logs): only printable,
+    # bounded ones get that far.
+    if not name or len(name) > MAX_NAME or _UNPRINTABLE.search(name):
+        shown = name[:64].encode("unicode_escape").decode("ascii")
+        raise InvalidRequestError(
+            f"{kind} name '{shown}' must be 1..{MAX_NAME} printable characters"
+        )
+
+
 def _datatype(name: str, wire: str) -> DataType:
     try:
         return DataType.from_wire(wire)
     except ValueError:
-        raise InvalidRequestError(f"input '{name}': unknown datatype {wire!r}") from None
+        shown = wire[:32].encode("unicode_escape").decode("ascii")
+        raise InvalidRequestError(f"input '{name}': unknown datatype '{shown}'") from None
 
 
 def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
@@ -94,6 +123,15 @@ def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
             f"input '{tensor.name}': shape {list(shape)} has a negative dimension"
         )
     return shape
+
+
+def _check_size(name: str, shape: tuple[int, ...]) -> None:
+    # Each dimension and the product are capped separately: [0, 2**62] holds no element
+    # but would still overflow the int64 size arithmetic of numpy or a runtime.
+    if any(d > MAX_ELEMENTS for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+        raise InvalidRequestError(
+            f"input '{name}': shape {list(shape)} exceeds {MAX_ELEMENTS} elements"
+        )
 
 
 def _from_raw(name: str, datatype: DataType, shape: tuple[int, ...], data: bytes) -> Tensor:
