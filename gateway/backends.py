@@ -5,23 +5,57 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model_store.config import ONNX_BACKENDS, ONNX_PLATFORMS
+from gateway.batcher import DynamicBatcher
+from gateway.metrics import Metrics
+from gateway.observed_runtime import ExecutionObserver, RequestObserver
+from gateway.statistics import ModelStatistics, StatisticsRuntime
+from gateway.tracing import Tracing
+from model_store.config import ONNX_BACKENDS, ONNX_PLATFORMS, is_remote
 from model_store.spec import ModelId, ModelSpec
 from runtimes.base import Runtime
 from runtimes.errors import ModelLoadError
 from runtimes.onnx_runtime import OnnxOptions, OnnxRuntime
+from runtimes.triton_runtime import TritonRoute, TritonRuntime
+from runtimes.upstreams import UpstreamPool
 
 
 class RuntimeFactory:
     """Builds runtimes with the settings that apply to every model."""
 
-    def __init__(self, onnx: OnnxOptions) -> None:
+    def __init__(
+        self, onnx: OnnxOptions, metrics: Metrics | None = None, tracing: Tracing | None = None,
+        upstreams: UpstreamPool | None = None,
+    ) -> None:
         self._onnx = onnx
+        self._upstreams = upstreams or UpstreamPool(())
+        self._metrics = metrics
+        self._tracing = tracing
 
     def __call__(self, model: ModelId, spec: ModelSpec, path: Path) -> Runtime:
         if spec.platform in ONNX_PLATFORMS or spec.backend in ONNX_BACKENDS:
-            return OnnxRuntime(model, spec, path, self._onnx)
+            return self._observed(OnnxRuntime(model, spec, path, self._onnx))
+        if is_remote(spec.platform, spec.backend):
+            route = TritonRoute.from_spec(spec, model.version)
+            return self._observed(TritonRuntime(model, spec, route, self._upstreams))
         kind = spec.platform or spec.backend
         raise ModelLoadError(
-            f"unknown platform/backend '{kind}' (modelgate serves onnxruntime_onnx)"
+            f"unknown platform/backend '{kind}' (modelgate serves onnxruntime_onnx and triton)"
         )
+
+    def _observed(self, runtime: Runtime) -> Runtime:
+        """Metrics and tracing around the scheduling: one observer per execution below the
+        batcher (it sees merged batches), one per request above it."""
+        if self._metrics is None:
+            return with_scheduling(runtime)
+        executions = ExecutionObserver(runtime, self._metrics, self._tracing)
+        return RequestObserver(with_scheduling(executions), self._metrics, self._tracing)
+
+
+def with_scheduling(runtime: Runtime) -> Runtime:
+    """Statistics around every runtime; the dynamic batcher in between when the config has
+    a dynamic_batching block (else requests run as they come, instance_count at a time)."""
+    statistics = ModelStatistics(runtime.model)
+    if runtime.spec.dynamic_batching is not None:
+        batcher = DynamicBatcher(runtime, statistics=statistics)
+        return StatisticsRuntime(batcher, statistics, records_executions=False)
+    return StatisticsRuntime(runtime, statistics, records_executions=True)

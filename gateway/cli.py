@@ -12,8 +12,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway import tenant_admin
+from gateway.sanitize import escape_log_lines
 from gateway.server import BindError, serve
-from gateway.settings import Settings, SettingsError, fields, load_settings
+from gateway.settings import (
+    Settings,
+    SettingsError,
+    check_exposure,
+    fields,
+    load_settings,
+    worker_count,
+)
+from gateway.tenants import load_tenants
+from gateway.workers import Supervisor
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields():
         flag = "--" + f.name.replace("_", "-")
         # Flags default to None so the layers below them (env, file, defaults) show through.
+        if f.type == "bool":
+            run.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"),
+                             action=argparse.BooleanOptionalAction)
+            continue
+        if f.metadata.get("repeatable"):  # --triton a=... --triton b=...: a list
+            run.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"),
+                             action="append")
+            continue
         run.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"))
+    tenant_admin.add_parser(commands)
     return parser
 
 
@@ -40,8 +60,14 @@ def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Setting
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "tenants":
+        return tenant_admin.run(args, dict(os.environ))
     try:
         settings = build_settings(args, dict(os.environ))
+        # Checked here too so a supervisor stops at once instead of restarting workers.
+        check_exposure(settings)
+        if settings.tenants is not None:
+            load_tenants(settings.tenants)
     except SettingsError as exc:
         print(f"modelgate: error: {exc}", file=sys.stderr)
         return 2
@@ -49,10 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    escape_log_lines()  # a request field in a message can never start a line of its own
     try:
+        count = worker_count(settings)
+        if count > 1:
+            return Supervisor(settings, count).run()
         return asyncio.run(serve(settings))
     except BindError as exc:
         print(f"modelgate: error: setting 'grpc_port': {exc}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # found at start-up, e.g. an invalid tenants file
+        print(f"modelgate: error: {exc}", file=sys.stderr)
         return 2
 
 

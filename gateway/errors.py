@@ -37,3 +37,24 @@ class RequestTimeoutError(GatewayError):
 
 class NotSupportedError(GatewayError):
     """A feature of the protocol this gateway does not offer."""
+
+
+class AuthenticationError(GatewayError):
+    """Missing, unknown, revoked or expired API key, or a client certificate that does not
+    match the tenant; the message never says which tenants or keys exist."""
+
+
+class QuotaExceededError(OverloadedError):
+    """A tenant's limit is reached; the trailers name the limit and when to retry."""
+
+
+class QuotaUnavailableError(GatewayError):
+    """The shared quota store cannot be reached and the gateway is set to fail closed."""
+
+
+class PermissionDeniedError(GatewayError):
+    """The caller is authenticated but may not do this (model control needs an admin)."""
+
+
+class ModelControlDisabledError(GatewayError):
+    """The repository API's load/unload is off (start with --enable-model-control)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import Final
 
 import grpc
@@ -13,14 +14,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from gateway.access_log import AccessLog
+from gateway.auth import Authenticator, AuthInterceptor
 from gateway.backends import RuntimeFactory
+from gateway.http_endpoints import HttpEndpoints, manager_readiness
+from gateway.interceptors import ObservingInterceptor
+from gateway.limits import InflightLimit, InflightLimitInterceptor
 from gateway.manager import ModelManager, VersionState
+from gateway.metrics import Metrics
+from gateway.model_control import ModelControl
+from gateway.quota_redis import build_quota_store
+from gateway.reloader import Reloader
 from gateway.servicer import InferenceServicer
-from gateway.settings import Settings
-from model_store.repository import ModelRepository
+from gateway.settings import Settings, check_exposure, upstream_configs
+from gateway.tenants import TenantRegistry
+from gateway.tls import CertificateFiles
+from gateway.tracing import build_tracing
+from gateway.version_metrics import VersionCollector
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from runtimes.onnx_runtime import OnnxOptions
+from runtimes.triton_discovery import StoreWithUpstreams, TritonDiscovery
+from runtimes.upstreams import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +56,80 @@ def address(host: str, port: int) -> str:
 class Gateway:
     """One serving process: gRPC server plus the models it serves."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker_index: int | None = None) -> None:
         self.settings = settings
+        self.worker_index = worker_index
+        self.metrics = Metrics()
+        # Reads the OTEL_* environment now, at start-up; None when tracing is off.
+        self.tracing = build_tracing(settings, self.metrics.count_dropped_spans)
+        self.access_log = AccessLog(settings.access_log) if settings.access_log else None
+        self.upstreams = UpstreamPool(
+            upstream_configs(settings), settings.triton_probe_interval_s,
+            settings.max_message_bytes,
+        )
+        self.discovery = TritonDiscovery(self.upstreams, settings.triton_refresh_interval_s)
         factory = RuntimeFactory(
             OnnxOptions(
                 device=settings.device,
                 intra_op_threads=settings.intra_op_threads,
                 inter_op_threads=settings.inter_op_threads,
-            )
+            ),
+            self.metrics,
+            self.tracing,
+            upstreams=self.upstreams,
         )
-        self.manager = ModelManager(ModelRepository(settings.store), factory)
+        # The store's models plus those export=all Triton upstreams serve.
+        self.manager = ModelManager(StoreWithUpstreams(settings.store, self.discovery), factory)
+        self.metrics.registry.register(VersionCollector(self.manager))
         self.health = HealthServicer()
+        # SettingsError for an open public address or a bad tenants file: exit 2.
+        check_exposure(settings)
+        self.tenants = TenantRegistry(settings.tenants) if settings.tenants else None
+        self.authenticator = Authenticator(self.tenants)
+        self.quota = build_quota_store(
+            settings.redis_url, settings.redis_failure_mode, self.metrics.count_redis_outage
+        )
+        self.inflight = InflightLimit(settings.max_inflight_requests)
         limit = settings.max_message_bytes
         self.server = grpc.aio.server(
+            # The observer goes first: it must see what every later interceptor answers.
+            # Auth is the one gate for every RPC (gateway/auth.py lists the anonymous ones).
+            # The in-flight cap sheds before auth: an overload costs no key hashing.
+            interceptors=[ObservingInterceptor(self.metrics, self.tracing, self.access_log),
+                          InflightLimitInterceptor(self.inflight),
+                          AuthInterceptor(self.authenticator)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
+                # Identity only: grpcio inflates a compressed message completely before
+                # comparing it with the receive limit, so 64 KiB of gzip could cost 64 MiB
+                # and more. Compressed requests are refused (UNIMPLEMENTED) before that.
+                ("grpc.compression_enabled_algorithms_bitset", 1),
+                # Only workers of one supervisor share the port; a lone server must fail
+                # loudly when the port is taken instead of silently splitting traffic.
+                ("grpc.so_reuseport", 1 if worker_index is not None else 0),
             ]
         )
         self.port = 0
+        self.draining = False
+        self.http = HttpEndpoints(
+            self.metrics, manager_readiness(self.manager, lambda: self.draining)
+        )
+        self.metrics_port = 0
+        self.reloader = (
+            Reloader(self.manager, settings.store, settings.poll_interval)
+            if settings.poll_interval > 0 else None
+        )
 
     async def start(self) -> int:
         """Bind and start serving, then load the models (health and ServerLive answer
         while they load). Returns the bound port."""
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            InferenceServicer(self.manager), self.server
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(
+                self.manager, ModelControl(self.manager, self.settings.enable_model_control),
+                self.quota,
+            ),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -76,13 +139,36 @@ class Gateway:
         )
         target = address(self.settings.host, self.settings.grpc_port)
         try:
-            self.port = self.server.add_insecure_port(target)
+            if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+                files = CertificateFiles(
+                    self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
+                )
+                self.port = self.server.add_secure_port(target, files.credentials())
+            else:
+                self.port = self.server.add_insecure_port(target)
         except RuntimeError as exc:
             raise BindError(f"cannot bind {target}: {exc}") from exc
         await self.health.set("", NOT_SERVING)
+        await self.quota.start()
+        if self.tenants is not None:
+            self.tenants.start()
+        else:
+            log.warning("no tenants file: the gateway is open, every caller may use every "
+                        "model without a key (local development only)")
         await self.server.start()
+        await self._start_http()
+        if self.reloader is not None:
+            await self.reloader.snapshot()
+        await self.upstreams.start()
+        if self.discovery.enabled:
+            await self.discovery.refresh()
         await self.manager.start()
         await self.refresh_health()
+        self.manager.add_listener(self.refresh_health)
+        self.upstreams.add_listener(self.refresh_health)
+        if self.reloader is not None:
+            self.reloader.start()
+        self.discovery.start(self.manager.reconcile)
         models = self.manager.models()
         ready = sum(
             1 for m in models if any(v.state is VersionState.READY for v in m.versions.values())
@@ -94,29 +180,67 @@ class Gateway:
         return self.port
 
     async def refresh_health(self) -> None:
-        """Publish overall and per-model health: a model is SERVING while a version is ready."""
+        """Publish overall and per-model health: a model is SERVING while a version is ready
+        (a remote one: while an upstream has it ready)."""
         for model in self.manager.models():
-            serving = any(v.state is VersionState.READY for v in model.versions.values())
+            serving = any(
+                v.state is VersionState.READY and (v.runtime is None or v.runtime.ready())
+                for v in model.versions.values()
+            )
             await self.health.set(model.name, SERVING if serving else NOT_SERVING)
         overall = SERVING if self.manager.ready() else NOT_SERVING
         await self.health.set("", overall)
         await self.health.set(INFERENCE_SERVICE, overall)
 
+    async def _start_http(self) -> None:
+        host, port = self.settings.host, self.settings.metrics_port
+        if self.worker_index is not None:
+            # A worker's registry is scraped by its supervisor, which serves the metrics
+            # port with every worker's samples merged.
+            host, port = "127.0.0.1", 0
+        try:
+            self.metrics_port = await self.http.start(host, port)
+        except OSError as exc:
+            await self.server.stop(0)
+            raise BindError(
+                f"cannot bind the metrics port {address(self.settings.host, port)}: {exc}"
+            ) from exc
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, unload."""
+        self.draining = True
         await self.health.enter_graceful_shutdown()
+        if self.reloader is not None:
+            await self.reloader.stop()
+        await self.discovery.stop()
         await self.server.stop(self.settings.grace_period_s if grace is None else grace)
+        await self.quota.close()
+        if self.tenants is not None:
+            await self.tenants.stop()
         await self.manager.stop()
+        await self.upstreams.close()
+        await self.http.stop()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # bounded; flushes what it can
+        if self.access_log is not None:
+            self.access_log.close()
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT, then drain and return the exit code."""
-    gateway = Gateway(settings)
+async def serve(
+    settings: Settings,
+    worker_index: int | None = None,
+    started: Callable[[Gateway], None] | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT, then drain and return the exit code. ``worker_index`` is
+    set in the processes of a multi-worker supervisor; ``started`` is told once serving."""
+    gateway = Gateway(settings, worker_index)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await gateway.start()
+    if started is not None:
+        started(gateway)
     await stopping.wait()
     log.info("signal received: draining (grace period %.1fs)", settings.grace_period_s)
     await gateway.stop()

@@ -4,12 +4,16 @@ variables and command-line flags (later wins), checked, then passed down."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final
+
+from runtimes.upstreams import UpstreamConfig, parse_upstream
 
 ENV_PREFIX: Final = "MODELGATE_"
 
@@ -38,6 +42,10 @@ class Settings:
     max_message_bytes: int = field(
         default=64 * 1024 * 1024, metadata={"help": "largest gRPC message received or sent"}
     )
+    max_inflight_requests: int = field(
+        default=256, metadata={"help": "ModelInfer RPCs served at once; more are answered "
+                               "RESOURCE_EXHAUSTED at once (0: unlimited)"}
+    )
     device: str = field(default="auto", metadata={"help": "onnxruntime device: auto|cpu|cuda"})
     intra_op_threads: int = field(
         default=1, metadata={"help": "onnxruntime intra-op threads per session"}
@@ -46,10 +54,75 @@ class Settings:
         default=1, metadata={"help": "onnxruntime inter-op threads per session"}
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG|INFO|WARNING|ERROR"})
+    workers: str = field(
+        default="1", metadata={"help": "serving processes sharing the port (auto = CPU count)"}
+    )
+    poll_interval: float = field(
+        default=0.0, metadata={"help": "seconds between polls of the model store for new, "
+                               "changed or removed versions (0: off)"}
+    )
+    enable_model_control: bool = field(
+        default=False, metadata={"help": "allow admin tenants RepositoryModelLoad/Unload"}
+    )
+    otlp_endpoint: str = field(
+        default="", metadata={"help": "OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 "
+                              "(empty: the OTEL_EXPORTER_OTLP_* variables; none set: tracing off)"}
+    )
+    trace_sampling_ratio: float = field(
+        default=-1.0, metadata={"help": "fraction of new traces sampled, 0..1, parent-based "
+                                "(-1: OTEL_TRACES_SAMPLER[_ARG], default all)"}
+    )
+    access_log: str = field(
+        default="", metadata={"help": "JSON access log: empty = off, '-' = stdout, else a file"}
+    )
+    tenants: Path | None = field(
+        default=None, metadata={"help": "tenants file (TOML: keys, models, limits); none: open"}
+    )
+    allow_anonymous: bool = field(
+        default=False, metadata={"help": "allow serving a non-loopback address without tenants"}
+    )
+    redis_url: str = field(
+        default="", metadata={"help": "share quotas through Redis: redis://, rediss://, "
+                              "unix:// (empty: in-process quotas)"}
+    )
+    redis_failure_mode: str = field(
+        default="fail-open", metadata={"help": "Redis unreachable: fail-open (local per-process "
+                                       "limits) or fail-closed (UNAVAILABLE)"}
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata={"help": "PEM server certificate chain (TLS on the gRPC port)"}
+    )
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM server private key"})
+    tls_client_ca: Path | None = field(
+        default=None, metadata={"help": "PEM CA bundle: require client certificates (mTLS)"}
+    )
+    triton: tuple[str, ...] = field(
+        default=(), metadata={"repeatable": True, "help": "a remote Triton upstream, "
+                              "NAME=HOST:PORT[,max_in_flight=N][,timeout_s=S][,export=all]"
+                              "[,tls=true][,ca=PEM][,cert=PEM,key=PEM][,server_name=NAME]; "
+                              "repeatable (a list in the file, space-separated in the env)"}
+    )
+    triton_probe_interval_s: float = field(
+        default=1.0, metadata={"help": "seconds between health probes of each Triton upstream"}
+    )
+    triton_refresh_interval_s: float = field(
+        default=10.0, metadata={"help": "seconds between re-reading the model lists of "
+                                "export=all Triton upstreams"}
+    )
 
 
 _PORT = range(0, 65536)
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _upstreams_problem(entries: tuple[str, ...]) -> str | None:
+    try:
+        names = [parse_upstream(entry).name for entry in entries]
+    except ValueError as exc:
+        return str(exc)
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    return f"upstream name(s) {', '.join(duplicates)} declared twice" if duplicates else None
+
 
 # Checks beyond the type: each returns a problem description, or None when fine.
 _CHECKS: Final[Mapping[str, Callable[[Any], str | None]]] = {
@@ -60,11 +133,37 @@ _CHECKS: Final[Mapping[str, Callable[[Any], str | None]]] = {
     "grace_period_s": lambda s: None if 0 <= s <= 3600 else "must lie in 0..3600",
     "max_message_bytes": lambda n: None if 1024 <= n <= 2**31 - 1 else
     "must lie in 1024..2147483647",
+    "max_inflight_requests": lambda n: None if 0 <= n <= 1_000_000 else
+    "must lie in 0..1000000 (0: unlimited)",
     "device": lambda d: None if d in ("auto", "cpu", "cuda") else "must be auto, cpu or cuda",
     "intra_op_threads": lambda n: None if 0 <= n <= 256 else "must lie in 0..256",
     "inter_op_threads": lambda n: None if 0 <= n <= 256 else "must lie in 0..256",
     "log_level": lambda v: None if v in _LEVELS else f"must be one of {', '.join(_LEVELS)}",
+    "workers": lambda w: None if w == "auto" or (w.isdigit() and 1 <= int(w) <= 256) else
+    "must be auto or a number 1..256",
+    "poll_interval": lambda s: None if s == 0 or 0.05 <= s <= 3600 else
+    "must be 0 (off) or lie in 0.05..3600",
+    "trace_sampling_ratio": lambda r: None if r == -1 or 0 <= r <= 1 else
+    "must lie in 0..1 (or be -1: from OTEL_TRACES_SAMPLER)",
+    "tenants": lambda p: None if p is None or Path(p).is_file() else f"{p} is not a file",
+    "redis_url": lambda u: None if not u or u.startswith(("redis://", "rediss://", "unix://"))
+    else "must start with redis://, rediss:// or unix://",
+    "redis_failure_mode": lambda m: None if m in ("fail-open", "fail-closed") else
+    "must be fail-open or fail-closed",
+    "tls_cert": lambda p: None if p is None or Path(p).is_file() else f"{p} is not a file",
+    "tls_key": lambda p: None if p is None or Path(p).is_file() else f"{p} is not a file",
+    "tls_client_ca": lambda p: None if p is None or Path(p).is_file() else f"{p} is not a file",
+    "triton": _upstreams_problem,
+    "triton_probe_interval_s": lambda s: None if 0.05 <= s <= 3600 else
+    "must lie in 0.05..3600",
+    "triton_refresh_interval_s": lambda s: None if 0.1 <= s <= 86400 else
+    "must lie in 0.1..86400",
 }
+
+
+def upstream_configs(settings: Settings) -> list[UpstreamConfig]:
+    """The Triton upstreams the settings declare (already checked by load_settings)."""
+    return [parse_upstream(entry) for entry in settings.triton]
 
 
 def fields() -> tuple[dataclasses.Field[Any], ...]:
@@ -74,6 +173,11 @@ def fields() -> tuple[dataclasses.Field[Any], ...]:
 
 def _coerce(name: str, kind: Any, raw: Any, source: str) -> Any:
     kind_name = kind if isinstance(kind, str) else kind.__name__
+    if kind_name.endswith(" | None"):
+        # Optional settings: an empty value (env var, flag) means "not set".
+        if raw is None or raw == "":
+            return None
+        kind_name = kind_name.removesuffix(" | None")
     try:
         if kind_name == "int":
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
@@ -94,6 +198,12 @@ def _coerce(name: str, kind: Any, raw: Any, source: str) -> Any:
             raise ValueError
         if kind_name == "Path":
             return Path(str(raw)).expanduser()
+        if kind_name == "tuple[str, ...]":
+            # Repeatable: a TOML list, repeated flags, or one env value split on whitespace.
+            items = raw.split() if isinstance(raw, str) else list(raw)
+            if not all(isinstance(item, str) for item in items):
+                raise ValueError
+            return tuple(items)
         if not isinstance(raw, str):
             raise ValueError
         return raw
@@ -140,4 +250,43 @@ def load_settings(
         if problem is not None:
             source = values.get(name, (None, "default"))[1]
             raise SettingsError(f"setting '{name}' (from {source}): {problem}")
+    _check_security(settings, values)
+    if settings.grpc_port == 0 and worker_count(settings) > 1:
+        raise SettingsError("setting 'workers': several workers need a fixed grpc_port, not 0")
     return settings
+
+
+def worker_count(settings: Settings) -> int:
+    """The number of serving processes ``workers`` asks for."""
+    return (os.cpu_count() or 1) if settings.workers == "auto" else int(settings.workers)
+
+
+def _check_security(settings: Settings, values: Mapping[str, tuple[Any, str]]) -> None:
+    """Cross-setting rules: TLS files come in pairs."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise SettingsError("setting 'tls_cert'/'tls_key': give both or neither")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise SettingsError("setting 'tls_client_ca': needs tls_cert and tls_key (mTLS is TLS)")
+
+
+def check_exposure(settings: Settings) -> None:
+    """A gateway that serves other machines must have tenants unless the operator says
+    anonymous callers are fine; checked when serving starts (SettingsError: exit 2)."""
+    if settings.tenants is None and not settings.allow_anonymous and not is_loopback(
+        settings.host
+    ):
+        raise SettingsError(
+            f"setting 'host': {settings.host} is reachable from other machines but no "
+            "tenants file is set; give --tenants, or --allow-anonymous to serve it open"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

@@ -8,7 +8,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model_store.config import parse_config_text, spec_from_config, version_policy_of
+from model_store.config import (
+    is_remote,
+    parse_config_text,
+    spec_from_config,
+    version_policy_of,
+)
 from model_store.errors import InvalidModelNameError, ModelConfigError, StoreError
 from model_store.onnx_graph import complete_config
 from model_store.spec import ModelSpec, validate_model_name
@@ -75,6 +80,10 @@ class ModelRepository:
         for version in selected:
             path = numbered[version] / spec.default_model_filename
             if path.is_file():
+                files[version] = path
+            elif is_remote(spec.platform, spec.backend):
+                # A remote model has no file here: its version folder may be empty, as a
+                # Triton ensemble's is.
                 files[version] = path
             else:
                 errors[version] = f"model file {spec.default_model_filename} is missing"

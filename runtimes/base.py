@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +15,14 @@ from model_store.spec import ModelId, ModelSpec
 
 Tensor = npt.NDArray[np.generic]
 TensorMap = Mapping[str, Tensor]
+
+# A merged batch carries its members' ``tags`` dicts under this key of its own tags, so the
+# wrappers below a batcher (tracing, metrics) can reach every member request.
+MEMBER_TAGS: Final = "members"
+
+# The W3C trace headers (``traceparent``, ``tracestate``: a Mapping[str, str]) a runtime that
+# calls another service (Triton) sends along; the gateway puts them in a request's ``tags``.
+TRACE_HEADERS_TAG: Final = "trace_headers"
 
 
 @dataclass(slots=True)
@@ -65,3 +74,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def metadata(self) -> RuntimeMetadata:
         """Describe the loaded runtime."""
+
+    def ready(self) -> bool:
+        """Whether the loaded runtime can take requests now. In-process runtimes always can;
+        a remote one (Triton) only while an upstream has the model ready. A wrapper (a
+        runtime whose ``inner`` is the runtime it wraps) answers for what it wraps."""
+        inner = getattr(self, "inner", None)
+        return inner.ready() if isinstance(inner, Runtime) else True

@@ -23,3 +23,22 @@ class InvalidTensorError(RuntimeFailure):
 
 class RuntimeClosedError(RuntimeFailure):
     """The runtime is unloading or unloaded and takes no new work."""
+
+
+class UpstreamError(RuntimeFailure):
+    """A remote upstream (Triton) answered a request with a gRPC status. ``code`` is the
+    status name exactly as the upstream sent it (``NOT_FOUND``, ``UNAVAILABLE``...), so the
+    gateway can answer with the same status instead of a generic failure."""
+
+    def __init__(self, code: str, message: str, upstream: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.upstream = upstream
+
+
+class UpstreamUnavailableError(RuntimeFailure):
+    """No upstream can take the request: every one is down or lacks the model ready."""
+
+
+class UpstreamBusyError(RuntimeFailure):
+    """Every healthy upstream is at its max in-flight limit."""

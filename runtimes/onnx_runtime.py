@@ -207,7 +207,7 @@ def _check_signature(
         shape = [d if isinstance(d, int) else -1 for d in got.shape]
         full = list(spec.full_shape(tensor))
         if len(shape) != len(full) or any(
-            s != -1 and f != -1 and s != f for s, f in zip(shape, full, strict=False)
+            s != -1 and f not in (-1, s) for s, f in zip(shape, full, strict=False)
         ):
             raise ModelLoadError(
                 f"{kind} '{tensor.name}': config shape {full} does not fit the ONNX shape {shape}"

@@ -10,3 +10,23 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+
+# tritonserver for the Triton runtime's tests. The nvidia-pytriton wheel carries the binary
+# and the Python backend; its numpy<2 pin clashes with ours, so it gets its own virtualenv,
+# with onnxruntime for the Python-backend models that run ONNX files. The backend's stub
+# embeds the system libpython of the tests' Python version (Debian: libpython3.X).
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+TRITON_VENV="$ROOT/.triton-venv"
+BASE_PY="$ROOT/.venv/bin/python"
+[ -x "$BASE_PY" ] || BASE_PY=python3
+PY_VER="$("$BASE_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if ! ldconfig -p | grep -q "libpython$PY_VER.so.1.0"; then
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "libpython$PY_VER" >/dev/null
+fi
+if ! ls "$TRITON_VENV"/lib/python*/site-packages/pytriton/tritonserver/bin/tritonserver \
+    >/dev/null 2>&1; then
+  "$BASE_PY" -m venv "$TRITON_VENV"
+  "$TRITON_VENV/bin/python" -m pip install -q nvidia-pytriton==0.7.0 onnxruntime==1.31.1
+fi

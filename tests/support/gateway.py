@@ -100,8 +100,10 @@ class GatewayProcess:
     ) -> None:
         self.port = port or free_port()
         self.log_path = Path(tempfile.mkstemp(prefix="modelgate-", suffix=".log")[1])
+        # Metrics on a free port (each worker its own), so parallel runs never collide;
+        # ``args`` may still name one (the last flag wins).
         command = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
-                   "--grpc-port", str(self.port), *args]
+                   "--grpc-port", str(self.port), "--metrics-port", "0", *args]
         full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
