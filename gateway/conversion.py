@@ -13,7 +13,7 @@ from typing import Any, Final
 import numpy as np
 
 from gateway.errors import InvalidRequestError
-from model_store.datatypes import DataType
+from model_store.datatypes import CONTENTS_FIELDS, DataType
 from model_store.spec import ModelSpec
 from modelgate_pb import grpc_service_pb2 as pb
 from runtimes.base import InferRequest, Tensor
@@ -28,21 +28,6 @@ _LEN: Final = struct.Struct("<I")
 # C0/C1 controls, DEL and the Unicode line/paragraph separators: never in a tensor name.
 _UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
-# Which typed-contents field carries each datatype; FP16 and BF16 come only as raw bytes.
-_CONTENTS_FIELD: Final = {
-    DataType.BOOL: "bool_contents",
-    DataType.INT8: "int_contents",
-    DataType.INT16: "int_contents",
-    DataType.INT32: "int_contents",
-    DataType.INT64: "int64_contents",
-    DataType.UINT8: "uint_contents",
-    DataType.UINT16: "uint_contents",
-    DataType.UINT32: "uint_contents",
-    DataType.UINT64: "uint64_contents",
-    DataType.FP32: "fp32_contents",
-    DataType.FP64: "fp64_contents",
-    DataType.BYTES: "bytes_contents",
-}
 
 
 def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferRequest:
@@ -187,13 +172,13 @@ def _from_contents(
 ) -> Tensor:
     name = tensor.name
     count = math.prod(shape)
-    field = _CONTENTS_FIELD.get(datatype)
+    field = datatype.contents_field
     if field is None:
         raise InvalidRequestError(
             f"input '{name}': {datatype.value} data must be sent as raw_input_contents"
         )
     contents = tensor.contents
-    for other in set(_CONTENTS_FIELD.values()) - {field}:
+    for other in set(CONTENTS_FIELDS) - {field}:
         if len(getattr(contents, other)):
             raise InvalidRequestError(
                 f"input '{name}': {datatype.value} data belongs in contents.{field}, "
@@ -283,7 +268,7 @@ def to_raw(datatype: DataType, array: Tensor) -> bytes:
 def _fill_contents(
     out: pb.ModelInferResponse.InferOutputTensor, datatype: DataType, array: Tensor
 ) -> None:
-    field = _CONTENTS_FIELD.get(datatype)
+    field = datatype.contents_field
     if field is None:
         raise InvalidRequestError(
             f"output '{out.name}' is {datatype.value}, which is only sent as raw contents"

@@ -130,26 +130,15 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def gateway_process(store: Path, extra: Sequence[str] = ()) -> Iterator[str]:
-    """``modelgate serve`` on a free loopback port; yields its target once ready."""
+def served_gateway(
+    store: Path | None, extra: Sequence[str] = ()
+) -> Iterator[tuple[str, int]]:
+    """``modelgate serve`` on a free loopback port (the demo store when ``store`` is None);
+    yields (target, pid) once ready, and stops it afterwards."""
     port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--grpc-port",
-        str(port),
-        "--metrics-port",
-        str(_free_port()),
-        "--store",
-        str(store),
-        "--log-level",
-        "WARNING",
-        *extra,
-    ]
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
+               "--grpc-port", str(port), "--metrics-port", str(_free_port()),
+               "--log-level", "WARNING", *(["--store", str(store)] if store else []), *extra]
     proc = subprocess.Popen(command)
     target = f"127.0.0.1:{port}"
     try:
@@ -165,7 +154,7 @@ def gateway_process(store: Path, extra: Sequence[str] = ()) -> Iterator[str]:
                 if time.monotonic() > give_up:
                     raise TimeoutError("gateway not ready after 120 s")
                 time.sleep(0.2)
-        yield target
+        yield target, proc.pid
     finally:
         proc.terminate()
         try:
@@ -173,6 +162,13 @@ def gateway_process(store: Path, extra: Sequence[str] = ()) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+@contextlib.contextmanager
+def gateway_process(store: Path, extra: Sequence[str] = ()) -> Iterator[str]:
+    """``modelgate serve`` on a free loopback port; yields its target once ready."""
+    with served_gateway(store, extra) as (target, _):
+        yield target
 
 
 async def _counts(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> tuple[int, int] | None:

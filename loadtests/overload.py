@@ -8,11 +8,10 @@ import argparse
 import asyncio
 import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
 
-from loadtests.benchmark import _free_port
+from loadtests.benchmark import served_gateway
 from loadtests.requests import request_for, require_loopback
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
@@ -217,38 +216,6 @@ async def overload(target: str, model: str, *, pid: int | None, capacity_s: floa
     return capacity, loaded
 
 
-@contextlib.contextmanager
-def serve(store: Path | None, extra: Sequence[str]) -> Iterator[tuple[str, int]]:
-    """``modelgate serve`` on a free loopback port; yields (target, pid) once ready."""
-    port = _free_port()
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
-               "--grpc-port", str(port), "--metrics-port", "0", "--log-level", "WARNING",
-               *(["--store", str(store)] if store else []), *extra]
-    proc = subprocess.Popen(command)
-    target = f"127.0.0.1:{port}"
-    try:
-        with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            give_up = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"gateway exited with {proc.returncode}")
-                with contextlib.suppress(grpc.RpcError):
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                        break
-                if time.monotonic() > give_up:
-                    raise TimeoutError("gateway not ready after 120 s")
-                time.sleep(0.2)
-        yield target, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def format_table(phases: Sequence[Phase]) -> str:
     lines = ["| phase | offered req/s | goodput req/s | codes | OK p50/p99 ms | shed p50/p99 ms "
              "| health fails | max RSS MiB |", "|---|---:|---:|---|---:|---:|---:|---:|"]
@@ -286,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.target:
         phases = asyncio.run(overload(require_loopback(args.target), pid=args.pid, **run))
     else:
-        with tempfile.TemporaryDirectory() as folder, serve(
+        with tempfile.TemporaryDirectory() as folder, served_gateway(
             args.store or slow_store(Path(folder)),
             ["--max-inflight-requests", str(args.max_inflight)],
         ) as (target, pid):

@@ -22,7 +22,8 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
 
 from gateway import cli, tenant_admin
-from loadtests.overload import percentiles, rss_kib, serve
+from loadtests.benchmark import served_gateway
+from loadtests.overload import percentiles, rss_kib
 from loadtests.quota_bench import redis_process
 from loadtests.requests import request_for
 from loadtests.tracing_bench import SpanSink
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("redis-server not found: quotas in-process", file=sys.stderr)
         endpoint, sink = stack.enter_context(span_sink())
         extra += ["--otlp-endpoint", endpoint]
-        target, pid = stack.enter_context(serve(None, extra))
+        target, pid = stack.enter_context(served_gateway(None, extra))
         intervals = asyncio.run(soak(target, pid, keys, concurrency=args.concurrency,
                                      duration_s=args.minutes * 60,
                                      interval_s=args.interval_s))

@@ -43,6 +43,12 @@ class DataType(enum.Enum):
         for BF16, which numpy cannot compute with)."""
         return _NUMPY[self]
 
+    @property
+    def contents_field(self) -> str | None:
+        """The InferTensorContents field carrying this type as typed contents; None for
+        FP16 and BF16, which travel only as raw bytes."""
+        return _CONTENTS_FIELD.get(self)
+
     @classmethod
     def from_wire(cls, name: str) -> DataType:
         """Parse a V2 datatype name; raises ValueError for anything else."""
@@ -105,3 +111,19 @@ _FROM_CONFIG: Final = {dt.config_name: dt for dt in DataType}
 _FROM_NUMPY: Final = {
     dtype: dt for dt, dtype in _NUMPY.items() if dt not in (DataType.BF16, DataType.BYTES)
 }
+
+_CONTENTS_FIELD: Final = {
+    DataType.BOOL: "bool_contents",
+    DataType.INT8: "int_contents",
+    DataType.INT16: "int_contents",
+    DataType.INT32: "int_contents",
+    DataType.INT64: "int64_contents",
+    DataType.UINT8: "uint_contents",
+    DataType.UINT16: "uint_contents",
+    DataType.UINT32: "uint_contents",
+    DataType.UINT64: "uint64_contents",
+    DataType.FP32: "fp32_contents",
+    DataType.FP64: "fp64_contents",
+    DataType.BYTES: "bytes_contents",
+}
+CONTENTS_FIELDS: Final = frozenset(_CONTENTS_FIELD.values())

@@ -18,20 +18,6 @@ from runtimes.errors import InferenceFailed
 
 _LEN: Final = struct.Struct("<I")
 
-_CONTENTS_FIELD: Final = {
-    DataType.BOOL: "bool_contents",
-    DataType.INT8: "int_contents",
-    DataType.INT16: "int_contents",
-    DataType.INT32: "int_contents",
-    DataType.INT64: "int64_contents",
-    DataType.UINT8: "uint_contents",
-    DataType.UINT16: "uint_contents",
-    DataType.UINT32: "uint_contents",
-    DataType.UINT64: "uint64_contents",
-    DataType.FP32: "fp32_contents",
-    DataType.FP64: "fp64_contents",
-    DataType.BYTES: "bytes_contents",
-}
 
 
 def raw_bytes(datatype: DataType, array: Tensor) -> bytes:
@@ -125,7 +111,7 @@ def _from_raw(name: str, datatype: DataType, shape: tuple[int, ...], data: bytes
 def _from_contents(
     tensor: pb.ModelInferResponse.InferOutputTensor, datatype: DataType, shape: tuple[int, ...]
 ) -> Tensor:
-    field = _CONTENTS_FIELD.get(datatype)
+    field = datatype.contents_field
     if field is None:
         raise InferenceFailed(f"upstream output '{tensor.name}': {datatype.value} without raw data")
     values = getattr(tensor.contents, field)
