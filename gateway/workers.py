@@ -30,12 +30,12 @@ _HEALTHY_AFTER_S: Final = 10.0
 _MAX_BACKOFF_S: Final = 10.0
 _POLL_S: Final = 0.2
 
-# The third argument is a multiprocessing queue of (worker index, port of the worker's own
-# metrics endpoint), sent once the worker serves.
-WorkerMain = Callable[[Settings, int, Any], None]
+# A worker gets its settings, its index, a multiprocessing queue for (worker index, port of
+# the worker's own metrics endpoint), sent once it serves, and the supervisor's pid.
+WorkerMain = Callable[[Settings, int, Any, int], None]
 
 
-def _worker_main(settings: Settings, index: int, ports: Any) -> None:
+def _worker_main(settings: Settings, index: int, ports: Any, supervisor: int) -> None:
     """Body of one worker process: serve until told to stop."""
     from gateway.sanitize import escape_log_lines
     from gateway.server import serve
@@ -45,7 +45,7 @@ def _worker_main(settings: Settings, index: int, ports: Any) -> None:
         format=f"%(asctime)s %(levelname)s [worker {index}] %(name)s: %(message)s",
     )
     escape_log_lines()
-    _stop_when_orphaned(os.getppid())
+    _stop_when_orphaned(supervisor)
 
     def started(gateway: Gateway) -> None:
         ports.put((index, gateway.metrics_port))
@@ -55,7 +55,9 @@ def _worker_main(settings: Settings, index: int, ports: Any) -> None:
 
 def _stop_when_orphaned(parent: int) -> None:
     """A worker whose supervisor died (even by SIGKILL, which it cannot forward) drains
-    itself instead of holding the port forever."""
+    itself instead of holding the port forever. The supervisor's pid is passed in rather
+    than read here: a supervisor that died while this process was still starting would
+    otherwise leave init as the parent to watch."""
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -101,7 +103,7 @@ class Supervisor:
     def _start(self, index: int, failures: int = 0) -> None:
         process = self._context.Process(
             target=self._target,
-            args=(self._settings, index, self._ports_queue),
+            args=(self._settings, index, self._ports_queue, os.getpid()),
             name=f"modelgate-worker-{index}",
         )
         self._metrics_ports.pop(index, None)

@@ -3,7 +3,6 @@ tritonclient and our own stubs; batch counts are read back through ModelStatisti
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,7 @@ from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support import models
 from tests.support.gateway import RunningGateway, running_gateway
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,13 +56,6 @@ def gateway(store: Path) -> Iterator[RunningGateway]:
         yield gw
 
 
-@pytest.fixture(scope="module")
-def client(gateway: RunningGateway) -> Iterator[tc.InferenceServerClient]:
-    c = tc.InferenceServerClient(gateway.target)
-    yield c
-    c.close()
-
-
 def batcher_of(gateway: RunningGateway, name: str) -> DynamicBatcher:
     runtime: object = gateway.gateway.manager.version(name, "1").runtime
     while runtime is not None and not isinstance(runtime, DynamicBatcher):
@@ -83,16 +76,6 @@ def count(stat: dict[str, object], *path: str) -> int:
         assert isinstance(value, dict)
         value = value.get(key, 0)
     return int(str(value))
-
-
-def wait_until(predicate: object, timeout: float = 10.0) -> None:
-    """Poll a condition the server reaches on its own (bounded; never a timing assert)."""
-    assert callable(predicate)
-    give_up = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < give_up, "condition not reached"
-        time.sleep(0.01)
-
 
 def digits_input(row: int) -> tc.InferInput:
     pixels = np.random.default_rng(row).uniform(0, 16, size=(1, 64)).astype(np.float32)

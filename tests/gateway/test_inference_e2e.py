@@ -72,13 +72,6 @@ def gateway(store: Path) -> Iterator[RunningGateway]:
         yield gw
 
 
-@pytest.fixture(scope="module")
-def client(gateway: RunningGateway) -> Iterator[tc.InferenceServerClient]:
-    c = tc.InferenceServerClient(gateway.target)
-    yield c
-    c.close()
-
-
 def _input(name: str, array: np.ndarray, datatype: str) -> tc.InferInput:
     tensor = tc.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)

@@ -4,7 +4,6 @@ store at once, never takes a path, and reports versions that fail."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from gateway.tenants import hash_key, new_key
 from modelgate_pb import grpc_service_pb2 as pb
 from tests.support import models
 from tests.support.gateway import GatewayProcess, RunningGateway, running_gateway
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 ALL_VERSIONS = "version_policy: { all {} }\n"
@@ -160,10 +160,7 @@ def test_the_cli_flags_poll_and_allow_model_control(store: Path) -> None:
             "--enable-model-control"]
     with GatewayProcess(args) as proc, tc.InferenceServerClient(proc.target) as client:
         models.write_model(store, "adder", 2, models.add_constant(2.0), None)
-        give_up = time.monotonic() + 30
-        while not client.is_model_ready("adder", "2"):
-            assert time.monotonic() < give_up, proc.log()
-            time.sleep(0.05)
+        wait_until(lambda: client.is_model_ready("adder", "2"), "version 2 ready")
         client.unload_model("adder")
         assert not client.is_model_ready("adder")
         client.load_model("adder")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from tests.gateway.test_tenants import admin, issue
 from tests.support import models
 from tests.support.gateway import GatewayProcess, RunningGateway, running_gateway
 from tests.support.redis_server import RedisServer, fresh_redis
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,14 +75,6 @@ def call(stub: pb_grpc.GRPCInferenceServiceStub, key: str, req: pb.ModelInferReq
     except grpc.RpcError as exc:
         return exc.code(), {m.key: str(m.value) for m in exc.trailing_metadata() or ()}
     return grpc.StatusCode.OK, {}
-
-
-def wait_until(predicate: Callable[[], bool], limit_s: float = 10) -> None:
-    give_up = time.monotonic() + limit_s
-    while not predicate():
-        assert time.monotonic() < give_up, "condition not met in time"
-        time.sleep(0.02)
-
 
 @pytest.fixture(params=["local", "redis"])
 def limited(

@@ -8,7 +8,6 @@ import asyncio
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,19 +32,11 @@ from tests.gateway.test_shadow import sample
 from tests.support import models
 from tests.support.fake_runtime import FakeRuntime
 from tests.support.gateway import RunningGateway, running_gateway
+from tests.support.waiting import wait_until
 
 ALL_VERSIONS = "version_policy: { all {} }\n"
 CLIENTS = 4
 RUN_LIMIT_S = 90.0
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    give_up = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > give_up:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
 
 def index(gw: RunningGateway, name: str) -> dict[str, tuple[str, str]]:
     """RepositoryIndex of one model: version -> (state, reason)."""

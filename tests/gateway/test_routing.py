@@ -169,13 +169,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway
         yield gw
 
 
-@pytest.fixture(scope="module")
-def client(gateway: RunningGateway) -> Iterator[tc.InferenceServerClient]:
-    c = tc.InferenceServerClient(gateway.target)
-    yield c
-    c.close()
-
-
 def ask(
     client: tc.InferenceServerClient, version: str = "", headers: dict[str, str] | None = None
 ) -> int:

@@ -22,6 +22,7 @@ from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway.test_tenants import admin, issue
 from tests.support import models
 from tests.support.gateway import RunningGateway, running_gateway
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -283,11 +284,9 @@ def test_keys_issued_while_running_work_after_the_file_reloads(
     path = tenants_file[0]
     admin(path, "create", "late", "--models", "iris")
     key = issue(path, "late")
-    give_up = time.monotonic() + 10
-    while status_of(lambda: client.get_model_metadata("iris", headers=bearer(key))) != "OK":
-        assert time.monotonic() < give_up, "the tenants file was not reloaded"
-        time.sleep(0.1)
+    def works() -> bool:
+        return status_of(lambda: client.get_model_metadata("iris", headers=bearer(key))) == "OK"
+
+    wait_until(works, "the reload of the tenants file", timeout=10)
     assert admin(path, "revoke", "late")[0] == 0
-    while status_of(lambda: client.get_model_metadata("iris", headers=bearer(key))) == "OK":
-        assert time.monotonic() < give_up, "the revocation was not reloaded"
-        time.sleep(0.1)
+    wait_until(lambda: not works(), "the reload of the revocation", timeout=10)

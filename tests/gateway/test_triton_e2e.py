@@ -42,6 +42,7 @@ from tests.support.triton_server import (
     triton_servers,
     write_python_model,
 )
+from tests.support.waiting import wait_until as wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -120,15 +121,6 @@ def health(gateway: RunningGateway, service: str) -> int:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=10)
     return int(reply.status)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    give_up = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > give_up:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
 
 def test_every_datatype_raw_equals_direct_triton(gateway: RunningGateway,
                                                  servers: tuple[TritonServer, ...]) -> None:

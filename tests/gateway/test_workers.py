@@ -3,10 +3,10 @@ while the others keep answering; SIGTERM drains them all and exits 0."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics_fanin import merge_expositions
 from tests.support.gateway import GatewayProcess, free_port
+from tests.support.waiting import wait_until
+
+# Worker processes import the whole gateway each; give them a minute on a loaded machine.
+_wait_for = functools.partial(wait_until, timeout=60)
 
 
 def _workers(gw: GatewayProcess) -> list[int]:
@@ -28,16 +32,6 @@ def _workers(gw: GatewayProcess) -> list[int]:
 def _alive(pid: int) -> bool:
     status = Path(f"/proc/{pid}/status")
     return status.exists() and "zombie" not in status.read_text().lower()
-
-
-def _wait_for(predicate, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    give_up = time.monotonic() + timeout
-    while time.monotonic() < give_up:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise TimeoutError("condition not met")
-
 
 def _infer_ok(target: str) -> bool:
     # A new client per call: a new connection, which the kernel may hand to either worker.
@@ -136,3 +130,25 @@ def test_merge_sums_equal_series_and_keeps_the_earliest_start() -> None:
     ]).decode()
     assert 'x_total{model="a"} 7.0' in merged
     assert "process_start_time_seconds 100.0" in merged
+
+
+def test_a_worker_orphaned_before_it_started_still_stops() -> None:
+    """The supervisor may die while a worker is still importing: the worker must not mistake
+    init for its supervisor."""
+    import multiprocessing
+
+    from gateway.settings import Settings
+    from gateway.workers import _worker_main
+
+    settings = Settings(grpc_port=free_port(), metrics_port=0, workers="1")
+    context = multiprocessing.get_context("spawn")
+    # A pid that is certainly not this process's parent: the worker is orphaned from birth.
+    gone = context.Process(target=int)
+    gone.start()
+    gone.join()
+    worker = context.Process(
+        target=_worker_main, args=(settings, 0, context.Queue(), gone.pid), daemon=True
+    )
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive()

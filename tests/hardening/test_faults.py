@@ -9,8 +9,7 @@ import json
 import os
 import signal
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,6 +24,7 @@ from tests.gateway.test_tenants import admin, issue
 from tests.support import models
 from tests.support.gateway import GatewayProcess, running_gateway
 from tests.support.redis_server import RedisServer, fresh_redis
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -39,14 +39,6 @@ def add_request(x: np.ndarray, model: str = "add") -> pb.ModelInferRequest:
 def y_of(response: pb.ModelInferResponse) -> np.ndarray:
     names = [o.name for o in response.outputs]
     return np.frombuffer(response.raw_output_contents[names.index("y")], np.float32)
-
-
-def wait_until(predicate: Callable[[], bool], limit_s: float = 30) -> None:
-    give_up = time.monotonic() + limit_s
-    while not predicate():
-        assert time.monotonic() < give_up, "condition not reached"
-        time.sleep(0.05)
-
 
 # ---- Redis paused ---------------------------------------------------------------------
 
@@ -96,7 +88,7 @@ def test_a_paused_redis_never_holds_a_request_past_its_deadline(
             assert set(codes) == {expected}, codes
             assert not quota.available and quota.outages == 1
             # aio's abort sends the status before the handler unwinds: settles at once.
-            wait_until(lambda: gw.gateway.inflight.inflight == 0, 5)
+            wait_until(lambda: gw.gateway.inflight.inflight == 0, timeout=5)
         finally:
             os.kill(redis_server.proc.pid, signal.SIGCONT)
         wait_until(lambda: quota.available)

@@ -1,0 +1,21 @@
+"""Waiting, bounded, for a condition the system under test reaches on its own: polling with
+a give-up time that raises, never an assertion about how fast something happened."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def wait_until(
+    predicate: Callable[[], object],
+    what: str = "condition",
+    timeout: float = 30.0,
+    interval: float = 0.02,
+) -> None:
+    """Return once ``predicate()`` is true; raise TimeoutError after ``timeout`` seconds."""
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= give_up:
+            raise TimeoutError(f"{what} not reached within {timeout:g} s")
+        time.sleep(interval)
