@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from loadtests.drivers import Window, closed_loop, open_loop, percentile
+from loadtests.noop_server import noop_process
 from loadtests.requests import request_for, require_loopback
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
@@ -229,6 +230,50 @@ async def run_levels(
     return results
 
 
+async def one_answer(target: str, model: str, rows: int) -> tuple[pb.ModelInferRequest, bytes]:
+    """A request for ``model`` and the serialized answer the gateway gives it."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model))
+        request = request_for(metadata, batch=rows)
+        response = await stub.ModelInfer(request)
+    return request, response.SerializeToString()
+
+
+async def run_noop_levels(
+    target: str,
+    request: pb.ModelInferRequest,
+    concurrencies: Sequence[int],
+    *,
+    duration_s: float,
+    warmup_s: float,
+    rows: int = 1,
+    channels: int = 4,
+) -> list[LevelResult]:
+    """The no-op server (loadtests.noop_server) at every closed-loop concurrency: the same
+    client, request and answer size as the gateway runs, with nothing done in between."""
+    results: list[LevelResult] = []
+    opened = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+    try:
+        stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
+        for concurrency in concurrencies:
+            window = await closed_loop(
+                stubs, request, concurrency, duration_s=duration_s, warmup_s=warmup_s
+            )
+            result = LevelResult(
+                NOOP, "closed", float(concurrency), rows, window.span, window.latencies,
+                dict(window.errors),
+            )
+            results.append(result)
+            print(_row(result), flush=True)
+    finally:
+        for channel in opened:
+            await channel.close(None)
+    return results
+
+
+NOOP = "no-op server"
+
 # ---- output ---------------------------------------------------------------------------
 
 HEADER = (
@@ -294,6 +339,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1, help="rows per request")
     parser.add_argument("--ceiling-rows", default="1,64", help="batch sizes for the ceiling")
     parser.add_argument("--json", type=Path, help="write every figure here as JSON")
+    parser.add_argument(
+        "--noop", action=argparse.BooleanOptionalAction, default=True,
+        help="also measure a no-op gRPC server on the same stack (the front-end ceiling)",
+    )
     args = parser.parse_args(argv)
 
     store = args.store or demo_store()
@@ -317,6 +366,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows=args.rows,
             )
         )
+        if args.noop:
+            request, answer = asyncio.run(one_answer(target, models[0], args.rows))
+    if args.noop:
+        # After the gateway stopped: the no-op server gets the machine the gateway had.
+        with noop_process(_free_port(), answer) as noop:
+            results += asyncio.run(
+                run_noop_levels(noop, request, _ints(args.concurrency),
+                                duration_s=args.duration, warmup_s=args.warmup, rows=args.rows)
+            )
     # Measured with the gateway stopped, so the ceiling has the machine to itself.
     ceilings: dict[str, dict[int, float]] = {}
     files: dict[Path, str] = {}

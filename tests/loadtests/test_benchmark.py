@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import math
 
+import grpc
 import pytest
 
 from gateway.settings import demo_store
 from loadtests.benchmark import LevelResult, format_table, ort_ceiling, percentile, run_levels
+from modelgate_pb import grpc_service_pb2 as pb
+from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support.gateway import running_gateway
 
 pytestmark = pytest.mark.timeout(120)
@@ -56,3 +59,16 @@ def test_ort_ceiling_measures_rows_per_second() -> None:
 def test_level_result_without_statistics_has_no_mean_batch() -> None:
     result = LevelResult("m", "closed", 1, 1, 1.0, [0.001, 0.002])
     assert result.mean_batch is None and result.throughput == 2.0
+
+
+def test_the_noop_server_answers_fixed_bytes_without_parsing() -> None:
+    from loadtests.noop_server import METHOD, noop_process
+    from tests.support.gateway import free_port
+
+    answer = pb.ModelInferResponse(model_name="x", id="fixed").SerializeToString()
+    with noop_process(free_port(), answer) as target, grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(METHOD, None, None)
+        # Not even a valid request is needed: nothing is parsed.
+        assert call(b"\xff\xfe not protobuf", timeout=10) == answer
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelInfer(pb.ModelInferRequest(model_name="m"), timeout=10).id == "fixed"
