@@ -13,7 +13,8 @@ from typing import Any, Final, TypeAlias
 import grpc
 
 from gateway import observe
-from gateway.errors import AuthenticationError, ModelNotFoundError
+from gateway.errors import AuthenticationError, ModelNotFoundError, unknown_model
+from gateway.sanitize import echoed
 from gateway.status import status_of
 from gateway.tenants import ANONYMOUS, ApiKey, Tenant, TenantRegistry, hash_key, key_tenant
 
@@ -186,15 +187,11 @@ def visible_version(name: str, version: str) -> str:
     a model or version it may not use is NOT_FOUND with the unknown model's message."""
     tenant = current_tenant()
     if not tenant.can_see(name):
-        raise ModelNotFoundError(f"unknown model '{_printable(name)}'")
+        raise unknown_model(name)
     effective = tenant.effective_version(name, version)
     if not tenant.allows(name, effective):
         what = (f"version {int(effective)}" if effective.isdigit()
                 else f"version label '{effective}'")
-        raise ModelNotFoundError(f"model '{_printable(name)}' has no {what}")
+        raise ModelNotFoundError(f"model '{echoed(name)}' has no {what}")
     return effective
 
-
-def _printable(text: str) -> str:
-    # As the model manager echoes names: no control characters, bounded length.
-    return text[:128].encode("unicode_escape").decode("ascii")

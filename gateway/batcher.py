@@ -13,13 +13,16 @@ import numpy as np
 
 from gateway.batch_queue import QueuedRequest, ShapeKey, ShapeQueue, shape_key
 from gateway.clock import Clock, MonotonicClock, Timer
-from gateway.errors import InvalidRequestError, OverloadedError, RequestTimeoutError
+from gateway.errors import (
+    RETRY_AFTER_KEY,
+    InvalidRequestError,
+    OverloadedError,
+    RequestTimeoutError,
+)
 from gateway.statistics import ModelStatistics, is_warmup
 from model_store.spec import DynamicBatchingSpec, QueuePolicy, TensorSpec, TimeoutAction
 from runtimes.base import MEMBER_TAGS, InferRequest, Runtime, RuntimeMetadata, Tensor
 from runtimes.errors import InferenceFailed, InvalidTensorError, RuntimeClosedError
-
-RETRY_AFTER_KEY = "retry-after-ms"
 
 
 class DynamicBatcher(Runtime):

@@ -13,6 +13,7 @@ from typing import Any, Final
 import numpy as np
 
 from gateway.errors import InvalidRequestError
+from gateway.sanitize import echoed
 from model_store.datatypes import CONTENTS_FIELDS, DataType
 from model_store.spec import ModelSpec
 from modelgate_pb import grpc_service_pb2 as pb
@@ -85,9 +86,8 @@ def _check_name(kind: str, name: str) -> None:
     # Names are echoed in error messages (and by them in client logs): only printable,
     # bounded ones get that far.
     if not name or len(name) > MAX_NAME or _UNPRINTABLE.search(name):
-        shown = name[:64].encode("unicode_escape").decode("ascii")
         raise InvalidRequestError(
-            f"{kind} name '{shown}' must be 1..{MAX_NAME} printable characters"
+            f"{kind} name '{echoed(name, 64)}' must be 1..{MAX_NAME} printable characters"
         )
 
 
@@ -95,8 +95,9 @@ def _datatype(name: str, wire: str) -> DataType:
     try:
         return DataType.from_wire(wire)
     except ValueError:
-        shown = wire[:32].encode("unicode_escape").decode("ascii")
-        raise InvalidRequestError(f"input '{name}': unknown datatype '{shown}'") from None
+        raise InvalidRequestError(
+            f"input '{name}': unknown datatype '{echoed(wire, 32)}'"
+        ) from None
 
 
 def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:

@@ -5,6 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from gateway.sanitize import echoed
+
+# Trailing metadata of rejections, part of the client contract: when to retry, and which
+# tenant limit was hit (absent for overload that is no tenant's limit).
+RETRY_AFTER_KEY = "retry-after-ms"
+LIMIT_KEY = "modelgate-limit"
+
 
 class GatewayError(Exception):
     """Base of every error raised by the gateway package. ``trailers`` travel back to the
@@ -58,3 +65,9 @@ class PermissionDeniedError(GatewayError):
 
 class ModelControlDisabledError(GatewayError):
     """The repository API's load/unload is off (start with --enable-model-control)."""
+
+
+def unknown_model(name: str) -> ModelNotFoundError:
+    """The one NOT_FOUND for a model that does not exist and for one the caller may not see:
+    both must read alike, so a tenant learns nothing of other tenants' models."""
+    return ModelNotFoundError(f"unknown model '{echoed(name)}'")

@@ -16,7 +16,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from gateway import observe
 from gateway.access_log import AccessEntry, AccessLog
 from gateway.auth import current_tenant
-from gateway.errors import AuthenticationError
+from gateway.errors import LIMIT_KEY, AuthenticationError
 from gateway.metrics import Metrics
 from gateway.tracing import (
     ATTR_MODEL,
@@ -31,7 +31,6 @@ from modelgate_pb import grpc_service_pb2 as pb
 
 INFERENCE_SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 INFER_METHOD: Final = f"/{INFERENCE_SERVICE}/ModelInfer"
-LIMIT_KEY: Final = "modelgate-limit"
 
 # The semantic conventions' server-side error codes; the others are the client's doing.
 _SERVER_ERRORS: Final = frozenset({

@@ -11,7 +11,7 @@ from typing import Any, Final, TypeAlias
 
 import grpc
 
-from gateway.errors import OverloadedError
+from gateway.errors import RETRY_AFTER_KEY, OverloadedError
 from gateway.status import status_of
 from modelgate_pb import grpc_service_pb2 as pb
 
@@ -23,7 +23,6 @@ CAPPED_METHODS: Final = frozenset({
     f"/{INFERENCE_SERVICE}/ModelStreamInfer",
 })
 # No modelgate-limit trailer: that one names a tenant's quota (and is counted as such).
-RETRY_AFTER_KEY: Final = "retry-after-ms"
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from gateway import observe
-from gateway.errors import InvalidRequestError, ModelNotFoundError, ModelNotReadyError
+from gateway.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    unknown_model,
+)
 from gateway.routing import (
     Router,
     RoutingTable,
@@ -105,11 +110,11 @@ class ModelManager:
         version failed to load (the versions that loaded serve regardless)."""
         self._check_name(name)
         if not (self._repository.root / name).is_dir():
-            raise ModelNotFoundError(f"unknown model '{name}'")
+            raise unknown_model(name)
         await self.reconcile([name], force=True)
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError(f"unknown model '{name}'")
+            raise unknown_model(name)
         if model.error is not None:
             raise ModelNotReadyError(f"model '{name}' failed to load: {model.error}")
         failed = [v for v in model.versions.values() if v.state is VersionState.UNAVAILABLE]
@@ -331,7 +336,7 @@ class ModelManager:
         self._check_name(name)
         model = self._models.get(name)
         if model is None:
-            raise ModelNotFoundError(f"unknown model '{name}'")
+            raise unknown_model(name)
         return model
 
     def version(self, name: str, version: str, label: str | None = None) -> ServedVersion:
@@ -432,9 +437,4 @@ class ModelManager:
         try:
             validate_model_name(name)
         except InvalidModelNameError:
-            raise ModelNotFoundError(f"unknown model '{_printable(name)}'") from None
-
-
-def _printable(text: str) -> str:
-    """Names echoed in errors never carry control characters or unbounded length."""
-    return text[:128].encode("unicode_escape").decode("ascii")
+            raise unknown_model(name) from None

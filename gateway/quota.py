@@ -14,6 +14,8 @@ from typing import Final
 
 from gateway import observe
 from gateway.errors import (
+    LIMIT_KEY,
+    RETRY_AFTER_KEY,
     InvalidRequestError,
     OverloadedError,
     QuotaExceededError,
@@ -75,7 +77,7 @@ def exceeded(limit: str, scope: Scope, retry_after_s: float) -> QuotaExceededErr
     retry_ms = max(1, math.ceil(retry_after_s * 1000))
     return QuotaExceededError(
         f"quota exceeded: {name}; retry in {retry_ms} ms",
-        trailers={"retry-after-ms": str(retry_ms), "modelgate-limit": name},
+        trailers={RETRY_AFTER_KEY: str(retry_ms), LIMIT_KEY: name},
     )
 
 

@@ -18,7 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.errors import QuotaUnavailableError
+from gateway.errors import LIMIT_KEY, RETRY_AFTER_KEY, QuotaUnavailableError
 from gateway.quota import (
     CONCURRENCY_RETRY_MS,
     DAY_S,
@@ -223,8 +223,8 @@ class RedisQuotaStore(QuotaStore):
         if self.failure_mode == FAIL_CLOSED:
             raise QuotaUnavailableError(
                 "quota store unavailable; retry shortly",
-                trailers={"retry-after-ms": str(math.ceil(self.reconnect_s * 1000)),
-                          "modelgate-limit": "quota_store"},
+                trailers={RETRY_AFTER_KEY: str(math.ceil(self.reconnect_s * 1000)),
+                          LIMIT_KEY: "quota_store"},
             )
         return self.local.charge_now(scopes, rows)
 

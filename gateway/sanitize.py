@@ -19,6 +19,12 @@ def escape_controls(text: str) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
+def echoed(text: str, limit: int = 128) -> str:
+    """A client-chosen name as an error message quotes it: at most ``limit`` characters,
+    every control or non-ASCII character written as a Python escape."""
+    return text[:limit].encode("unicode_escape").decode("ascii")
+
+
 def strip_paths(text: str) -> str:
     """``text`` with each absolute path cut to its last component: clients learn which file
     (``model.onnx``) failed, never where the store or the gateway lives."""

@@ -206,7 +206,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         try:
-            label, key = routing_metadata(context.invocation_metadata())
+            metadata = context.invocation_metadata()
+            label, key = routing_metadata(metadata)
             tenant = current_tenant()
             # A label sent as x-model-label is checked against the tenant like model_version.
             target = requested_target(request.model_version, label)
@@ -224,7 +225,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 remaining = context.time_remaining()
                 if remaining is not None:
                     infer.deadline = time.monotonic() + remaining
-                trace_headers = _trace_headers(context.invocation_metadata())
+                trace_headers = _trace_headers(metadata)
                 if trace_headers:  # for remote runtimes (Triton) to send upstream
                     infer.tags[TRACE_HEADERS_TAG] = trace_headers
                 # Charged before queueing; refunded if rejected before it ran.

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -184,6 +184,19 @@ async def _counts(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> tuple[i
     )
 
 
+@contextlib.asynccontextmanager
+async def _stubs(
+    target: str, channels: int
+) -> AsyncIterator[list[pb_grpc.GRPCInferenceServiceStub]]:
+    """Stubs on ``channels`` client channels (callers spread over them), closed afterwards."""
+    opened = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+    try:
+        yield [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
+    finally:
+        for channel in opened:
+            await channel.close(None)
+
+
 async def run_levels(
     target: str,
     models: Sequence[str],
@@ -197,9 +210,7 @@ async def run_levels(
 ) -> list[LevelResult]:
     """Every model at every closed-loop concurrency, then every open-loop rate."""
     results: list[LevelResult] = []
-    opened = [grpc.aio.insecure_channel(target) for _ in range(channels)]
-    try:
-        stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
+    async with _stubs(target, channels) as stubs:
         for model in models:
             metadata = await stubs[0].ModelMetadata(pb.ModelMetadataRequest(name=model))
             request = request_for(metadata, batch=rows)
@@ -224,9 +235,6 @@ async def run_levels(
                     result.executions = after[1] - before[1]
                 results.append(result)
                 print(_row(result), flush=True)
-    finally:
-        for channel in opened:
-            await channel.close(None)
     return results
 
 
@@ -253,9 +261,7 @@ async def run_noop_levels(
     """The no-op server (loadtests.noop_server) at every closed-loop concurrency: the same
     client, request and answer size as the gateway runs, with nothing done in between."""
     results: list[LevelResult] = []
-    opened = [grpc.aio.insecure_channel(target) for _ in range(channels)]
-    try:
-        stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
+    async with _stubs(target, channels) as stubs:
         for concurrency in concurrencies:
             window = await closed_loop(
                 stubs, request, concurrency, duration_s=duration_s, warmup_s=warmup_s
@@ -266,9 +272,6 @@ async def run_noop_levels(
             )
             results.append(result)
             print(_row(result), flush=True)
-    finally:
-        for channel in opened:
-            await channel.close(None)
     return results
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 import threading
 import urllib.request
@@ -23,7 +22,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.settings import demo_store
-from loadtests.benchmark import LevelResult, gateway_process, run_levels
+from loadtests.benchmark import LevelResult, _free_port, gateway_process, run_levels
 
 # (label, extra serve flags without the endpoint; None ratio = tracing off)
 MODES: tuple[tuple[str, float | None], ...] = (("off", None), ("1%", 0.01), ("100%", 1.0))
@@ -85,11 +84,6 @@ def run(
         server.stop(0)
     return rows
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _cpu_and_requests(metrics_port: int) -> tuple[float, float]:
