@@ -4,8 +4,10 @@ throughput and latency percentiles, and the in-process ONNX Runtime ceiling of e
 
     .venv/bin/python -m loadtests.benchmark --models digits,digits_unbatched \
         --concurrency 1,8,32,128 --duration 5 --json benchmark.json
+    .venv/bin/python -m loadtests.benchmark --suite targets --out docs/benchmark
 
-Without --target it starts ``modelgate serve`` on a free loopback port (the demo store)."""
+Without --target it starts ``modelgate serve`` on a free loopback port (the demo store).
+``--suite targets`` runs the issue's performance targets in one go (loadtests/suite.py)."""
 
 from __future__ import annotations
 
@@ -15,25 +17,24 @@ import contextlib
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-import numpy as np
 import onnxruntime as ort
 
-from loadtests.drivers import Window, closed_loop, open_loop, percentile
+from loadtests.ceilings import ort_ceiling
+from loadtests.drivers import Metadata, Window, closed_loop, open_loop, percentile, stubs_on
 from loadtests.noop_server import noop_process
+from loadtests.progress import Progress
 from loadtests.requests import request_for, require_loopback
+from loadtests.results import HEADER, LevelResult, format_row
+from loadtests.servers import free_port, gateway_process, served_gateway, start_gateway
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 
-# Other benchmarks (triton_bench, quota_bench) build on these.
+# Other benchmarks (triton_bench, quota_bench, overload, soak) build on these.
 __all__ = [
     "LevelResult",
     "Window",
@@ -44,132 +45,10 @@ __all__ = [
     "ort_ceiling",
     "percentile",
     "run_levels",
+    "served_gateway",
 ]
 
-PERCENTILES = (50.0, 90.0, 99.0)
-
-
-# ---- measuring --------------------------------------------------------------------------
-
-
-@dataclass
-class LevelResult:
-    """One measured load level of one model."""
-
-    model: str
-    mode: str  # "closed" (fixed concurrency) or "open" (fixed arrival rate)
-    load: float  # concurrency, or requests per second offered
-    rows_per_request: int
-    duration_s: float
-    latencies_s: list[float] = field(default_factory=list, repr=False)
-    errors: dict[str, int] = field(default_factory=dict)
-    executions: int | None = None  # batches the server ran during the level, if known
-    inferences: int | None = None
-
-    @property
-    def requests(self) -> int:
-        return len(self.latencies_s)
-
-    @property
-    def throughput(self) -> float:
-        return self.requests / self.duration_s if self.duration_s else 0.0
-
-    @property
-    def mean_batch(self) -> float | None:
-        if not self.executions or self.inferences is None:
-            return None
-        return self.inferences / self.executions
-
-    def latency_ms(self, p: float) -> float:
-        return percentile(self.latencies_s, p) * 1000
-
-    def summary(self) -> dict[str, object]:
-        data = {k: v for k, v in asdict(self).items() if k != "latencies_s"}
-        data.update(
-            requests=self.requests,
-            requests_per_s=round(self.throughput, 1),
-            rows_per_s=round(self.throughput * self.rows_per_request, 1),
-            mean_batch=None if self.mean_batch is None else round(self.mean_batch, 2),
-            **{f"p{p:g}_ms": round(self.latency_ms(p), 3) for p in PERCENTILES},
-        )
-        return data
-
-
-def ort_ceiling(model_file: Path, rows: int, duration_s: float, threads: int = 1) -> float:
-    """Rows per second of ONNX Runtime itself on ``rows``-row batches in this process (the
-    gateway's own session options: CPU unless CUDA works, ``threads`` intra-op threads)."""
-    from runtimes.onnx_runtime import providers_for
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_file), options, providers=list(providers_for("auto")))
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for tensor in session.get_inputs():
-        shape = [
-            rows if i == 0 else (d if isinstance(d, int) else 1) for i, d in enumerate(tensor.shape)
-        ]
-        feeds[tensor.name] = rng.uniform(0, 16, size=shape).astype(np.float32)
-    for _ in range(20):
-        session.run(None, feeds)
-    runs = 0
-    start = time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < duration_s:
-        session.run(None, feeds)
-        runs += 1
-    return runs * rows / elapsed
-
-
-# ---- the gateway under test ----------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def served_gateway(
-    store: Path | None, extra: Sequence[str] = ()
-) -> Iterator[tuple[str, int]]:
-    """``modelgate serve`` on a free loopback port (the demo store when ``store`` is None);
-    yields (target, pid) once ready, and stops it afterwards."""
-    port = _free_port()
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
-               "--grpc-port", str(port), "--metrics-port", str(_free_port()),
-               "--log-level", "WARNING", *(["--store", str(store)] if store else []), *extra]
-    proc = subprocess.Popen(command)
-    target = f"127.0.0.1:{port}"
-    try:
-        with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            give_up = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"gateway exited with {proc.returncode}")
-                with contextlib.suppress(grpc.RpcError):
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                        break
-                if time.monotonic() > give_up:
-                    raise TimeoutError("gateway not ready after 120 s")
-                time.sleep(0.2)
-        yield target, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-@contextlib.contextmanager
-def gateway_process(store: Path, extra: Sequence[str] = ()) -> Iterator[str]:
-    """``modelgate serve`` on a free loopback port; yields its target once ready."""
-    with served_gateway(store, extra) as (target, _):
-        yield target
+NOOP = "no-op server"
 
 
 async def _counts(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> tuple[int, int] | None:
@@ -184,17 +63,36 @@ async def _counts(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> tuple[i
     )
 
 
-@contextlib.asynccontextmanager
-async def _stubs(
-    target: str, channels: int
-) -> AsyncIterator[list[pb_grpc.GRPCInferenceServiceStub]]:
-    """Stubs on ``channels`` client channels (callers spread over them), closed afterwards."""
-    opened = [grpc.aio.insecure_channel(target) for _ in range(channels)]
-    try:
-        yield [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
-    finally:
-        for channel in opened:
-            await channel.close(None)
+async def measure_level(
+    stubs: Sequence[pb_grpc.GRPCInferenceServiceStub],
+    request: pb.ModelInferRequest,
+    model: str,
+    mode: str,
+    load: float,
+    *,
+    duration_s: float,
+    warmup_s: float,
+    statistics: bool = True,
+    metadata: Metadata | None = None,
+) -> LevelResult:
+    """One closed-loop (``load`` callers) or open-loop (``load`` req/s) level; with
+    ``statistics``, the batches the server ran come from its ModelStatistics (one worker's
+    view only, so multi-worker runs count them elsewhere)."""
+    before = await _counts(stubs[0], model) if statistics else None
+    if mode == "closed":
+        window = await closed_loop(stubs, request, int(load), duration_s=duration_s,
+                                   warmup_s=warmup_s, metadata=metadata)
+    else:
+        window = await open_loop(stubs, request, load, duration_s=duration_s,
+                                 warmup_s=warmup_s, metadata=metadata)
+    after = await _counts(stubs[0], model) if statistics else None
+    rows = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
+    result = LevelResult(model, mode, load, int(rows), window.span, window.latencies,
+                         dict(window.errors))
+    if before is not None and after is not None:
+        result.inferences = after[0] - before[0]
+        result.executions = after[1] - before[1]
+    return result
 
 
 async def run_levels(
@@ -207,34 +105,26 @@ async def run_levels(
     warmup_s: float,
     rows: int = 1,
     channels: int = 4,
+    workers: int = 1,
+    progress: Progress | None = None,
 ) -> list[LevelResult]:
     """Every model at every closed-loop concurrency, then every open-loop rate."""
     results: list[LevelResult] = []
-    async with _stubs(target, channels) as stubs:
+    async with stubs_on(target, channels) as stubs:
         for model in models:
             metadata = await stubs[0].ModelMetadata(pb.ModelMetadataRequest(name=model))
             request = request_for(metadata, batch=rows)
             levels = [("closed", float(c)) for c in concurrencies]
             levels += [("open", float(r)) for r in rates]
             for mode, load in levels:
-                before = await _counts(stubs[0], model)
-                if mode == "closed":
-                    window = await closed_loop(
-                        stubs, request, int(load), duration_s=duration_s, warmup_s=warmup_s
+                with Progress.step_of(progress, f"{model} {mode} {load:g}", warmup_s + duration_s):
+                    result = await measure_level(
+                        stubs, request, model, mode, load, duration_s=duration_s,
+                        warmup_s=warmup_s, statistics=workers == 1,
                     )
-                else:
-                    window = await open_loop(
-                        stubs, request, load, duration_s=duration_s, warmup_s=warmup_s
-                    )
-                after = await _counts(stubs[0], model)
-                result = LevelResult(
-                    model, mode, load, rows, window.span, window.latencies, dict(window.errors)
-                )
-                if before is not None and after is not None:
-                    result.inferences = after[0] - before[0]
-                    result.executions = after[1] - before[1]
+                result.workers = workers
                 results.append(result)
-                print(_row(result), flush=True)
+                print(format_row(result), flush=True)
     return results
 
 
@@ -257,48 +147,31 @@ async def run_noop_levels(
     warmup_s: float,
     rows: int = 1,
     channels: int = 4,
+    workers: int = 1,
+    progress: Progress | None = None,
 ) -> list[LevelResult]:
     """The no-op server (loadtests.noop_server) at every closed-loop concurrency: the same
     client, request and answer size as the gateway runs, with nothing done in between."""
     results: list[LevelResult] = []
-    async with _stubs(target, channels) as stubs:
+    async with stubs_on(target, channels) as stubs:
         for concurrency in concurrencies:
-            window = await closed_loop(
-                stubs, request, concurrency, duration_s=duration_s, warmup_s=warmup_s
-            )
-            result = LevelResult(
-                NOOP, "closed", float(concurrency), rows, window.span, window.latencies,
-                dict(window.errors),
-            )
+            with Progress.step_of(progress, f"{NOOP} {concurrency}", warmup_s + duration_s):
+                result = await measure_level(
+                    stubs, request, NOOP, "closed", concurrency, duration_s=duration_s,
+                    warmup_s=warmup_s, statistics=False,
+                )
+            result.rows_per_request, result.workers = rows, workers
             results.append(result)
-            print(_row(result), flush=True)
+            print(format_row(result), flush=True)
     return results
 
 
-NOOP = "no-op server"
-
 # ---- output ---------------------------------------------------------------------------
-
-HEADER = (
-    "| model | load | req/s | rows/s | p50 ms | p90 ms | p99 ms | mean batch | errors |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-)
-
-
-def _row(r: LevelResult) -> str:
-    load = f"{int(r.load)} conc" if r.mode == "closed" else f"{r.load:g} req/s offered"
-    batch = "-" if r.mean_batch is None else f"{r.mean_batch:.1f}"
-    errors = sum(r.errors.values())
-    return (
-        f"| {r.model} | {load} | {r.throughput:,.0f} | "
-        f"{r.throughput * r.rows_per_request:,.0f} | {r.latency_ms(50):.2f} | "
-        f"{r.latency_ms(90):.2f} | {r.latency_ms(99):.2f} | {batch} | {errors} |"
-    )
 
 
 def format_table(results: Sequence[LevelResult], ceilings: dict[str, dict[int, float]]) -> str:
     """A Markdown table of the levels, then the in-process ONNX Runtime ceilings."""
-    lines = [HEADER, *(_row(r) for r in results), ""]
+    lines = [HEADER, *(format_row(r) for r in results), ""]
     lines.append("| in-process ONNX Runtime (ceiling) | rows per run | rows/s |")
     lines.append("|---|---:|---:|")
     for model, by_rows in ceilings.items():
@@ -306,22 +179,38 @@ def format_table(results: Sequence[LevelResult], ceilings: dict[str, dict[int, f
     return "\n".join(lines)
 
 
-def _model_file(store: Path, model: str) -> Path:
+def model_file(store: Path, model: str) -> Path:
+    """The ONNX file of the model's highest version in the store."""
     versions = sorted((int(p.name), p) for p in (store / model).iterdir() if p.name.isdigit())
     return versions[-1][1] / "model.onnx"
 
 
-def _ints(text: str) -> list[int]:
+def machine() -> dict[str, object]:
+    """What the figures were measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "grpcio": grpc.__version__,
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from gateway.settings import demo_store
-
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.benchmark",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--suite", choices=("levels", "targets"), default="levels",
+        help="levels: the levels given below (default); targets: the issue's performance "
+        "targets in one run (see --suite targets --help)",
     )
     parser.add_argument(
         "--target",
@@ -340,54 +229,77 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per level")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--rows", type=int, default=1, help="rows per request")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="gateway worker processes (and no-op server processes)")
+    parser.add_argument("--channels", type=int, default=4, help="client connections")
     parser.add_argument("--ceiling-rows", default="1,64", help="batch sizes for the ceiling")
     parser.add_argument("--json", type=Path, help="write every figure here as JSON")
     parser.add_argument(
         "--noop", action=argparse.BooleanOptionalAction, default=True,
         help="also measure a no-op gRPC server on the same stack (the front-end ceiling)",
     )
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from gateway.settings import demo_store
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --suite targets has flags of its own: everything but --suite goes to loadtests.suite.
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--suite", choices=("levels", "targets"), default="levels")
+    chosen, rest = first.parse_known_args(argv)
+    if chosen.suite == "targets":
+        from loadtests.suite import main as run_suite
+
+        return run_suite(rest)
+    parser = _parser()
+    args = parser.parse_args(argv)
     store = args.store or demo_store()
     models = [m for m in args.models.split(",") if m]
     if args.duration <= 0 or args.duration > 600:
         parser.error("--duration must lie in (0, 600]")
+    if args.workers < 1 or args.channels < 1:
+        parser.error("--workers and --channels must be at least 1")
     with contextlib.ExitStack() as stack:
         target = (
             require_loopback(args.target)
             if args.target
-            else stack.enter_context(gateway_process(store))
+            else stack.enter_context(start_gateway(store, workers=args.workers)).target
         )
         results = asyncio.run(
             run_levels(
                 target,
                 models,
-                _ints(args.concurrency),
+                ints(args.concurrency),
                 [float(r) for r in args.rates.split(",") if r],
                 duration_s=args.duration,
                 warmup_s=args.warmup,
                 rows=args.rows,
+                channels=args.channels,
+                workers=args.workers,
             )
         )
         if args.noop:
             request, answer = asyncio.run(one_answer(target, models[0], args.rows))
     if args.noop:
         # After the gateway stopped: the no-op server gets the machine the gateway had.
-        with noop_process(_free_port(), answer) as noop:
+        with noop_process(free_port(), answer, workers=args.workers) as noop:
             results += asyncio.run(
-                run_noop_levels(noop, request, _ints(args.concurrency),
-                                duration_s=args.duration, warmup_s=args.warmup, rows=args.rows)
+                run_noop_levels(noop, request, ints(args.concurrency),
+                                duration_s=args.duration, warmup_s=args.warmup, rows=args.rows,
+                                channels=args.channels, workers=args.workers)
             )
     # Measured with the gateway stopped, so the ceiling has the machine to itself.
     ceilings: dict[str, dict[int, float]] = {}
     files: dict[Path, str] = {}
     for model in models:
-        path = _model_file(store, model).resolve()
+        path = model_file(store, model).resolve()
         if path.read_bytes() in {p.read_bytes() for p in files}:
             continue
         files[path] = model
         ceilings[model] = {
-            n: ort_ceiling(path, n, min(args.duration, 5.0)) for n in _ints(args.ceiling_rows)
+            n: ort_ceiling(path, n, min(args.duration, 5.0)) for n in ints(args.ceiling_rows)
         }
     print()
     print(format_table(results, ceilings))
@@ -395,12 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    "machine": {
-                        "cpus": os.cpu_count(),
-                        "platform": platform.platform(),
-                        "python": platform.python_version(),
-                        "onnxruntime": ort.__version__,
-                    },
+                    "machine": machine(),
                     "settings": {k: str(v) for k, v in vars(args).items()},
                     "levels": [r.summary() for r in results],
                     "ceiling_rows_per_s": ceilings,

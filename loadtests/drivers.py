@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -55,11 +56,33 @@ class Window:
             self.errors[error] += 1
 
 
+Metadata = tuple[tuple[str, str], ...]
+
+
+@contextlib.asynccontextmanager
+async def stubs_on(
+    target: str, channels: int
+) -> AsyncIterator[list[pb_grpc.GRPCInferenceServiceStub]]:
+    """Stubs on ``channels`` client channels, closed afterwards. Each channel gets its own
+    subchannel pool: grpc otherwise shares one TCP connection among all channels to a
+    target, which would pin every caller to one worker of a multi-process server."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    opened = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
+    try:
+        yield [pb_grpc.GRPCInferenceServiceStub(c) for c in opened]
+    finally:
+        for channel in opened:
+            await channel.close(None)
+
+
 async def _call(
-    stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest, deadline_s: float
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    request: pb.ModelInferRequest,
+    deadline_s: float,
+    metadata: Metadata | None,
 ) -> str | None:
     try:
-        await stub.ModelInfer(request, timeout=deadline_s)
+        await stub.ModelInfer(request, timeout=deadline_s, metadata=metadata)
     except grpc.aio.AioRpcError as exc:
         return exc.code().name
     return None
@@ -73,6 +96,7 @@ async def closed_loop(
     duration_s: float,
     warmup_s: float = 1.0,
     timeout_s: float = 30.0,
+    metadata: Metadata | None = None,
 ) -> Window:
     """``concurrency`` callers, each sending its next request when the last one answers."""
     now = time.perf_counter()
@@ -81,7 +105,7 @@ async def closed_loop(
     async def caller(index: int) -> None:
         stub = stubs[index % len(stubs)]
         while (began := time.perf_counter()) < window.end:
-            error = await _call(stub, request, timeout_s)
+            error = await _call(stub, request, timeout_s, metadata)
             window.record(began, time.perf_counter(), error)
 
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
@@ -96,6 +120,7 @@ async def open_loop(
     duration_s: float,
     warmup_s: float = 1.0,
     timeout_s: float = 30.0,
+    metadata: Metadata | None = None,
 ) -> Window:
     """Requests sent on a fixed schedule of ``rate`` per second whether or not earlier ones
     answered; latency counts from the scheduled send time, so a stalled server's queueing
@@ -105,7 +130,7 @@ async def open_loop(
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(stub: pb_grpc.GRPCInferenceServiceStub, scheduled: float) -> None:
-        error = await _call(stub, request, timeout_s)
+        error = await _call(stub, request, timeout_s, metadata)
         window.record(scheduled, time.perf_counter(), error)
 
     interval = 1.0 / rate

@@ -1,20 +1,25 @@
 """A no-op V2 inference server on the same grpc.aio stack as the gateway: ModelInfer answers
 fixed bytes and parses nothing, so it measures this machine's ceiling for a Python gRPC front.
 
-    python -m loadtests.noop_server --port 9001 --answer-file response.bin
-"""
+    python -m loadtests.noop_server --port 9001 --answer-file response.bin [--workers 2]
+
+With --workers N, N processes share the port (SO_REUSEPORT), as ``modelgate serve --workers``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import multiprocessing
+import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,33 +44,96 @@ class _FixedAnswer(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         return self._handler if handler_call_details.method == METHOD else None
 
 
-async def _serve(port: int, answer: bytes) -> None:
-    server = grpc.aio.server()
+async def _serve(
+    port: int, answer: bytes, shared: bool, parent: int | None, started: Callable[[], None]
+) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if shared else 0)])
     server.add_generic_rpc_handlers((_FixedAnswer(answer),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    started()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    while not stopping.is_set():
+        # A worker whose supervisor is gone (even killed) stops instead of holding the port.
+        if parent is not None and os.getppid() != parent:
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), 1.0)
     await server.stop(1)
 
 
+def _worker(port: int, answer: bytes, parent: int, started: Any) -> None:
+    asyncio.run(_serve(port, answer, True, parent, lambda: started.put(os.getpid())))
+
+
+def _supervise(port: int, answer: bytes, workers: int, ready_file: Path | None) -> None:
+    """One process per worker on the shared port; stops them all on SIGTERM or SIGINT."""
+
+    def ready() -> None:
+        if ready_file is not None:
+            ready_file.write_text(f"{workers}\n")
+
+    if workers == 1:
+        asyncio.run(_serve(port, answer, False, None, ready))
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    context = multiprocessing.get_context("spawn")
+    started = context.Queue()
+    procs = [context.Process(target=_worker, args=(port, answer, os.getpid(), started))
+             for _ in range(workers)]
+    try:
+        for proc in procs:
+            proc.start()
+        for _ in procs:
+            started.get(timeout=60)
+        ready()
+        while not stop.wait(0.5):
+            if any(not p.is_alive() for p in procs):
+                break  # a benchmark wants all N workers or none
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.join(10)
+
+
+@dataclass(frozen=True)
+class NoopServer:
+    target: str
+    pid: int  # the supervisor's, when several workers serve
+
+
 @contextlib.contextmanager
-def noop_process(port: int, answer: bytes) -> Iterator[str]:
-    """The no-op server in a subprocess (its own interpreter, like the gateway); yields its
-    target once it answers, and stops it afterwards."""
+def noop_process(port: int, answer: bytes, workers: int = 1) -> Iterator[str]:
+    """The no-op server in a subprocess (its own interpreter, like the gateway) with
+    ``workers`` processes on the port; yields its target once all answer, and stops it."""
+    with start_noop(port, answer, workers) as server:
+        yield server.target
+
+
+@contextlib.contextmanager
+def start_noop(port: int, answer: bytes, workers: int = 1) -> Iterator[NoopServer]:
+    """noop_process, yielding the server's target and pid."""
     target = require_loopback(f"127.0.0.1:{port}")
-    with tempfile.NamedTemporaryFile(suffix=".bin") as file:
-        file.write(answer)
-        file.flush()
+    with tempfile.TemporaryDirectory(prefix="modelgate-noop-") as folder:
+        answer_file, ready = Path(folder) / "answer.bin", Path(folder) / "ready"
+        answer_file.write_bytes(answer)
         proc = subprocess.Popen([sys.executable, "-m", "loadtests.noop_server", "--port",
-                                 str(port), "--answer-file", file.name])
+                                 str(port), "--answer-file", str(answer_file), "--workers",
+                                 str(workers), "--ready-file", str(ready)])
         try:
+            give_up = time.monotonic() + 60
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > give_up:
+                    raise RuntimeError("the no-op server did not start")
+                time.sleep(0.05)
             with grpc.insecure_channel(target) as channel:
                 call = channel.unary_unary(METHOD, None, None)
-                give_up = time.monotonic() + 60
                 while True:
                     try:
                         call(b"", timeout=1)
@@ -74,18 +142,26 @@ def noop_process(port: int, answer: bytes) -> Iterator[str]:
                         if proc.poll() is not None or time.monotonic() > give_up:
                             raise
                         time.sleep(0.1)
-            yield target
+            yield NoopServer(target, proc.pid)
         finally:
             proc.terminate()
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.noop_server", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--answer-file", type=Path, required=True)
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    parser.add_argument("--ready-file", type=Path, help="written once every worker serves")
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args.port, args.answer_file.read_bytes()))
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    _supervise(args.port, args.answer_file.read_bytes(), args.workers, args.ready_file)
     return 0
 
 

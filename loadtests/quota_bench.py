@@ -12,12 +12,10 @@ import contextlib
 import dataclasses
 import io
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +25,9 @@ from gateway import cli, tenant_admin
 from gateway.quota import Limits, LocalQuotaStore, QuotaStore, Scope
 from gateway.quota_redis import RedisQuotaStore
 from gateway.settings import demo_store
-from loadtests.benchmark import LevelResult, _free_port, closed_loop, gateway_process
+from loadtests.benchmark import LevelResult, closed_loop, gateway_process
 from loadtests.requests import request_for
+from loadtests.servers import redis_process
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 
@@ -59,7 +58,9 @@ class _WithKey(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
         return await continuation(details, request)
 
 
-def _tenants_file(folder: Path, flags: list[str]) -> tuple[Path, str]:
+def tenants_file(folder: Path, flags: Sequence[str]) -> tuple[Path, str]:
+    """A tenants file with one tenant, ``bench``, allowed every model, with ``flags`` (as
+    ``modelgate tenants create`` takes them); returns it and the tenant's API key."""
     path = folder / "tenants.toml"
     path.unlink(missing_ok=True)
 
@@ -72,23 +73,6 @@ def _tenants_file(folder: Path, flags: list[str]) -> tuple[Path, str]:
 
     run("create", "bench", "--models", "*", *flags)
     return path, run("issue-key", "bench").splitlines()[0]
-
-
-@contextlib.contextmanager
-def redis_process() -> Iterator[str]:
-    """A private redis-server on a free loopback port, without persistence."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server not found (scripts/install_test_deps.sh installs it)")
-    port = _free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    try:
-        time.sleep(0.3)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 async def _measure(target: str, key: str | None, model: str, *, concurrency: int,
@@ -117,7 +101,7 @@ def run(model: str, *, concurrency: int, duration_s: float, warmup_s: float, row
             extra: list[str] = []
             key = None
             if flags is not None:
-                path, key = _tenants_file(Path(tmp), flags)
+                path, key = tenants_file(Path(tmp), flags)
                 extra += ["--tenants", str(path)]
             if uses_redis:
                 extra += ["--redis-url", url]

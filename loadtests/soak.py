@@ -13,20 +13,18 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from concurrent import futures
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
 
 from gateway import cli, tenant_admin
 from loadtests.benchmark import served_gateway
 from loadtests.overload import percentiles, rss_kib
-from loadtests.quota_bench import redis_process
 from loadtests.requests import request_for
-from loadtests.tracing_bench import SpanSink
+from loadtests.servers import redis_process
+from loadtests.tracing_bench import span_sink
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 
@@ -136,19 +134,6 @@ def plot(intervals: Sequence[Interval], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-@contextlib.contextmanager
-def span_sink() -> Iterator[tuple[str, SpanSink]]:
-    sink = SpanSink()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    ts_grpc.add_TraceServiceServicer_to_server(sink, server)  # type: ignore[no-untyped-call]
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}", sink
-    finally:
-        server.stop(1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import threading
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.settings import demo_store
-from loadtests.benchmark import LevelResult, _free_port, gateway_process, run_levels
+from loadtests.benchmark import LevelResult, gateway_process, run_levels
+from loadtests.servers import free_port
 
 # (label, extra serve flags without the endpoint; None ratio = tracing off)
 MODES: tuple[tuple[str, float | None], ...] = (("off", None), ("1%", 0.01), ("100%", 1.0))
@@ -44,6 +46,20 @@ class SpanSink(ts_grpc.TraceServiceServicer):
         return ts.ExportTraceServiceResponse()
 
 
+@contextlib.contextmanager
+def span_sink() -> Iterator[tuple[str, SpanSink]]:
+    """A SpanSink served on a free loopback port: yields (OTLP endpoint URL, sink)."""
+    sink = SpanSink()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ts_grpc.add_TraceServiceServicer_to_server(sink, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}", sink
+    finally:
+        server.stop(1)
+
+
 def run(
     models: Sequence[str], concurrency: int, duration_s: float, warmup_s: float, *,
     store: Path, rounds: int = 1,
@@ -62,7 +78,7 @@ def run(
             if ratio is not None:
                 extra = ["--otlp-endpoint", f"http://127.0.0.1:{port}",
                          "--trace-sampling-ratio", str(ratio)]
-            metrics_port = _free_port()
+            metrics_port = free_port()
             extra += ["--metrics-port", str(metrics_port)]
             before = sink.spans
             with gateway_process(store, extra) as target:

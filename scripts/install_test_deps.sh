@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs beyond Python packages: system packages (redis-server)
-# and anything else the fixtures start. Idempotent; called by `make test` before pytest.
+# Installs what the test suite needs beyond Python packages: system packages (redis-server,
+# h2load from nghttp2-client for the benchmark's C load generator) and anything else the
+# fixtures start. Idempotent; called by `make test` before pytest.
 set -euo pipefail
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v h2load >/dev/null 2>&1 || need_apt+=(nghttp2-client)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
