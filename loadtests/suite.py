@@ -51,6 +51,7 @@ class Suite:
         self.m = Measurements(config={k: str(v) for k, v in asdict(config).items()},
                               machine=machine())
         self._idle_share = 0.0  # the most CPU the idle server used while the other ran
+        self._load_at_start = os.getloadavg()[0]
 
     def run(self) -> Measurements:
         began = time.monotonic()
@@ -62,6 +63,14 @@ class Suite:
             self._costs()
         self.m.machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
         self.m.wall_s = time.monotonic() - began
+        # The load at the start is other work's (the end's would count this run's own).
+        cpus, before = os.cpu_count() or 1, self._load_at_start
+        if before > 0.5 * cpus:
+            self.m.notes.append(
+                f"The machine was not idle: a 1-minute load average of {before:.1f} on "
+                f"{cpus} CPUs before the run started; other work shared the cores, so "
+                "compare figures within this run only, and rerun on an idle machine for "
+                "figures to quote.")
         return self.m
 
     # ---- one level, either driver ------------------------------------------------------
