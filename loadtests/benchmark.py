@@ -261,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--duration must lie in (0, 600]")
     if args.workers < 1 or args.channels < 1:
         parser.error("--workers and --channels must be at least 1")
+    rates = [float(r) for r in args.rates.split(",") if r]
+    levels = len(models) * (len(ints(args.concurrency)) + len(rates))
+    levels += len(ints(args.concurrency)) if args.noop else 0
+    progress = Progress(levels * (args.warmup + args.duration))
     with contextlib.ExitStack() as stack:
         target = (
             require_loopback(args.target)
@@ -272,12 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 target,
                 models,
                 ints(args.concurrency),
-                [float(r) for r in args.rates.split(",") if r],
+                rates,
                 duration_s=args.duration,
                 warmup_s=args.warmup,
                 rows=args.rows,
                 channels=args.channels,
                 workers=args.workers,
+                progress=progress,
             )
         )
         if args.noop:
@@ -288,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results += asyncio.run(
                 run_noop_levels(noop, request, ints(args.concurrency),
                                 duration_s=args.duration, warmup_s=args.warmup, rows=args.rows,
-                                channels=args.channels, workers=args.workers)
+                                channels=args.channels, workers=args.workers,
+                                progress=progress)
             )
     # Measured with the gateway stopped, so the ceiling has the machine to itself.
     ceilings: dict[str, dict[int, float]] = {}

@@ -4,7 +4,9 @@ the real gateway for a fraction of a second, the table, and the ONNX Runtime cei
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+from pathlib import Path
 
 import grpc
 import pytest
@@ -72,3 +74,16 @@ def test_the_noop_server_answers_fixed_bytes_without_parsing() -> None:
         assert call(b"\xff\xfe not protobuf", timeout=10) == answer
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ModelInfer(pb.ModelInferRequest(model_name="m"), timeout=10).id == "fixed"
+
+
+def test_the_command_line_writes_levels_with_every_percentile(tmp_path: Path) -> None:
+    from loadtests import benchmark
+
+    out = tmp_path / "levels.json"
+    assert benchmark.main(["--models", "digits", "--concurrency", "2", "--duration", "0.2",
+                           "--warmup", "0.1", "--ceiling-rows", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [level["model"] for level in data["levels"]] == ["digits", "no-op server"]
+    for level in data["levels"]:
+        assert level["requests"] > 0 and level["errors"] == {} and level["p99.9_ms"] > 0
+    assert data["ceiling_rows_per_s"]["digits"]["1"] > 0
