@@ -1,21 +1,19 @@
-"""Authentication, enforced in one place for every RPC: a server interceptor that turns the
-caller's key (and client certificate) into a Tenant, and the model visibility checks."""
+"""Authentication: the caller's key (and client certificate) turned into a Tenant, the
+anonymous allow-list, and the model visibility checks. gateway/edge.py enforces it for
+every RPC in one place."""
 
 from __future__ import annotations
 
 import contextvars
-import inspect
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Final, TypeAlias
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 import grpc
 
-from gateway import observe
 from gateway.errors import AuthenticationError, ModelNotFoundError, unknown_model
 from gateway.sanitize import echoed
-from gateway.status import status_of
 from gateway.tenants import ANONYMOUS, ApiKey, Tenant, TenantRegistry, hash_key, key_tenant
 
 # The only RPCs a caller without a key may use: health (gRPC's health service and the V2
@@ -45,7 +43,7 @@ Metadata = Sequence[tuple[str, str | bytes]]
 
 
 def current_tenant() -> Tenant:
-    """The tenant of the RPC being served. Raises when the interceptor did not run, so a
+    """The tenant of the RPC being served. Raises when the edge did not authenticate it, so a
     wiring mistake refuses requests instead of serving them anonymously."""
     tenant = _current.get()
     if tenant is None:
@@ -54,7 +52,7 @@ def current_tenant() -> Tenant:
 
 
 def use_tenant(tenant: Tenant) -> contextvars.Token[Tenant | None]:
-    """Make ``tenant`` the current one (the interceptor does this; tests may too)."""
+    """Make ``tenant`` the current one (the edge does this; tests may too)."""
     return _current.set(tenant)
 
 
@@ -68,7 +66,11 @@ class Authenticator:
         self.registry = registry
         self.clock = clock
 
-    def authenticate(self, metadata: Metadata, peer_subject: str | None = None) -> Tenant:
+    def authenticate(
+        self, metadata: Metadata, peer_subject: str | Callable[[], str | None] | None = None
+    ) -> Tenant:
+        """``peer_subject`` may be a function: the certificate is only looked up for a
+        tenant bound to one."""
         if self.registry is None:
             return ANONYMOUS
         key = _key_from(metadata)
@@ -78,10 +80,10 @@ class Authenticator:
         tenant = self.registry.tenants.get(tenant_id or "", _DUMMY)
         if not tenant.key_matches(hash_key(key), self.clock()) or tenant is _DUMMY:
             raise AuthenticationError(INVALID)
-        if tenant.client_subject is not None and (
-            peer_subject is None or _rdns(tenant.client_subject) != _rdns(peer_subject)
-        ):
-            raise AuthenticationError(INVALID)
+        if tenant.client_subject is not None:
+            subject = peer_subject() if callable(peer_subject) else peer_subject
+            if subject is None or _rdns(tenant.client_subject) != _rdns(subject):
+                raise AuthenticationError(INVALID)
         return tenant
 
 
@@ -113,79 +115,12 @@ def peer_subject(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     return first.decode("utf-8", "replace") if isinstance(first, bytes) else str(first)
 
 
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Wraps every method handler (except the anonymous allow-list) so the call is
-    authenticated before the servicer runs, with the tenant set for the servicer."""
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self._authenticator = authenticator
-        self._guarded: dict[str, Handler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method in ANONYMOUS_METHODS or method.startswith(
-            ANONYMOUS_SERVICES
-        ):
-            return handler
-        guarded = self._guarded.get(method)
-        if guarded is None:
-            guarded = self._guarded[method] = self._guard(handler)
-        return guarded
-
-    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        try:
-            with observe.stage("auth"):  # a child span of the RPC's when tracing is on
-                tenant = self._authenticator.authenticate(
-                    tuple(context.invocation_metadata() or ()), peer_subject(context)
-                )
-        except AuthenticationError as exc:
-            status = status_of(exc)
-            await context.abort(status.code, status.message)
-        _current.set(tenant)
-        observe.set_tenant(tenant.id)  # metrics, traces and the access log name the tenant
-
-    def _guard(self, handler: Handler) -> Handler:
-        admit = self._admit
-        if handler.unary_unary is not None or handler.stream_unary is not None:
-            unary_behavior: Any = handler.unary_unary or handler.stream_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                await admit(context)
-                return await unary_behavior(request, context)
-
-            make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary is not None
-                    else grpc.stream_unary_rpc_method_handler)
-            return make(unary, handler.request_deserializer, handler.response_serializer)
-        stream_behavior: Any = handler.unary_stream or handler.stream_stream
-
-        async def stream(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            await admit(context)
-            result = stream_behavior(request, context)
-            if inspect.isasyncgen(result):
-                async for response in result:
-                    yield response
-            else:
-                await result
-
-        make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
-                else grpc.stream_stream_rpc_method_handler)
-        return make(stream, handler.request_deserializer, handler.response_serializer)
-
-
 def visible_version(name: str, version: str) -> str:
     """The version the current tenant's request runs (its pin when it asked for none);
     a model or version it may not use is NOT_FOUND with the unknown model's message."""
     tenant = current_tenant()
+    if tenant.unrestricted:
+        return version  # sees every model and version (open mode): nothing to check
     if not tenant.can_see(name):
         raise unknown_model(name)
     effective = tenant.effective_version(name, version)

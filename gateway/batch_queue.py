@@ -76,7 +76,11 @@ class ShapeQueue:
 
 
 def shape_key(request: InferRequest) -> ShapeKey:
+    inputs = request.inputs
+    if len(inputs) == 1:  # the common case, without sorting
+        for name, array in inputs.items():
+            return ((name, array.dtype.str, array.shape[1:]),)
     return tuple(
         (name, array.dtype.str, tuple(array.shape[1:]))
-        for name, array in sorted(request.inputs.items())
+        for name, array in sorted(inputs.items())
     )

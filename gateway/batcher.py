@@ -71,8 +71,14 @@ class DynamicBatcher(Runtime):
         await self.inner.load()
 
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
-        # Cancelling the awaiting task cancels this future, which withdraws the request.
-        return await self.enqueue(request)
+        entry = self._enqueue(request)
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            # The caller went away (its task was cancelled, and so was the future): the
+            # request leaves the queue now and never runs.
+            self._on_done(entry)
+            raise
 
     async def unload(self) -> None:
         """Take no new requests, run every queued one without waiting for the delay, wait
@@ -94,7 +100,13 @@ class DynamicBatcher(Runtime):
 
     def enqueue(self, request: InferRequest) -> asyncio.Future[dict[str, Tensor]]:
         """Queue a request and return the future of its outputs. Raises at once when the
-        request cannot be queued (closed, invalid priority or size, queue full, expired)."""
+        request cannot be queued (closed, invalid priority or size, queue full, expired).
+        Cancelling the future withdraws the request."""
+        entry = self._enqueue(request)
+        entry.future.add_done_callback(lambda _: self._on_done(entry))
+        return entry.future
+
+    def _enqueue(self, request: InferRequest) -> QueuedRequest:
         if self._closing:
             raise RuntimeClosedError(f"model {self.model} is unloading")
         if not 1 <= request.rows <= self._max_rows:
@@ -116,17 +128,21 @@ class DynamicBatcher(Runtime):
         future: asyncio.Future[dict[str, Tensor]] = asyncio.get_running_loop().create_future()
         self._seq += 1
         entry = QueuedRequest(request, future, level, shape_key(request), self._seq, now)
-        group = self._groups.setdefault(entry.key, ShapeQueue())
-        group.queued.setdefault(level, deque()).append(entry)
+        group = self._groups.get(entry.key)
+        if group is None:
+            group = self._groups[entry.key] = ShapeQueue()
+        queue = group.queued.get(level)
+        if queue is None:
+            queue = group.queued[level] = deque()
+        queue.append(entry)
         self._level_counts[level] = waiting + 1
         timeout = _queue_timeout_us(policy, request.timeout_us)
         if timeout:
             heapq.heappush(self._expiries, (now + timeout / 1e6, entry.seq, "timeout", entry))
         if request.deadline is not None:
             heapq.heappush(self._expiries, (request.deadline, entry.seq, "deadline", entry))
-        future.add_done_callback(lambda _: self._on_done(entry))
         self.poll()
-        return future
+        return entry
 
     def pending(self) -> int:
         """How many requests wait in the queues."""
@@ -325,13 +341,19 @@ class DynamicBatcher(Runtime):
         if self._statistics is not None and counted:
             rows = sum(e.request.rows for e in counted)
             self._statistics.record_execution(rows, input_ns, infer_ns, output_ns)
+        answered = 0
+        queued_s = 0.0
         for entry, result in zip(batch, results, strict=True):
             if entry.future.done():
                 continue
             entry.future.set_result(result)
-            if self._statistics is not None and not is_warmup(entry.request):
-                queue_ns = round((dispatched - entry.enqueued) * 1e9)
-                self._statistics.record_queued(queue_ns, input_ns, infer_ns, output_ns)
+            if not is_warmup(entry.request):
+                answered += 1
+                queued_s += dispatched - entry.enqueued
+        if self._statistics is not None and answered:
+            self._statistics.record_queued(
+                round(queued_s * 1e9), input_ns, infer_ns, output_ns, count=answered
+            )
 
 
 def _fail(batch: list[QueuedRequest], exc: Exception) -> None:

@@ -72,14 +72,17 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferReque
             arrays[tensor.name] = _from_contents(tensor, datatype, shape)
     names = tuple(o.name for o in request.outputs)
     spec.check_outputs(names)
-    params = request.parameters
+    priority, timeout_us = request_parameters(request.parameters)
     return InferRequest(
-        inputs=arrays,
-        outputs=names,
-        rows=rows,
-        priority=_int_param(params, "priority", 0),
-        timeout_us=_int_param(params, "timeout", None),
+        inputs=arrays, outputs=names, rows=rows, priority=priority, timeout_us=timeout_us
     )
+
+
+def request_parameters(params: Mapping[str, pb.InferParameter]) -> tuple[int, int | None]:
+    """The scheduling parameters a request sets: priority (0: none) and timeout (µs)."""
+    if not params:
+        return 0, None
+    return _int_param(params, "priority", 0), _int_param(params, "timeout", None)
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -232,7 +235,7 @@ def encode_response(
     )
     # raw_output_contents is indexed like outputs, so raw and typed cannot be mixed: a client
     # that asks for typed data (binary_data: false) on any output gets every output typed.
-    typed = _wants_typed(request.outputs)
+    typed = wants_typed(request.outputs)
     declared = {t.name: t.datatype for t in spec.outputs}
     for name, array in outputs.items():
         datatype = declared[name]
@@ -244,7 +247,8 @@ def encode_response(
     return response
 
 
-def _wants_typed(requested: Sequence[pb.ModelInferRequest.InferRequestedOutputTensor]) -> bool:
+def wants_typed(requested: Sequence[pb.ModelInferRequest.InferRequestedOutputTensor]) -> bool:
+    """Whether any requested output asked for typed contents (``binary_data: false``)."""
     for output in requested:
         param = output.parameters.get("binary_data")
         if param is not None and param.WhichOneof("parameter_choice") == "bool_param" and (

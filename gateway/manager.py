@@ -333,9 +333,11 @@ class ModelManager:
 
     def model(self, name: str) -> ServedModel:
         """The model called ``name``; NOT_FOUND for anything else, including invalid names."""
-        self._check_name(name)
         model = self._models.get(name)
         if model is None:
+            # Only store folder names are keys, so a found name is valid; a miss is checked
+            # so that an invalid name gets the same NOT_FOUND as an unknown one.
+            self._check_name(name)
             raise unknown_model(name)
         return model
 
@@ -411,10 +413,13 @@ class ModelManager:
 
     @staticmethod
     def _highest_ready(model: ServedModel) -> int:
-        ready = [n for n, v in model.versions.items() if v.state is VersionState.READY]
-        if not ready:
+        highest = -1
+        for number, version in model.versions.items():
+            if number > highest and version.state is VersionState.READY:
+                highest = number
+        if highest < 0:
             raise ModelNotReadyError(f"model '{model.name}' has no ready version")
-        return max(ready)
+        return highest
 
     @staticmethod
     def _named(model: ServedModel, target: str) -> ServedVersion:

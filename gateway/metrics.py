@@ -7,17 +7,12 @@ import threading
 from dataclasses import dataclass
 from typing import Final
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from gateway.loop_metrics import Buckets, Count, Level, LoopMetrics
 from model_store.spec import ModelId
 
 NAMESPACE: Final = "modelgate"
@@ -34,6 +29,8 @@ BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 # Tenants come from the tenants file, but a label must stay bounded whatever happens to it.
 MAX_TENANTS: Final = 256
 OTHER_TENANT: Final = "_other"
+# Bound on the cache of per-answer children (models x tenants x codes seen).
+_MAX_ANSWERED: Final = 65536
 NO_TENANT: Final = "_anonymous"
 
 
@@ -41,14 +38,14 @@ NO_TENANT: Final = "_anonymous"
 class ModelMetrics:
     """One model version's metric children, bound once so a request does no label lookups."""
 
-    inference_count: Counter
-    exec_count: Counter
-    queue_duration: Histogram
-    compute_duration: Histogram
-    batch_size: Histogram
-    request_duration: Histogram
-    queue_depth: Gauge
-    in_flight: Gauge
+    inference_count: Count
+    exec_count: Count
+    queue_duration: Buckets
+    compute_duration: Buckets
+    batch_size: Buckets
+    request_duration: Buckets
+    queue_depth: Level
+    in_flight: Level
 
 
 class Metrics:
@@ -63,47 +60,47 @@ class Metrics:
             GCCollector(registry=self.registry)
         r, ns = self.registry, NAMESPACE
         version = ("model", "version")
-        self.requests = Counter(
-            "inference_requests", "Inference RPCs answered, by model version and gRPC status "
-            "code (Triton: nv_inference_request_success / _failure)",
-            ("model", "version", "code"), namespace=ns, registry=r,
+        # The request path's families: updated on the event loop only, without locks.
+        loop = LoopMetrics(r)
+        self.requests = loop.counter(
+            f"{ns}_inference_requests", "Inference RPCs answered, by model version and gRPC "
+            "status code (Triton: nv_inference_request_success / _failure)",
+            ("model", "version", "code"),
         )
-        self.inference_count = Counter(
-            "inference_count", "Rows (batch-dimension elements) inferred "
-            "(Triton: nv_inference_count)", version, namespace=ns, registry=r,
+        self.inference_count = loop.counter(
+            f"{ns}_inference_count", "Rows (batch-dimension elements) inferred "
+            "(Triton: nv_inference_count)", version,
         )
-        self.exec_count = Counter(
-            "inference_exec_count", "Model executions, one per batch run "
-            "(Triton: nv_inference_exec_count)", version, namespace=ns, registry=r,
+        self.exec_count = loop.counter(
+            f"{ns}_inference_exec_count", "Model executions, one per batch run "
+            "(Triton: nv_inference_exec_count)", version,
         )
-        self.request_duration = Histogram(
-            "inference_request_duration_seconds", "Inference RPC time from arrival to answer",
-            version, namespace=ns, registry=r, buckets=DURATION_BUCKETS,
+        self.request_duration = loop.histogram(
+            f"{ns}_inference_request_duration_seconds",
+            "Inference RPC time from arrival to answer", version, DURATION_BUCKETS,
         )
-        self.queue_duration = Histogram(
-            "inference_queue_duration_seconds", "Time a request waited in the batcher queue",
-            version, namespace=ns, registry=r, buckets=DURATION_BUCKETS,
+        self.queue_duration = loop.histogram(
+            f"{ns}_inference_queue_duration_seconds",
+            "Time a request waited in the batcher queue", version, DURATION_BUCKETS,
         )
-        self.compute_duration = Histogram(
-            "inference_compute_duration_seconds", "Runtime time of the execution that "
-            "served a request (observed once per request)", version, namespace=ns,
-            registry=r, buckets=DURATION_BUCKETS,
+        self.compute_duration = loop.histogram(
+            f"{ns}_inference_compute_duration_seconds", "Runtime time of the execution that "
+            "served a request (observed once per request)", version, DURATION_BUCKETS,
         )
-        self.batch_size = Histogram(
-            "inference_batch_size", "Rows per model execution", version, namespace=ns,
-            registry=r, buckets=BATCH_BUCKETS,
+        self.batch_size = loop.histogram(
+            f"{ns}_inference_batch_size", "Rows per model execution", version, BATCH_BUCKETS,
         )
-        self.queue_depth = Gauge(
-            "inference_queue_depth", "Requests waiting in the batcher queue "
-            "(Triton: nv_inference_pending_request_count)", version, namespace=ns, registry=r,
+        self.queue_depth = loop.gauge(
+            f"{ns}_inference_queue_depth", "Requests waiting in the batcher queue "
+            "(Triton: nv_inference_pending_request_count)", version,
         )
-        self.in_flight = Gauge(
-            "inference_in_flight", "Requests inside the runtime (queued or executing)",
-            version, namespace=ns, registry=r,
+        self.in_flight = loop.gauge(
+            f"{ns}_inference_in_flight", "Requests inside the runtime (queued or executing)",
+            version,
         )
-        self.tenant_requests = Counter(
-            "tenant_requests", "Inference RPCs by tenant and gRPC status code",
-            ("tenant", "code"), namespace=ns, registry=r,
+        self.tenant_requests = loop.counter(
+            f"{ns}_tenant_requests", "Inference RPCs by tenant and gRPC status code",
+            ("tenant", "code"),
         )
         self.quota_rejections = Counter(
             "tenant_quota_rejections", "Requests rejected by the tenant's quota",
@@ -118,6 +115,8 @@ class Metrics:
             ("reason",), namespace=ns, registry=r,
         )
         self._models: dict[ModelId, ModelMetrics] = {}
+        # (model, tenant, code) -> the children one answered RPC counts into.
+        self._answered: dict[tuple[ModelId | None, str | None, str], tuple[Count, Count]] = {}
         self._tenants: set[str] = set()
         self._lock = threading.Lock()
 
@@ -157,13 +156,18 @@ class Metrics:
     ) -> None:
         """Count one answered inference RPC; ``model`` None when it never resolved (an
         unknown name must not become a label value)."""
-        if model is None:
-            self.requests.labels("", "", code).inc()
-        else:
-            self.requests.labels(model.name, str(model.version), code).inc()
-            if duration_s is not None:
-                self.model(model).request_duration.observe(duration_s)
-        self.tenant_requests.labels(self.tenant_label(tenant), code).inc()
+        key = (model, tenant, code)
+        children = self._answered.get(key)
+        if children is None:
+            labels = ("", "") if model is None else (model.name, str(model.version))
+            children = (self.requests.labels(*labels, code),
+                        self.tenant_requests.labels(self.tenant_label(tenant), code))
+            if len(self._answered) < _MAX_ANSWERED:
+                self._answered[key] = children
+        children[0].inc()
+        children[1].inc()
+        if model is not None and duration_s is not None:
+            self.model(model).request_duration.observe(duration_s)
 
     def count_quota_rejection(self, tenant: str | None) -> None:
         self.quota_rejections.labels(self.tenant_label(tenant)).inc()

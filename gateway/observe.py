@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -75,14 +74,14 @@ def rejected(reason: str) -> None:
         record.rejected_by = reason
 
 
-@contextlib.contextmanager
-def stage(name: str) -> Iterator[None]:
+_UNTRACED: Final = contextlib.nullcontext()
+
+
+def stage(name: str) -> contextlib.AbstractContextManager[object]:
     """A child span of the RPC span around one step (auth, quota, ...). Costs a context
     variable read when tracing is off."""
     record = _CURRENT.get()
     span = record.span if record is not None else None
     if record is None or record.tracer is None or span is None or not span.is_recording():
-        yield  # tracing off, or this RPC was sampled out
-        return
-    with record.tracer.start_as_current_span(name, record_exception=True):
-        yield
+        return _UNTRACED  # tracing off, or this RPC was sampled out
+    return record.tracer.start_as_current_span(name, record_exception=True)

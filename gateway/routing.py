@@ -120,16 +120,33 @@ class Router:
         return table.shadow is not None and self._rng.random() < table.shadow_fraction
 
 
+TRACE_HEADERS: Final = frozenset({"traceparent", "tracestate"})
+_WANTED: Final = frozenset({LABEL_KEY, ROUTING_KEY, *TRACE_HEADERS})
+
+
 def routing_metadata(metadata: Iterable[Any] | None) -> tuple[str | None, str | None]:
     """The request's (x-model-label, x-routing-key) metadata entries, if sent."""
+    label, key, _ = request_metadata(metadata)
+    return label, key
+
+
+def request_metadata(
+    metadata: Iterable[Any] | None,
+) -> tuple[str | None, str | None, dict[str, str]]:
+    """In one pass: x-model-label, x-routing-key and the W3C trace headers (passed on to
+    upstreams as they came)."""
     label: str | None = None
     key: str | None = None
+    trace: dict[str, str] = {}
     for name, value in metadata or ():
-        if name not in (LABEL_KEY, ROUTING_KEY):
+        if name not in _WANTED:
+            continue
+        if name in TRACE_HEADERS:
+            trace[name] = value if isinstance(value, str) else value.decode("latin-1")
             continue
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         if name == LABEL_KEY:
             label = text.strip()
         else:
             key = text
-    return label, key
+    return label, key, trace

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from gateway.codec import InferCodec
 from gateway.routing import RoutingTable
 from model_store.spec import ModelId, ModelSpec
 from runtimes.base import Runtime
@@ -38,6 +39,7 @@ class ServedVersion:
     inflight: int = 0
     idle: asyncio.Event | None = None
     drain: asyncio.Task[None] | None = None
+    codec: InferCodec | None = None  # set by the servicer on the first request
 
 
 @dataclass(slots=True, eq=False)

@@ -12,19 +12,21 @@ from typing import Final
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from gateway.access_log import AccessLog
-from gateway.auth import Authenticator, AuthInterceptor
+from gateway.auth import Authenticator
 from gateway.backends import RuntimeFactory
+from gateway.edge import Edge
 from gateway.http_endpoints import HttpEndpoints, manager_readiness
-from gateway.interceptors import ObservingInterceptor
-from gateway.limits import InflightLimit, InflightLimitInterceptor
+from gateway.limits import InflightLimit
 from gateway.manager import ModelManager, VersionState
 from gateway.metrics import Metrics
 from gateway.model_control import ModelControl
 from gateway.quota_redis import build_quota_store
 from gateway.reloader import Reloader
+from gateway.rpc_observer import RpcObserver
 from gateway.servicer import InferenceServicer
 from gateway.settings import Settings, check_exposure, upstream_configs
 from gateway.tenants import TenantRegistry
@@ -73,6 +75,7 @@ class Gateway:
                 device=settings.device,
                 intra_op_threads=settings.intra_op_threads,
                 inter_op_threads=settings.inter_op_threads,
+                inline_below_us=settings.inline_compute_us,
             ),
             self.metrics,
             self.tracing,
@@ -91,13 +94,13 @@ class Gateway:
         )
         self.inflight = InflightLimit(settings.max_inflight_requests)
         limit = settings.max_message_bytes
+        # Every handler passes the edge: observed, capped and authenticated in one place
+        # (gateway/auth.py lists the anonymous methods).
+        self.edge = Edge(
+            RpcObserver(self.metrics, self.tracing, self.access_log), self.inflight,
+            self.authenticator,
+        )
         self.server = grpc.aio.server(
-            # The observer goes first: it must see what every later interceptor answers.
-            # Auth is the one gate for every RPC (gateway/auth.py lists the anonymous ones).
-            # The in-flight cap sheds before auth: an overload costs no key hashing.
-            interceptors=[ObservingInterceptor(self.metrics, self.tracing, self.access_log),
-                          InflightLimitInterceptor(self.inflight),
-                          AuthInterceptor(self.authenticator)],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -129,14 +132,17 @@ class Gateway:
                 self.manager, ModelControl(self.manager, self.settings.enable_model_control),
                 self.quota,
             ),
-            self.server,
+            self.edge,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
-            self.server,
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.edge)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer(
+                (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME),
+            ),
+            self.edge,
         )
+        self.edge.install(self.server)
         target = address(self.settings.host, self.settings.grpc_port)
         try:
             if self.settings.tls_cert is not None and self.settings.tls_key is not None:

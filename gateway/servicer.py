@@ -13,12 +13,12 @@ import grpc
 
 from gateway import observe
 from gateway.auth import current_tenant, visible_version
-from gateway.conversion import decode_request, encode_response
+from gateway.codec import InferCodec
 from gateway.errors import ModelNotReadyError
 from gateway.manager import ModelManager, ServedModel, VersionState
 from gateway.model_control import ModelControl
 from gateway.quota import LocalQuotaStore, QuotaStore
-from gateway.routing import requested_target, routing_metadata
+from gateway.routing import request_metadata, requested_target
 from gateway.sanitize import strip_paths
 from gateway.statistics import Duration, StatisticsSnapshot, statistics_of
 from gateway.status import status_of
@@ -206,8 +206,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> Any:
         try:
-            metadata = context.invocation_metadata()
-            label, key = routing_metadata(metadata)
+            label, key, trace_headers = request_metadata(context.invocation_metadata())
             tenant = current_tenant()
             # A label sent as x-model-label is checked against the tenant like model_version.
             target = requested_target(request.model_version, label)
@@ -216,23 +215,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             with self._manager.acquire(request.model_name, version, key=key) as lease:
                 served = lease.version
                 observe.set_model(served.id)  # labels metrics, spans and the access log
-                infer = decode_request(request, served.spec)
+                codec = served.codec
+                if codec is None:
+                    codec = served.codec = InferCodec(served.spec, served.id.version)
+                infer = codec.decode(request)
                 if not infer.priority:  # 0 = the request set none: the tenant's level
                     batching = served.spec.dynamic_batching
-                    infer.priority = tenant.priority_for(
-                        batching.priority_levels if batching else 0
-                    )
+                    if batching is not None and batching.priority_levels:
+                        infer.priority = tenant.priority_for(batching.priority_levels)
                 remaining = context.time_remaining()
                 if remaining is not None:
                     infer.deadline = time.monotonic() + remaining
-                trace_headers = _trace_headers(metadata)
                 if trace_headers:  # for remote runtimes (Triton) to send upstream
                     infer.tags[TRACE_HEADERS_TAG] = trace_headers
-                # Charged before queueing; refunded if rejected before it ran.
-                async with self._quota.admit(tenant.scopes(request.model_name), infer.rows):
+                scopes = tenant.scopes(request.model_name)
+                if scopes:
+                    # Charged before queueing; refunded if rejected before it ran.
+                    async with self._quota.admit(scopes, infer.rows):
+                        outputs = await lease.runtime.infer(infer)
+                else:
                     outputs = await lease.runtime.infer(infer)
                 self._manager.mirror(lease, infer, outputs)
-                return encode_response(request, served.spec, served.id.version, outputs)
+                return codec.encode(request, outputs)
         except Exception as exc:
             await abort_with(context, exc)
 
@@ -297,15 +301,6 @@ def _index_entries(model: ServedModel) -> list[pb.RepositoryIndexResponse.ModelI
               reason=strip_paths(v.reason))
         for n, v in sorted(model.versions.items())
     ]
-
-
-def _trace_headers(metadata: Any) -> dict[str, str]:
-    """The caller's W3C trace headers, passed on to upstreams as they came."""
-    return {
-        key: value if isinstance(value, str) else value.decode("latin-1")
-        for key, value in metadata or ()
-        if key in ("traceparent", "tracestate")
-    }
 
 
 def _ascii(text: str) -> str:

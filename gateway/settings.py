@@ -53,6 +53,11 @@ class Settings:
     inter_op_threads: int = field(
         default=1, metadata={"help": "onnxruntime inter-op threads per session"}
     )
+    inline_compute_us: int = field(
+        default=200, metadata={"help": "ONNX Runtime runs that take less than this many "
+                               "microseconds (a moving average) run on the event loop "
+                               "instead of a worker thread (0: always a worker thread)"}
+    )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG|INFO|WARNING|ERROR"})
     workers: str = field(
         default="1", metadata={"help": "serving processes sharing the port (auto = CPU count)"}
@@ -138,6 +143,7 @@ _CHECKS: Final[Mapping[str, Callable[[Any], str | None]]] = {
     "device": lambda d: None if d in ("auto", "cpu", "cuda") else "must be auto, cpu or cuda",
     "intra_op_threads": lambda n: None if 0 <= n <= 256 else "must lie in 0..256",
     "inter_op_threads": lambda n: None if 0 <= n <= 256 else "must lie in 0..256",
+    "inline_compute_us": lambda n: None if 0 <= n <= 100_000 else "must lie in 0..100000",
     "log_level": lambda v: None if v in _LEVELS else f"must be one of {', '.join(_LEVELS)}",
     "workers": lambda w: None if w == "auto" or (w.isdigit() and 1 <= int(w) <= 256) else
     "must be auto or a number 1..256",

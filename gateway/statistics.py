@@ -86,13 +86,17 @@ class ModelStatistics:
         with self._lock:
             (self._success if ok else self._fail).add(duration_ns)
 
-    def record_queued(self, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        """One request of a successful execution: its queue wait and its batch's compute."""
+    def record_queued(
+        self, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int, count: int = 1
+    ) -> None:
+        """``count`` requests of one successful execution: their total queue wait, and the
+        batch's compute, which each of them counts once (as Triton does)."""
         with self._lock:
-            self._queue.add(queue_ns)
-            self._compute_input.add(input_ns)
-            self._compute_infer.add(infer_ns)
-            self._compute_output.add(output_ns)
+            self._queue.count += count
+            self._queue.ns += max(0, queue_ns)
+            self._compute_input.add(input_ns, count)
+            self._compute_infer.add(infer_ns, count)
+            self._compute_output.add(output_ns, count)
 
     def record_execution(self, rows: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One successful execution (batch) of ``rows`` rows."""

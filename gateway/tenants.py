@@ -45,6 +45,7 @@ _TENANT_FIELDS: Final = {
     "description",
 }
 _KEY_FIELDS: Final = {"id", "hash", "created", "expires", "revoked"}
+_MEMO_SIZE: Final = 4096
 
 
 class TenantsFileError(SettingsError):
@@ -110,6 +111,11 @@ class Tenant:
     model_limits: tuple[tuple[str, Limits], ...] = ()
     client_subject: str | None = None
     keys: tuple[ApiKey, ...] = ()
+    # Per model name: its grants and scopes, worked out once (the patterns are fnmatch
+    # globs); bounded, since the names come from requests.
+    _memo: dict[tuple[str, str], Any] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def key_matches(self, key_hash: str, now: float) -> bool:
         """Whether ``key_hash`` is one of this tenant's valid keys; every stored hash is
@@ -120,6 +126,15 @@ class Tenant:
                 found = True
         return found
 
+    @property
+    def unrestricted(self) -> bool:
+        """Whether every model and version is this tenant's (a bare ``*`` grant)."""
+        memo = self._memo.get(("unrestricted", ""))
+        if memo is None:
+            memo = any(g.pattern == "*" and g.version is None for g in self.models)
+            self._remember(("unrestricted", ""), memo)
+        return bool(memo)
+
     def priority_for(self, levels: int) -> int:
         """The tenant's priority on a model with ``levels`` priority levels (1 highest):
         clamped to the lowest level, so a tenant's setting never makes a request invalid."""
@@ -127,8 +142,16 @@ class Tenant:
             return 0
         return min(self.priority, levels)
 
-    def _grants(self, name: str) -> list[ModelGrant]:
-        return [g for g in self.models if g.matches(name)]
+    def _grants(self, name: str) -> tuple[ModelGrant, ...]:
+        memo = self._memo.get(("grants", name))
+        if memo is None:
+            memo = tuple(g for g in self.models if g.matches(name))
+            self._remember(("grants", name), memo)
+        return memo
+
+    def _remember(self, key: tuple[str, str], value: Any) -> None:
+        if len(self._memo) < _MEMO_SIZE:
+            self._memo[key] = value
 
     def can_see(self, name: str) -> bool:
         return bool(self._grants(name))
@@ -167,6 +190,13 @@ class Tenant:
 
     def scopes(self, model: str) -> tuple[Scope, ...]:
         """What a request to ``model`` is charged against: the tenant, then the model."""
+        memo = self._memo.get(("scopes", model))
+        if memo is None:
+            memo = self._scopes(model)
+            self._remember(("scopes", model), memo)
+        return memo
+
+    def _scopes(self, model: str) -> tuple[Scope, ...]:
         out: list[Scope] = []
         if not self.limits.is_unlimited():
             out.append(Scope(f"t:{self.id}", self.limits))

@@ -1,12 +1,12 @@
-"""The RPC-level observer: a grpc.aio server interceptor that opens each RPC's record and
-server span, and when the RPC ends counts it, ends the span and writes the access log line."""
+"""The RPC-level observer: opens each inference RPC's record and server span, and when the
+RPC ends counts it, ends the span and writes the access log line (the edge calls it)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeAlias, cast
+from typing import Any, Final, TypeAlias
 
 import grpc
 from opentelemetry import context as otel_context
@@ -27,10 +27,6 @@ from gateway.tracing import (
     Tracing,
     trace_id_hex,
 )
-from modelgate_pb import grpc_service_pb2 as pb
-
-INFERENCE_SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-INFER_METHOD: Final = f"/{INFERENCE_SERVICE}/ModelInfer"
 
 # The semantic conventions' server-side error codes; the others are the client's doing.
 _SERVER_ERRORS: Final = frozenset({
@@ -40,8 +36,6 @@ _SERVER_ERRORS: Final = frozenset({
 })
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-Behavior = Callable[[Any, Context], Awaitable[Any]]
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class _TrailerContext:
@@ -69,7 +63,9 @@ class _TrailerContext:
         return getattr(self._context, name)
 
 
-def _split_method(method: str) -> tuple[str, str]:
+@functools.cache
+def _split(method: str) -> tuple[str, str]:
+    # Only registered method names get here, so the cache stays as small as the API.
     service, _, name = method.lstrip("/").rpartition("/")
     return service, name
 
@@ -94,10 +90,11 @@ def _status_code(context: Context, error: BaseException | None) -> grpc.StatusCo
     return grpc.StatusCode.UNKNOWN
 
 
-class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class RpcObserver:
     """Observes every unary RPC of the inference service (health and reflection are left
-    alone: probes would drown the data). Install it first, so it sees what later
-    interceptors (auth) answer."""
+    alone: probes would drown the data). The edge opens a record before any other check
+    runs, so the observer sees what the in-flight cap and auth answer, and finishes it when
+    the RPC ends."""
 
     def __init__(
         self, metrics: Metrics, tracing: Tracing | None, access_log: AccessLog | None
@@ -105,80 +102,38 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self._metrics = metrics
         self._tracing = tracing
         self._access_log = access_log
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        method: str = handler_call_details.method
-        service, name = _split_method(method)
-        if service != INFERENCE_SERVICE:
-            return await continuation(handler_call_details)
+    def open(self, method: str, context: Context) -> tuple[observe.RequestRecord, Context]:
+        """Start the record (and span) of one RPC; returns it with the context the inner
+        handler should see (one that adds the trace id to the trailers it sets)."""
+        service, name = _split(method)
         record = observe.RequestRecord(method=name, start=time.perf_counter())
         observe.begin(record)
-        token: object | None = None
-        if self._tracing is not None:
-            # Opened before the inner interceptors run, so their spans (auth) are children.
-            parent = self._tracing.extract(handler_call_details.invocation_metadata)
-            span = self._tracing.tracer.start_span(
-                method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
-                attributes={
-                    "rpc.system": "grpc", "rpc.service": service, "rpc.method": name,
-                },
-            )
-            record.tracer = self._tracing.tracer
-            record.span = span
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
-        record.otel_token = token
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            self._finish(record, grpc.StatusCode.UNIMPLEMENTED, None, None)
-            return handler
-        if handler.unary_unary is None:
-            # Streaming RPCs (ModelStreamInfer) are not observed yet: close what we opened.
-            if record.span is not None:
-                record.span.end()
-                _detach(record)
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        # grpc.aio behaviors are coroutines; the stubs only know the sync signature.
-        inner = cast(Behavior, handler.unary_unary)
-        wrapped: Handler = grpc.unary_unary_rpc_method_handler(
-            self._observed(inner),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        if self._tracing is None:
+            return record, context
+        # Opened before the inner checks run, so their spans (auth) are children.
+        parent = self._tracing.extract(tuple(context.invocation_metadata() or ()))
+        span = self._tracing.tracer.start_span(
+            method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
         )
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        record.tracer = self._tracing.tracer
+        record.span = span
+        record.otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
+        served: Any = _TrailerContext(context, ((TRACE_ID_KEY, trace_id_hex(span)),))
+        return record, served
 
-    def _observed(self, behavior: Behavior) -> Behavior:
-        async def observed(request: Any, context: Context) -> Any:
-            record = observe.current()
-            if record is None:  # not opened by intercept_service (cannot happen)
-                return await behavior(request, context)
-            served: Any = context
-            if record.span is not None:
-                served = _TrailerContext(context, ((TRACE_ID_KEY, trace_id_hex(record.span)),))
-            error: BaseException | None = None
-            try:
-                return await behavior(request, served)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._finish(record, _status_code(context, error), request, context)
-
-        return observed
+    def close(
+        self, record: observe.RequestRecord, context: Context, request: Any,
+        error: BaseException | None,
+    ) -> None:
+        """Count, end the span and log one finished RPC."""
+        self._finish(record, _status_code(context, error), request, context)
 
     def _finish(
         self, record: observe.RequestRecord, code: grpc.StatusCode, request: Any,
         context: Context | None,
     ) -> None:
-        peer = context.peer() if context is not None else ""
         elapsed = time.perf_counter() - record.start
         code_name = code.name
         if record.tenant is None:
@@ -190,6 +145,10 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             ):
                 self._metrics.count_quota_rejection(record.tenant)
         span = record.span
+        if span is None and self._access_log is None:
+            return
+        # The peer is only worth its lookup when a span or a log line will carry it.
+        peer = context.peer() if context is not None else ""
         if span is not None:
             self._end_span(record, span, code, peer)
         if self._access_log is not None:

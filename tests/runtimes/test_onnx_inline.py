@@ -1,0 +1,110 @@
+"""Where ONNX Runtime runs: short runs on the event loop's own thread (no hand-off), long
+ones and every run with inlining off on the worker thread; the answers are the same."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from model_store.repository import ModelRepository
+from model_store.spec import ModelId
+from runtimes.base import InferRequest
+from runtimes.onnx_runtime import OnnxOptions, OnnxRuntime
+from tests.support import models
+
+SIDE = 768  # a MatMul chain on [N, SIDE]: milliseconds a row, far above any inline bound
+
+
+def matmul_chain(depth: int = 8) -> onnx.ModelProto:
+    weight = numpy_helper.from_array(
+        np.random.default_rng(0).normal(size=(SIDE, SIDE)).astype(np.float32) / SIDE, "w"
+    )
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", "w"], [f"h{i + 1}"])
+             for i in range(depth)]
+    nodes.append(helper.make_node("Identity", [f"h{depth}"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SIDE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SIDE])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("inline_store")
+    models.write_model(root, "tiny", 1, models.add_constant(1.0), models.add_model_config("tiny"))
+    models.write_model(root, "slow", 1, matmul_chain(), models.config_pbtxt(
+        "slow", [("x", "FP32", [SIDE])], [("y", "FP32", [SIDE])], max_batch_size=64))
+    return root
+
+
+@pytest.fixture
+def threads_used(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The name of the thread each ONNX Runtime run happened on."""
+    used: list[str] = []
+    import runtimes.onnx_runtime as module
+
+    original = module._timed_run
+
+    def spy(*args: Any) -> Any:
+        used.append(threading.current_thread().name)
+        return original(*args)
+
+    monkeypatch.setattr(module, "_timed_run", spy)
+    yield used
+
+
+async def run(store: Path, name: str, options: OnnxOptions, rows: int, times: int) -> list[Any]:
+    entry = ModelRepository(store).scan()[name]
+    assert entry.spec is not None
+    runtime = OnnxRuntime(ModelId(name, 1), entry.spec, entry.version_files[1], options)
+    await runtime.load()
+    width = entry.spec.inputs[0].dims[0]
+    x = np.arange(rows * width, dtype=np.float32).reshape(rows, width) / (rows * width)
+    try:
+        return [await runtime.infer(InferRequest({"x": x}, rows=rows)) for _ in range(times)]
+    finally:
+        await runtime.unload()
+
+
+def test_short_runs_stay_on_the_loop_thread(store: Path, threads_used: list[str]) -> None:
+    outputs = asyncio.run(run(store, "tiny", OnnxOptions(device="cpu", inline_below_us=50_000),
+                              rows=2, times=5))
+    loop_thread = threading.current_thread().name
+    # The first run is measured on the worker; once known to be short, the loop runs them.
+    assert threads_used[0] != loop_thread
+    assert threads_used[1:] == [loop_thread] * 4
+    for answer in outputs:
+        np.testing.assert_allclose(answer["y"], outputs[0]["y"])
+
+
+def test_long_runs_and_inlining_off_use_the_worker(store: Path, threads_used: list[str]) -> None:
+    loop_thread = threading.current_thread().name
+    asyncio.run(run(store, "slow", OnnxOptions(device="cpu", inline_below_us=100), rows=8,
+                    times=3))
+    asyncio.run(run(store, "tiny", OnnxOptions(device="cpu", inline_below_us=0), rows=2,
+                    times=3))
+    assert len(threads_used) == 6
+    assert loop_thread not in threads_used
+
+
+def test_inline_and_worker_runs_answer_alike(store: Path) -> None:
+    inline = asyncio.run(run(store, "tiny", OnnxOptions(device="cpu", inline_below_us=50_000),
+                             rows=3, times=2))
+    worker = asyncio.run(run(store, "tiny", OnnxOptions(device="cpu"), rows=3, times=2))
+    for a, b in zip(inline, worker, strict=True):
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
