@@ -167,7 +167,10 @@ class TokenBucket:
 
 
 @dataclass(slots=True)
-class _ScopeState:
+class ScopeState:
+    """One scope's counters and the rules that check, charge and refund them; the shared
+    store loads the same state from its table, so both stores apply one set of rules."""
+
     limits: Limits
     requests: TokenBucket | None = None
     rows: TokenBucket | None = None
@@ -175,11 +178,62 @@ class _ScopeState:
     day: int = -1
     day_count: int = 0
 
+    def reset_buckets(self, now: float) -> None:
+        """Fresh, full buckets for the current limits (new scope, or changed limits)."""
+        limits = self.limits
+        self.requests = self.rows = None
+        if limits.requests_per_s is not None:
+            cap = limits.request_capacity()
+            self.requests = TokenBucket(limits.requests_per_s, cap, cap, now)
+        if limits.rows_per_s is not None:
+            cap = limits.rows_capacity()
+            self.rows = TokenBucket(limits.rows_per_s, cap, cap, now)
+
+    def check(self, scope: Scope, rows: int, now: float, wall: float) -> None:
+        """Raise QuotaExceededError for the first limit one more request would break."""
+        limits = self.limits
+        day = int(wall // DAY_S)
+        if limits.concurrent is not None and self.in_flight >= limits.concurrent:
+            raise exceeded("concurrent", scope, CONCURRENCY_RETRY_MS / 1000)
+        if limits.requests_per_day is not None:
+            if self.day != day:
+                self.day, self.day_count = day, 0
+            if self.day_count >= limits.requests_per_day:
+                raise exceeded("requests_per_day", scope, seconds_to_next_day(wall))
+        if self.requests is not None:
+            self.requests.refill(now)
+            if self.requests.tokens < 1:
+                raise exceeded("requests_per_s", scope, self.requests.wait_for(1))
+        if self.rows is not None:
+            self.rows.refill(now)
+            if self.rows.tokens < rows:
+                raise exceeded("rows_per_s", scope, self.rows.wait_for(rows))
+
+    def take(self, rows: int) -> None:
+        """Charge one request of ``rows`` rows (after check passed for every scope)."""
+        if self.requests is not None:
+            self.requests.tokens -= 1
+        if self.rows is not None:
+            self.rows.tokens -= rows
+        if self.limits.concurrent is not None:
+            self.in_flight += 1
+        if self.limits.requests_per_day is not None:
+            self.day_count += 1
+
+    def give_back(self, rows: int, day: int) -> None:
+        """Return a request's rate tokens, and its daily count while the day is the same."""
+        if self.requests is not None:
+            self.requests.tokens = min(self.requests.capacity, self.requests.tokens + 1)
+        if self.rows is not None:
+            self.rows.tokens = min(self.rows.capacity, self.rows.tokens + rows)
+        if self.limits.requests_per_day is not None and self.day == day:
+            self.day_count = max(0, self.day_count - 1)
+
 
 @dataclass(slots=True)
 class _LocalAdmission(Admission):
     store: LocalQuotaStore
-    charges: list[tuple[_ScopeState, int, int]] = field(default_factory=list)
+    charges: list[tuple[ScopeState, int, int]] = field(default_factory=list)
     refunded: bool = False
     released: bool = False
 
@@ -203,30 +257,19 @@ class LocalQuotaStore(QuotaStore):
     def __init__(self, clock: Clock = time.monotonic, wall: Clock = time.time) -> None:
         self.clock = clock
         self.wall = wall
-        self._scopes: dict[str, _ScopeState] = {}
+        self._scopes: dict[str, ScopeState] = {}
 
-    def _state(self, scope: Scope, now: float) -> _ScopeState:
+    def _state(self, scope: Scope, now: float) -> ScopeState:
         state = self._scopes.get(scope.key)
         if state is None:
-            state = self._scopes[scope.key] = _ScopeState(limits=scope.limits)
-            self._reset_buckets(state, now)
+            state = self._scopes[scope.key] = ScopeState(limits=scope.limits)
+            state.reset_buckets(now)
         elif state.limits != scope.limits:
             # The tenants file changed the limits: same counters (admissions hold this
             # object), fresh buckets.
             state.limits = scope.limits
-            self._reset_buckets(state, now)
+            state.reset_buckets(now)
         return state
-
-    @staticmethod
-    def _reset_buckets(state: _ScopeState, now: float) -> None:
-        limits = state.limits
-        state.requests = state.rows = None
-        if limits.requests_per_s is not None:
-            cap = limits.request_capacity()
-            state.requests = TokenBucket(limits.requests_per_s, cap, cap, now)
-        if limits.rows_per_s is not None:
-            cap = limits.rows_capacity()
-            state.rows = TokenBucket(limits.rows_per_s, cap, cap, now)
 
     async def charge(self, scopes: Sequence[Scope], rows: int) -> Admission:
         return self.charge_now(scopes, rows)
@@ -238,50 +281,16 @@ class LocalQuotaStore(QuotaStore):
         day = int(wall // DAY_S)
         states = [(scope, self._state(scope, now)) for scope in scopes]
         for scope, state in states:
-            self._check(scope, state, rows, now, wall)
+            state.check(scope, rows, now, wall)
         admission = _LocalAdmission(self)
         for _, state in states:
-            if state.requests is not None:
-                state.requests.tokens -= 1
-            if state.rows is not None:
-                state.rows.tokens -= rows
-            if state.limits.concurrent is not None:
-                state.in_flight += 1
-            if state.limits.requests_per_day is not None:
-                state.day_count += 1
+            state.take(rows)
             admission.charges.append((state, rows, day))
         return admission
 
-    @staticmethod
-    def _check(
-        scope: Scope, state: _ScopeState, rows: int, now: float, wall: float
-    ) -> None:
-        limits = state.limits
-        day = int(wall // DAY_S)
-        if limits.concurrent is not None and state.in_flight >= limits.concurrent:
-            raise exceeded("concurrent", scope, CONCURRENCY_RETRY_MS / 1000)
-        if limits.requests_per_day is not None:
-            if state.day != day:
-                state.day, state.day_count = day, 0
-            if state.day_count >= limits.requests_per_day:
-                raise exceeded("requests_per_day", scope, seconds_to_next_day(wall))
-        if state.requests is not None:
-            state.requests.refill(now)
-            if state.requests.tokens < 1:
-                raise exceeded("requests_per_s", scope, state.requests.wait_for(1))
-        if state.rows is not None:
-            state.rows.refill(now)
-            if state.rows.tokens < rows:
-                raise exceeded("rows_per_s", scope, state.rows.wait_for(rows))
-
-    def give_back(self, charges: Sequence[tuple[_ScopeState, int, int]]) -> None:
+    def give_back(self, charges: Sequence[tuple[ScopeState, int, int]]) -> None:
         for state, rows, day in charges:
-            if state.requests is not None:
-                state.requests.tokens = min(state.requests.capacity, state.requests.tokens + 1)
-            if state.rows is not None:
-                state.rows.tokens = min(state.rows.capacity, state.rows.tokens + rows)
-            if state.limits.requests_per_day is not None and state.day == day:
-                state.day_count = max(0, state.day_count - 1)
+            state.give_back(rows, day)
 
     def in_flight(self, key: str) -> int:
         """Requests of a scope now admitted and not yet released (for tests and metrics)."""

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import redis.asyncio as aioredis
@@ -30,6 +31,8 @@ from gateway.quota import (
     exceeded,
     seconds_to_next_day,
 )
+from gateway.quota_shared import SharedQuotaStore
+from gateway.quota_table import QuotaTableError
 
 log = logging.getLogger(__name__)
 
@@ -368,9 +371,21 @@ def _redacted(url: str) -> str:
 
 
 def build_quota_store(
-    redis_url: str, failure_mode: str, on_outage: Callable[[], None] | None = None
+    redis_url: str,
+    failure_mode: str,
+    on_outage: Callable[[], None] | None = None,
+    *,
+    table: Path | None = None,
+    worker_index: int | None = None,
 ) -> QuotaStore:
-    """The store the settings ask for: shared through Redis, or in this process."""
+    """The store the settings ask for: shared through Redis by every process; else shared
+    through the supervisor's table by its workers; else in this process alone."""
     if redis_url:
         return RedisQuotaStore(redis_url, failure_mode, on_outage=on_outage)
+    if table is not None and worker_index is not None:
+        try:
+            return SharedQuotaStore(table, worker_index)
+        except QuotaTableError as exc:
+            # Still limited, only not across workers: loud, but no reason to stop serving.
+            log.error("%s; this worker enforces the limits by itself", exc)
     return LocalQuotaStore()

@@ -90,7 +90,8 @@ class Gateway:
         self.tenants = TenantRegistry(settings.tenants) if settings.tenants else None
         self.authenticator = Authenticator(self.tenants)
         self.quota = build_quota_store(
-            settings.redis_url, settings.redis_failure_mode, self.metrics.count_redis_outage
+            settings.redis_url, settings.redis_failure_mode, self.metrics.count_redis_outage,
+            table=settings.quota_table, worker_index=worker_index,
         )
         self.inflight = InflightLimit(settings.max_inflight_requests)
         limit = settings.max_message_bytes

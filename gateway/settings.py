@@ -114,6 +114,9 @@ class Settings:
         default=10.0, metadata={"help": "seconds between re-reading the model lists of "
                                 "export=all Triton upstreams"}
     )
+    # Internal, set by the supervisor for its workers (no flag, variable or file key): the
+    # shared-memory quota table of gateway/quota_table.py.
+    quota_table: Path | None = field(default=None, metadata={"internal": True})
 
 
 _PORT = range(0, 65536)
@@ -173,8 +176,8 @@ def upstream_configs(settings: Settings) -> list[UpstreamConfig]:
 
 
 def fields() -> tuple[dataclasses.Field[Any], ...]:
-    """The settings' fields, for the CLI to build flags from."""
-    return dataclasses.fields(Settings)
+    """The settings users can set, for the CLI to build flags from (not the internal ones)."""
+    return tuple(f for f in dataclasses.fields(Settings) if not f.metadata.get("internal"))
 
 
 def _coerce(name: str, kind: Any, raw: Any, source: str) -> Any:

@@ -1,5 +1,6 @@
 """Multi-process serving: the supervisor starts N worker processes that share the gRPC port
-(SO_REUSEPORT), restarts a worker that dies, and drains them all on SIGTERM/SIGINT."""
+(SO_REUSEPORT) and one quota table, restarts a worker that dies, and drains them all on
+SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from gateway.metrics_fanin import MetricsFanIn
+from gateway.quota_table import QuotaTableError, QuotaTableFile, create_table
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
@@ -127,6 +129,29 @@ class Supervisor:
                       self._settings.metrics_port, exc)
             return 2
         log.info("metrics of all workers on %s:%d", self._settings.host, metrics_port)
+        table = self._create_quota_table()
+        try:
+            return self._supervise()
+        finally:
+            if table is not None:
+                table.remove()
+
+    def _create_quota_table(self) -> QuotaTableFile | None:
+        """The table the workers share their in-process quotas through; none with Redis
+        (which shares them already) or without tenants (nothing is limited)."""
+        if self._settings.redis_url or self._settings.tenants is None:
+            return None
+        try:
+            table = create_table(self._count)
+        except (OSError, QuotaTableError) as exc:
+            log.error("cannot create the shared quota table: %s; each worker enforces the "
+                      "limits by itself", exc)
+            return None
+        log.info("workers share quotas through %s", table.path)
+        self._settings = dataclasses.replace(self._settings, quota_table=table.path)
+        return table
+
+    def _supervise(self) -> int:
         for index in range(self._count):
             self._start(index)
         restart_at: dict[int, float] = {}

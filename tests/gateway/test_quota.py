@@ -1,5 +1,6 @@
-"""Quota stores without a server: the in-process store and the Redis store (a real
-redis-server) pass the same limit tests; then the Redis store's outage behaviour."""
+"""Quota stores without a server: the in-process store, the workers' shared-memory store and
+the Redis store (a real redis-server) pass the same limit tests; then the Redis store's outage
+behaviour."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import logging
 import shutil
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from gateway.errors import OverloadedError, QuotaExceededError, QuotaUnavailableError
 from gateway.quota import DAY_S, Admission, Limits, LocalQuotaStore, QuotaStore, Scope
 from gateway.quota_redis import FAIL_CLOSED, FAIL_OPEN, RedisQuotaStore
+from gateway.quota_shared import SharedQuotaStore
+from gateway.quota_table import create_table
 from tests.support.redis_server import RedisServer, fresh_redis
 
 pytestmark = pytest.mark.timeout(60)
@@ -43,20 +47,26 @@ def redis_server() -> Iterator[RedisServer]:
     yield from fresh_redis()
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", "shared", "redis"])
 async def store_and_wall(
-    request: pytest.FixtureRequest, redis_module: RedisServer
+    request: pytest.FixtureRequest, redis_module: RedisServer, tmp_path: Path
 ) -> AsyncIterator[tuple[QuotaStore, Wall]]:
     wall = Wall()
     store: QuotaStore
+    table = None
     if request.param == "local":
         store = LocalQuotaStore(wall=wall)
+    elif request.param == "shared":
+        table = create_table(2, folder=tmp_path)
+        store = SharedQuotaStore(table.path, 1, wall=wall)
     else:
         redis_module.flush()
         store = RedisQuotaStore(redis_module.url, FAIL_CLOSED, wall=wall)
     await store.start()
     yield store, wall
     await store.close()
+    if table is not None:
+        table.remove()
 
 
 def scope(**limits: float) -> tuple[Scope, ...]:
@@ -158,8 +168,8 @@ async def test_a_failed_run_keeps_its_charge(store_and_wall: tuple[QuotaStore, W
     await rejected(store, scopes)
 
 
-async def test_all_scopes_or_none_in_process() -> None:
-    store = LocalQuotaStore()
+async def test_all_scopes_or_none(store_and_wall: tuple[QuotaStore, Wall]) -> None:
+    store, _ = store_and_wall
     tenant = Scope("t:acme", Limits(requests_per_s=1, burst=2))
     model = Scope("m:acme:iris", Limits(requests_per_s=1, burst=1), "model=iris")
     await store.charge((tenant, model), 1)
