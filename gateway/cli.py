@@ -4,7 +4,6 @@ environment and config file, then runs the gateway."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -12,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway import tenant_admin
+from gateway import event_loop, tenant_admin
+from gateway.event_loop import EventLoopError
 from gateway.sanitize import escape_log_lines
 from gateway.server import BindError, serve
 from gateway.settings import (
@@ -80,11 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         count = worker_count(settings)
         if count > 1:
             return Supervisor(settings, count).run()
-        return asyncio.run(serve(settings))
+        return event_loop.run(serve(settings), settings.event_loop)
     except BindError as exc:
         print(f"modelgate: error: setting 'grpc_port': {exc}", file=sys.stderr)
         return 2
-    except SettingsError as exc:  # found at start-up, e.g. an invalid tenants file
+    except (SettingsError, EventLoopError) as exc:  # found at start-up, e.g. a bad tenants file
         print(f"modelgate: error: {exc}", file=sys.stderr)
         return 2
 

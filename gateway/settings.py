@@ -58,6 +58,10 @@ class Settings:
                                "microseconds (a moving average) run on the event loop "
                                "instead of a worker thread (0: always a worker thread)"}
     )
+    event_loop: str = field(
+        default="auto", metadata={"help": "asyncio event loop: auto (uvloop when installed), "
+                                  "uvloop or asyncio"}
+    )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG|INFO|WARNING|ERROR"})
     workers: str = field(
         default="1", metadata={"help": "serving processes sharing the port (auto = CPU count)"}
@@ -147,6 +151,8 @@ _CHECKS: Final[Mapping[str, Callable[[Any], str | None]]] = {
     "intra_op_threads": lambda n: None if 0 <= n <= 256 else "must lie in 0..256",
     "inter_op_threads": lambda n: None if 0 <= n <= 256 else "must lie in 0..256",
     "inline_compute_us": lambda n: None if 0 <= n <= 100_000 else "must lie in 0..100000",
+    "event_loop": lambda v: None if v in ("auto", "uvloop", "asyncio") else
+    "must be auto, uvloop or asyncio",
     "log_level": lambda v: None if v in _LEVELS else f"must be one of {', '.join(_LEVELS)}",
     "workers": lambda w: None if w == "auto" or (w.isdigit() and 1 <= int(w) <= 256) else
     "must be auto or a number 1..256",

@@ -4,7 +4,6 @@ SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import multiprocessing
@@ -39,6 +38,7 @@ WorkerMain = Callable[[Settings, int, Any, int], None]
 
 def _worker_main(settings: Settings, index: int, ports: Any, supervisor: int) -> None:
     """Body of one worker process: serve until told to stop."""
+    from gateway import event_loop
     from gateway.sanitize import escape_log_lines
     from gateway.server import serve
 
@@ -52,7 +52,9 @@ def _worker_main(settings: Settings, index: int, ports: Any, supervisor: int) ->
     def started(gateway: Gateway) -> None:
         ports.put((index, gateway.metrics_port))
 
-    raise SystemExit(asyncio.run(serve(settings, worker_index=index, started=started)))
+    raise SystemExit(
+        event_loop.run(serve(settings, worker_index=index, started=started), settings.event_loop)
+    )
 
 
 def _stop_when_orphaned(parent: int) -> None:

@@ -1,5 +1,6 @@
 """A no-op V2 inference server on the same grpc.aio stack as the gateway: ModelInfer answers
-fixed bytes and parses nothing, so it measures this machine's ceiling for a Python gRPC front.
+fixed bytes and parses nothing, so it measures this machine's ceiling for a Python gRPC front
+(on the same event loop as the gateway: uvloop when installed, as event_loop = auto).
 
     python -m loadtests.noop_server --port 9001 --answer-file response.bin [--workers 2]
 
@@ -25,6 +26,8 @@ from typing import Any
 
 import grpc
 
+from gateway import event_loop
+from gateway.event_loop import CHOICES
 from loadtests.requests import require_loopback
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -65,11 +68,13 @@ async def _serve(
     await server.stop(1)
 
 
-def _worker(port: int, answer: bytes, parent: int, started: Any) -> None:
-    asyncio.run(_serve(port, answer, True, parent, lambda: started.put(os.getpid())))
+def _worker(port: int, answer: bytes, parent: int, started: Any, loop: str) -> None:
+    event_loop.run(_serve(port, answer, True, parent, lambda: started.put(os.getpid())), loop)
 
 
-def _supervise(port: int, answer: bytes, workers: int, ready_file: Path | None) -> None:
+def _supervise(
+    port: int, answer: bytes, workers: int, ready_file: Path | None, loop: str = "auto"
+) -> None:
     """One process per worker on the shared port; stops them all on SIGTERM or SIGINT."""
 
     def ready() -> None:
@@ -77,14 +82,14 @@ def _supervise(port: int, answer: bytes, workers: int, ready_file: Path | None) 
             ready_file.write_text(f"{workers}\n")
 
     if workers == 1:
-        asyncio.run(_serve(port, answer, False, None, ready))
+        event_loop.run(_serve(port, answer, False, None, ready), loop)
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     context = multiprocessing.get_context("spawn")
     started = context.Queue()
-    procs = [context.Process(target=_worker, args=(port, answer, os.getpid(), started))
+    procs = [context.Process(target=_worker, args=(port, answer, os.getpid(), started, loop))
              for _ in range(workers)]
     try:
         for proc in procs:
@@ -158,10 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--answer-file", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     parser.add_argument("--ready-file", type=Path, help="written once every worker serves")
+    parser.add_argument("--event-loop", choices=CHOICES, default="auto",
+                        help="the event loop, chosen as the gateway's event_loop setting")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    _supervise(args.port, args.answer_file.read_bytes(), args.workers, args.ready_file)
+    _supervise(args.port, args.answer_file.read_bytes(), args.workers, args.ready_file,
+               args.event_loop)
     return 0
 
 
