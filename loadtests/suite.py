@@ -101,9 +101,11 @@ class Suite:
     def _h2load(
         self, server: Served | NoopServer, request: pb.ModelInferRequest, *, model: str,
         workers: int, label: str = "", headers: Sequence[str] = (),
+        concurrency: int | None = None,
     ) -> LevelResult:
-        connections = min(self.c.target_concurrency, self.c.channels * workers)
-        streams = max(1, self.c.target_concurrency // connections)
+        concurrency = concurrency or self.c.target_concurrency
+        connections = min(concurrency, self.c.channels * workers)
+        streams = max(1, concurrency // connections)
         metrics_port = server.metrics_port if isinstance(server, Served) else None
         before = scrape(metrics_port) if metrics_port else None
         cpu, began = cpu_seconds(server.pid), time.perf_counter()
@@ -192,6 +194,13 @@ class Suite:
                         request = requests[FRONT_END if model == NOOP else model]
                         self.m.levels.append(self._h2load(server, request, model=model,
                                                           workers=workers))
+                    if workers == 1:
+                        # Concurrency 1 with the leanest client: what the server adds per
+                        # call, rather than what our Python client costs.
+                        for server, model in ((noop, NOOP), (gw, UNBATCHED), (gw, FRONT_END)):
+                            request = requests[FRONT_END if model == NOOP else model]
+                            self.m.levels.append(self._h2load(
+                                server, request, model=model, workers=1, concurrency=1))
         if len(self.m.checks) == 0:
             self.m.checks.append(
             f"Before the levels, one real ModelInfer per model ({FRONT_END}, {UNBATCHED}, "

@@ -106,10 +106,13 @@ def test_targets_are_judged_from_the_measurements() -> None:
     assert ceiling.measured == pytest.approx(75.0) and ceiling.met is True
     cnn = by_name["cnn rows/s vs in-process ONNX Runtime's best"]
     assert cnn.measured == pytest.approx(80.0) and cnn.met is True  # 800 of 1000 rows/s
-    latency = by_name["concurrency 1: digits_unbatched p50 - ONNX Runtime call p50"]
+    latency = by_name["concurrency 1: digits_unbatched p50 - ONNX Runtime call p50, "
+                      "python client"]
     assert latency.measured == pytest.approx(300.0) and latency.met is False
-    own = next(t for n, t in by_name.items() if "the gateway's own work" in n)
+    own = next(t for n, t in by_name.items() if "what the gateway adds" in n)
     assert own.measured == pytest.approx(100.0) and own.met is None
+    floor = next(t for n, t in by_name.items() if "transport floor" in n)
+    assert floor.measured == pytest.approx(200.0)
     tracing = by_name["tracing 1 %: throughput vs none, python client"]
     # Each run over the mean of the baselines either side: 850 / 990 and 891 / 990.
     assert tracing.measured == pytest.approx(100 * (850 + 891) / 2 / 990)
