@@ -5,9 +5,10 @@ every RPC in one place."""
 from __future__ import annotations
 
 import contextvars
+import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import grpc
@@ -29,6 +30,8 @@ ANONYMOUS_METHODS: Final = frozenset({
     "/inference.GRPCInferenceService/ServerLive",
     "/inference.GRPCInferenceService/ServerReady",
 })
+# Authenticated keys remembered (distinct valid keys in use are few; bounded regardless).
+_KNOWN_KEYS: Final = 4096
 MISSING_KEY: Final = "missing API key: send 'authorization: Bearer <key>' or 'x-api-key: <key>'"
 # One message for every rejected credential: it must not say which part was wrong.
 INVALID: Final = "invalid API key or client certificate"
@@ -65,6 +68,11 @@ class Authenticator:
     ) -> None:
         self.registry = registry
         self.clock = clock
+        # Keys that authenticated, with their tenant, until the tenants in force change.
+        # A dict lookup by the key string compares strings only on a 64-bit (randomly
+        # seeded) hash match, so its timing says nothing about a wrong key's prefix.
+        self._known: dict[str, tuple[Tenant, float]] = {}
+        self._known_for: object = None
 
     def authenticate(
         self, metadata: Metadata, peer_subject: str | Callable[[], str | None] | None = None
@@ -76,14 +84,31 @@ class Authenticator:
         key = _key_from(metadata)
         if key is None:
             raise AuthenticationError(MISSING_KEY)
-        tenant_id = key_tenant(key)
-        tenant = self.registry.tenants.get(tenant_id or "", _DUMMY)
-        if not tenant.key_matches(hash_key(key), self.clock()) or tenant is _DUMMY:
-            raise AuthenticationError(INVALID)
+        tenants = self.registry.tenants
+        if self._known_for is not tenants:  # a reload: every key is checked afresh
+            self._known, self._known_for = {}, tenants
+        now = self.clock()
+        known = self._known.get(key)
+        if known is not None and now < known[1]:
+            tenant = known[0]
+        else:
+            tenant = self._check_key(key, tenants, now)
         if tenant.client_subject is not None:
             subject = peer_subject() if callable(peer_subject) else peer_subject
             if subject is None or _rdns(tenant.client_subject) != _rdns(subject):
                 raise AuthenticationError(INVALID)
+        return tenant
+
+
+    def _check_key(self, key: str, tenants: Mapping[str, Tenant], now: float) -> Tenant:
+        tenant = tenants.get(key_tenant(key) or "", _DUMMY)
+        hashed = hash_key(key)
+        if not tenant.key_matches(hashed, now) or tenant is _DUMMY:
+            raise AuthenticationError(INVALID)
+        # Remembered until the key expires (a rotated key has an expiry), bounded.
+        expires = min((k.expires or math.inf) for k in tenant.keys if k.hash == hashed)
+        if len(self._known) < _KNOWN_KEYS:
+            self._known[key] = (tenant, expires)
         return tenant
 
 

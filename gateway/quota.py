@@ -106,6 +106,11 @@ class QuotaStore(abc.ABC):
     async def charge(self, scopes: Sequence[Scope], rows: int) -> Admission:
         """Charge one request of ``rows`` rows to every scope, all or nothing."""
 
+    def charge_at_once(self, scopes: Sequence[Scope], rows: int) -> Admission | None:
+        """``charge`` without waiting, for a store that can decide on the spot (in-process
+        counters); None means: await ``charge``. Raises as ``charge`` does."""
+        return None
+
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect or start background work; the default has none."""
 
@@ -119,12 +124,7 @@ class QuotaStore(abc.ABC):
         if not scopes:
             yield NO_ADMISSION
             return
-        try:
-            with observe.stage("quota"):  # a child span of the RPC's when tracing is on
-                admission = await self.charge(scopes, rows)
-        except QuotaExceededError:
-            observe.rejected(observe.QUOTA)
-            raise
+        admission = await self.admission(scopes, rows)
         try:
             yield admission
         except REFUNDABLE:
@@ -132,6 +132,20 @@ class QuotaStore(abc.ABC):
             raise
         finally:
             admission.release()
+
+
+    async def admission(self, scopes: Sequence[Scope], rows: int) -> Admission:
+        """Charge (at once when the store can), recording a rejection for the metrics and
+        the span; the caller refunds and releases (see ``admit``)."""
+        try:
+            with observe.stage("quota"):  # a child span of the RPC's when tracing is on
+                admission = self.charge_at_once(scopes, rows)
+                if admission is None:
+                    admission = await self.charge(scopes, rows)
+        except QuotaExceededError:
+            observe.rejected(observe.QUOTA)
+            raise
+        return admission
 
 
 class _NoAdmission(Admission):
@@ -264,7 +278,7 @@ class LocalQuotaStore(QuotaStore):
         if state is None:
             state = self._scopes[scope.key] = ScopeState(limits=scope.limits)
             state.reset_buckets(now)
-        elif state.limits != scope.limits:
+        elif state.limits is not scope.limits and state.limits != scope.limits:
             # The tenants file changed the limits: same counters (admissions hold this
             # object), fresh buckets.
             state.limits = scope.limits
@@ -274,11 +288,19 @@ class LocalQuotaStore(QuotaStore):
     async def charge(self, scopes: Sequence[Scope], rows: int) -> Admission:
         return self.charge_now(scopes, rows)
 
+    def charge_at_once(self, scopes: Sequence[Scope], rows: int) -> Admission | None:
+        return self.charge_now(scopes, rows)
+
     def charge_now(self, scopes: Sequence[Scope], rows: int) -> _LocalAdmission:
         """The synchronous charge (the Redis store's fail-open fallback uses it too)."""
         now = self.clock()
         wall = self.wall()
         day = int(wall // DAY_S)
+        if len(scopes) == 1:  # the tenant's own limits only: the common case
+            state = self._state(scopes[0], now)
+            state.check(scopes[0], rows, now, wall)
+            state.take(rows)
+            return _LocalAdmission(self, [(state, rows, day)])
         states = [(scope, self._state(scope, now)) for scope in scopes]
         for scope, state in states:
             state.check(scope, rows, now, wall)

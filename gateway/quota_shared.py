@@ -141,6 +141,9 @@ class SharedQuotaStore(QuotaStore):
     async def charge(self, scopes: Sequence[Scope], rows: int) -> Admission:
         return self.charge_now(scopes, rows)
 
+    def charge_at_once(self, scopes: Sequence[Scope], rows: int) -> Admission | None:
+        return self.charge_now(scopes, rows)
+
     def charge_now(self, scopes: Sequence[Scope], rows: int) -> _SharedAdmission:
         """Check every scope, then charge every scope, all under the scopes' slot locks
         (taken in slot order, so two workers never wait on each other in a cycle)."""

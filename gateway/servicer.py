@@ -17,7 +17,7 @@ from gateway.codec import InferCodec
 from gateway.errors import ModelNotReadyError
 from gateway.manager import ModelManager, ServedModel, VersionState
 from gateway.model_control import ModelControl
-from gateway.quota import LocalQuotaStore, QuotaStore
+from gateway.quota import REFUNDABLE, LocalQuotaStore, QuotaStore
 from gateway.routing import request_metadata, requested_target
 from gateway.sanitize import strip_paths
 from gateway.statistics import Duration, StatisticsSnapshot, statistics_of
@@ -230,9 +230,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     infer.tags[TRACE_HEADERS_TAG] = trace_headers
                 scopes = tenant.scopes(request.model_name)
                 if scopes:
-                    # Charged before queueing; refunded if rejected before it ran.
-                    async with self._quota.admit(scopes, infer.rows):
+                    # Charged before queueing; refunded if rejected before it ran (the
+                    # steps of QuotaStore.admit, without its async generator per request).
+                    admission = await self._quota.admission(scopes, infer.rows)
+                    try:
                         outputs = await lease.runtime.infer(infer)
+                    except REFUNDABLE:
+                        admission.refund()
+                        raise
+                    finally:
+                        admission.release()
                 else:
                     outputs = await lease.runtime.infer(infer)
                 self._manager.mirror(lease, infer, outputs)

@@ -102,6 +102,20 @@ def test_revoke_one_key_or_all(tmp_path: Path) -> None:
     assert admin(path, "revoke", "nobody")[0] == 1
 
 
+def test_a_remembered_key_stops_working_when_a_reload_revokes_it(tmp_path: Path) -> None:
+    path = tmp_path / "tenants.toml"
+    admin(path, "create", "acme")
+    key = issue(path, "acme")
+    registry = TenantRegistry(path)
+    auth = Authenticator(registry)
+    for _ in range(3):  # authenticated once, then answered from memory
+        assert auth.authenticate([("x-api-key", key)]).id == "acme"
+    assert admin(path, "revoke", "acme")[0] == 0
+    assert registry.reload_if_changed()
+    with pytest.raises(AuthenticationError, match="invalid API key"):
+        auth.authenticate([("x-api-key", key)])
+
+
 def test_rejections_never_say_which_tenant_or_key_exists(tmp_path: Path) -> None:
     path = tmp_path / "tenants.toml"
     admin(path, "create", "acme")
