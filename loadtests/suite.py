@@ -195,6 +195,12 @@ class Suite:
                         self.m.levels.append(self._h2load(server, request, model=model,
                                                           workers=workers))
                     if workers == 1:
+                        # The compute-bound model with a client that leaves the cores to
+                        # the server and ONNX Runtime (ours needs ~1 ms of CPU a request).
+                        for load in self.c.cnn_concurrency:
+                            self.m.levels.append(self._h2load(
+                                gw, requests[COMPUTE], model=COMPUTE, workers=1,
+                                concurrency=load))
                         # Concurrency 1 with the leanest client: what the server adds per
                         # call, rather than what our Python client costs.
                         for server, model in ((noop, NOOP), (gw, UNBATCHED), (gw, FRONT_END)):

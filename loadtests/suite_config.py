@@ -35,7 +35,8 @@ class Config:
         level = self.warmup_s + self.duration_s
         drivers = 2 if self.h2load else 1
         serving = START_S + level * (3 * len(self.concurrency) + 2 * len(self.open_fractions)
-                                     + len(self.cnn_concurrency) + 1 + (6 if self.h2load else 0))
+                                     + len(self.cnn_concurrency) + 1
+                                     + ((6 + len(self.cnn_concurrency)) if self.h2load else 0))
         serving += sum(START_S + 2 * level * drivers for w in self.workers if w > 1)
         ceilings = self.ceiling_s * (2 * len(self.ceiling_rows) + 1)
         runs = 1 + 2 * 3 * self.cost_rounds  # baseline, then each variant and a baseline

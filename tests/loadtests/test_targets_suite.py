@@ -104,7 +104,7 @@ def test_targets_are_judged_from_the_measurements() -> None:
     ceiling = by_name["digits at 32 concurrent requests vs the no-op server, 1 worker, "
                       "python client"]
     assert ceiling.measured == pytest.approx(75.0) and ceiling.met is True
-    cnn = by_name["cnn rows/s vs in-process ONNX Runtime's best"]
+    cnn = by_name["cnn rows/s vs in-process ONNX Runtime's best, python client"]
     assert cnn.measured == pytest.approx(80.0) and cnn.met is True  # 800 of 1000 rows/s
     latency = by_name["concurrency 1: digits_unbatched p50 - ONNX Runtime call p50, "
                       "python client"]
