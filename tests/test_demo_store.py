@@ -268,9 +268,11 @@ def test_checked_in_store_matches_build(store: Path) -> None:
         assert fresh.keys() == checked_in.keys(), name
         for output, value in fresh.items():
             if value.dtype == np.float32:
-                # Training may round differently on other CPUs/BLAS builds; stay tolerant.
+                # Training is not bit-reproducible across CPUs and BLAS builds (the MLP's
+                # probabilities differ in the third decimal on an AMD EPYC against the
+                # machine that built the store); integer outputs (labels) stay exact.
                 np.testing.assert_allclose(
-                    checked_in[output], value, rtol=1e-4, atol=1e-5, err_msg=name
+                    checked_in[output], value, rtol=0, atol=0.02, err_msg=name
                 )
             else:
                 np.testing.assert_array_equal(checked_in[output], value, err_msg=name)
