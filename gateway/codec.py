@@ -113,13 +113,21 @@ class InferCodec:
         return self._encoder.encode(request.id, outputs)
 
 
-def _varint(value: int) -> bytes:
+def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+# Lengths of names, shapes and most outputs fit two bytes: those are looked up.
+_SMALL: Final = tuple(_encode_varint(n) for n in range(1 << 14))
+
+
+def _varint(value: int) -> bytes:
+    return _SMALL[value] if value < 16384 else _encode_varint(value)
 
 
 def _length_delimited(field: int, payload: bytes) -> bytes:

@@ -148,3 +148,16 @@ def test_the_caches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         assert [o.name for o in pb.ModelInferResponse.FromString(answer).outputs] == list(names)
     assert len(codec._plans) == 5
     assert len(codec._encoder._metas) == 5
+
+
+def test_long_outputs_and_ids_encode_like_protobuf() -> None:
+    # Lengths past two varint bytes (16384) and past three (2**21).
+    spec = ModelSpec(
+        name="big", platform="onnxruntime_onnx", backend="", max_batch_size=4,
+        inputs=(TensorSpec("x", DataType.FP32, (1,)),),
+        outputs=(TensorSpec("y", DataType.FP32, (600_000,)),),
+    )
+    message = pb.ModelInferRequest(model_name="big", id="i" * 20_000)
+    y = np.random.default_rng(1).normal(size=(1, 600_000)).astype(np.float32)
+    ours = InferCodec(spec, 3).encode(message, {"y": y})
+    assert ours == encode_response(message, spec, 3, {"y": y}).SerializeToString()
