@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -115,6 +115,7 @@ class Gateway:
             ]
         )
         self.port = 0
+        self.edge_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self.draining = False
         self.http = HttpEndpoints(
             self.metrics, manager_readiness(self.manager, lambda: self.draining)
@@ -143,7 +144,8 @@ class Gateway:
             ),
             self.edge,
         )
-        self.edge.install(self.server)
+        # By full method name, as served: tools (loadtests/hotpath.py) call them directly.
+        self.edge_handlers = self.edge.install(self.server)
         target = address(self.settings.host, self.settings.grpc_port)
         try:
             if self.settings.tls_cert is not None and self.settings.tls_key is not None:

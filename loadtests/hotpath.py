@@ -1,0 +1,159 @@
+"""The gateway's own request path, measured without gRPC: the real Gateway's edge-wrapped
+ModelInfer handler called in-process by closed-loop callers; prints the event loop thread's
+CPU time per request (robust to a busy machine, unlike throughput) and, with --profile, a
+cProfile of it. What gRPC itself costs per call is the no-op server's business.
+
+    .venv/bin/python -m loadtests.hotpath --model digits --concurrency 32 --requests 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import dataclasses
+import io
+import pstats
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from gateway import event_loop
+from gateway.server import Gateway
+from gateway.settings import Settings, demo_store
+from loadtests.requests import request_for
+from modelgate_pb import grpc_service_pb2 as pb
+
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+class _Context:
+    """The few ServicerContext calls the inference path makes, answered locally."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+        self._code: grpc.StatusCode | None = None
+        self._trailers: tuple[tuple[str, str], ...] = ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self._trailers = tuple(metadata)
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailers
+
+    def auth_context(self) -> dict[str, Any]:
+        return {}
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *_: Any) -> None:
+        self._code = code
+        raise RuntimeError(f"{code.name}: {details}")
+
+
+@dataclasses.dataclass
+class Round:
+    requests: int
+    cpu_s: float
+    wall_s: float
+    batches: int
+
+    def line(self, model: str, concurrency: int) -> str:
+        return (f"{model}, {concurrency} callers: {1e6 * self.cpu_s / self.requests:.1f} µs of "
+                f"loop CPU a request, {1e6 * self.wall_s / self.requests:.1f} µs wall, "
+                f"mean batch {self.requests / max(1, self.batches):.1f}")
+
+
+async def measure(settings: Settings, model: str, *, concurrency: int, requests: int,
+                  rounds: int, rows: int, key: str | None,
+                  profile: cProfile.Profile | None) -> list[Round]:
+    gateway = Gateway(settings)
+    await gateway.start()
+    try:
+        handler = gateway.edge_handlers[METHOD]
+        behavior: Any = handler.unary_unary
+        decode, encode = handler.request_deserializer, handler.response_serializer
+        assert decode is not None and encode is not None
+        metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        spec = gateway.manager.model(model).spec
+        assert spec is not None
+        answer = pb.ModelMetadataResponse(name=model)
+        for tensor in spec.inputs:
+            answer.inputs.add(name=tensor.name, datatype=tensor.datatype.value,
+                              shape=spec.full_shape(tensor))
+        wire = request_for(answer, batch=rows).SerializeToString()
+
+        async def caller(count: int) -> None:
+            for _ in range(count):
+                encode(await behavior(decode(wire), _Context(metadata)))
+
+        results = []
+        for _ in range(rounds):
+            served = gateway.manager.version(model, "").id
+            counted = gateway.metrics.exec_count.labels(model, str(served.version))
+            before, cpu, wall = counted.value, time.thread_time(), time.perf_counter()
+            if profile is not None:
+                profile.enable()
+            await asyncio.gather(*(caller(requests // concurrency) for _ in range(concurrency)))
+            if profile is not None:
+                profile.disable()
+            done = requests // concurrency * concurrency
+            results.append(Round(done, time.thread_time() - cpu, time.perf_counter() - wall,
+                                 int(counted.value - before)))
+        return results
+    finally:
+        await gateway.stop(grace=0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.hotpath", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, default=None, help="default: the demo store")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tenants", type=Path, help="a tenants file (then --key is sent)")
+    parser.add_argument("--key", help="the API key to send")
+    parser.add_argument("--event-loop", default="auto", choices=event_loop.CHOICES)
+    parser.add_argument("--profile", type=int, metavar="N", default=0,
+                        help="print the N functions with the most own time (cProfile)")
+    args = parser.parse_args(argv)
+    if min(args.concurrency, args.requests, args.rounds, args.rows) < 1:
+        parser.error("--concurrency, --requests, --rounds and --rows must be positive")
+    settings = dataclasses.replace(
+        Settings(), store=args.store or demo_store(), grpc_port=0, metrics_port=0,
+        tenants=args.tenants, log_level="WARNING",
+    )
+    profile = cProfile.Profile() if args.profile else None
+    rounds = event_loop.run(
+        measure(settings, args.model, concurrency=args.concurrency, requests=args.requests,
+                rounds=args.rounds, rows=args.rows, key=args.key, profile=profile),
+        args.event_loop,
+    )
+    for result in rounds:
+        print(result.line(args.model, args.concurrency))
+    if profile is not None:
+        out = io.StringIO()
+        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.profile)
+        print(out.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
