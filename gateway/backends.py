@@ -3,6 +3,7 @@ dynamic batcher for models with a dynamic_batching block)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.batcher import DynamicBatcher
@@ -24,16 +25,19 @@ class RuntimeFactory:
 
     def __init__(
         self, onnx: OnnxOptions, metrics: Metrics | None = None, tracing: Tracing | None = None,
-        upstreams: UpstreamPool | None = None,
+        upstreams: UpstreamPool | None = None, in_flight: Callable[[], int] | None = None,
     ) -> None:
         self._onnx = onnx
+        self._in_flight = in_flight
         self._upstreams = upstreams or UpstreamPool(())
         self._metrics = metrics
         self._tracing = tracing
 
     def __call__(self, model: ModelId, spec: ModelSpec, path: Path) -> Runtime:
         if spec.platform in ONNX_PLATFORMS or spec.backend in ONNX_BACKENDS:
-            return self._observed(OnnxRuntime(model, spec, path, self._onnx))
+            return self._observed(
+                OnnxRuntime(model, spec, path, self._onnx, in_flight=self._in_flight)
+            )
         if is_remote(spec.platform, spec.backend):
             route = TritonRoute.from_spec(spec, model.version)
             return self._observed(TritonRuntime(model, spec, route, self._upstreams))

@@ -115,7 +115,8 @@ class Edge:
         any key is hashed), auth (everything but the anonymous allow-list)."""
         service = method.lstrip("/").rpartition("/")[0]
         guarded = not (method in ANONYMOUS_METHODS or method.startswith(ANONYMOUS_SERVICES))
-        capped = self._inflight.limit > 0 and method in CAPPED_METHODS
+        # Counted even without a cap: the count also tells runtimes whether they are alone.
+        capped = method in CAPPED_METHODS
         serializer = _passthrough(handler.response_serializer)
         if handler.unary_unary is not None:
             observed = service == INFERENCE_SERVICE

@@ -80,6 +80,7 @@ class Gateway:
             self.metrics,
             self.tracing,
             upstreams=self.upstreams,
+            in_flight=lambda: self.inflight.inflight,
         )
         # The store's models plus those export=all Triton upstreams serve.
         self.manager = ModelManager(StoreWithUpstreams(settings.store, self.discovery), factory)

@@ -7,7 +7,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from onnx import helper
 
 from model_store.datatypes import DataType
 from model_store.spec import ModelId, ModelSpec, TensorSpec
-from runtimes.base import InferRequest, Runtime, RuntimeMetadata, Tensor
+from runtimes.base import MEMBER_TAGS, InferRequest, Runtime, RuntimeMetadata, Tensor
 from runtimes.errors import (
     InferenceFailed,
     InvalidTensorError,
@@ -111,8 +111,14 @@ def providers_for(device: str) -> tuple[str, ...]:
 class OnnxRuntime(Runtime):
     """``spec.instance_count`` InferenceSessions of one ONNX file."""
 
-    def __init__(self, model: ModelId, spec: ModelSpec, path: Path, options: OnnxOptions) -> None:
+    def __init__(
+        self, model: ModelId, spec: ModelSpec, path: Path, options: OnnxOptions,
+        in_flight: Callable[[], int] | None = None,
+    ) -> None:
+        """``in_flight``: how many requests the server has in flight now (all models); a
+        run happens on the calling thread only while no request but its own is waiting."""
         self.model = model
+        self._in_flight = in_flight
         self.spec = spec
         self._path = path
         self._options = options
@@ -168,7 +174,7 @@ class OnnxRuntime(Runtime):
         except asyncio.QueueEmpty:
             session = await self._free.get()
         try:
-            if self._run_s < self._inline_s:
+            if self._run_s < self._inline_s and self._alone(request):
                 results, elapsed = _timed_run(session, wanted, feeds)
             else:
                 loop = asyncio.get_running_loop()
@@ -185,6 +191,15 @@ class OnnxRuntime(Runtime):
         run_s = self._run_s
         self._run_s = elapsed if run_s == float("inf") else 0.8 * run_s + 0.2 * elapsed
         return {name: _from_ort(value) for name, value in zip(wanted, results, strict=True)}
+
+    def _alone(self, request: InferRequest) -> bool:
+        # With other requests waiting, the event loop has their work to do: a worker thread
+        # runs the model meanwhile, on another core. Alone, the hand-off is pure delay.
+        if self._in_flight is None:
+            return True
+        members = request.tags.get(MEMBER_TAGS)
+        own = len(members) if isinstance(members, list) else 1
+        return self._in_flight() <= own
 
     async def unload(self) -> None:
         self._closed = True

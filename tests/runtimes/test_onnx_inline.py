@@ -66,10 +66,12 @@ def threads_used(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield used
 
 
-async def run(store: Path, name: str, options: OnnxOptions, rows: int, times: int) -> list[Any]:
+async def run(store: Path, name: str, options: OnnxOptions, rows: int, times: int,
+              in_flight: int | None = None) -> list[Any]:
     entry = ModelRepository(store).scan()[name]
     assert entry.spec is not None
-    runtime = OnnxRuntime(ModelId(name, 1), entry.spec, entry.version_files[1], options)
+    runtime = OnnxRuntime(ModelId(name, 1), entry.spec, entry.version_files[1], options,
+                          in_flight=None if in_flight is None else (lambda: in_flight))
     await runtime.load()
     width = entry.spec.inputs[0].dims[0]
     x = np.arange(rows * width, dtype=np.float32).reshape(rows, width) / (rows * width)
@@ -98,6 +100,18 @@ def test_long_runs_and_inlining_off_use_the_worker(store: Path, threads_used: li
                     times=3))
     assert len(threads_used) == 6
     assert loop_thread not in threads_used
+
+
+def test_with_other_requests_in_flight_runs_use_the_worker(
+    store: Path, threads_used: list[str]
+) -> None:
+    options = OnnxOptions(device="cpu", inline_below_us=50_000)
+    asyncio.run(run(store, "tiny", options, rows=2, times=4, in_flight=3))
+    loop_thread = threading.current_thread().name
+    assert len(threads_used) == 4 and loop_thread not in threads_used
+    threads_used.clear()
+    asyncio.run(run(store, "tiny", options, rows=2, times=4, in_flight=1))  # only its own
+    assert threads_used[1:] == [loop_thread] * 3
 
 
 def test_inline_and_worker_runs_answer_alike(store: Path) -> None:
