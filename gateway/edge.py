@@ -144,7 +144,7 @@ class Edge:
     def _unary(
         self, method: str, behavior: Unary, observed: bool, capped: bool, guarded: bool
     ) -> Unary:
-        observer, limit, authenticate = self._observer, self._inflight, self._authenticate
+        observer, limit, checks = self._observer, self._inflight, self._checks
 
         async def call(request: Any, context: Context) -> Any:
             record: observe.RequestRecord | None = None
@@ -155,10 +155,7 @@ class Edge:
             error: BaseException | None = None
             try:
                 try:
-                    if capped:
-                        started = limit.enter()
-                    if guarded:
-                        authenticate(context)
+                    started = checks(context, capped, guarded)
                 except (OverloadedError, AuthenticationError) as exc:
                     await _reject(served, exc)
                 return await behavior(request, served)
@@ -174,16 +171,13 @@ class Edge:
         return call
 
     def _stream(self, behavior: Any, capped: bool, guarded: bool) -> Any:
-        limit, authenticate = self._inflight, self._authenticate
+        limit, checks = self._inflight, self._checks
 
         async def call(request: Any, context: Context) -> AsyncIterator[Any]:
             started: float | None = None
             try:
                 try:
-                    if capped:
-                        started = limit.enter()
-                    if guarded:
-                        authenticate(context)
+                    started = checks(context, capped, guarded)
                 except (OverloadedError, AuthenticationError) as exc:
                     await _reject(context, exc)
                 result = behavior(request, context)
@@ -197,6 +191,19 @@ class Edge:
                     limit.leave(started)
 
         return call
+
+    def _checks(self, context: Context, capped: bool, guarded: bool) -> float | None:
+        """Take an in-flight slot (returns its start time) and authenticate; raises
+        OverloadedError or AuthenticationError holding no slot."""
+        started = self._inflight.enter() if capped else None
+        if guarded:
+            try:
+                self._authenticate(context)
+            except AuthenticationError:
+                if started is not None:
+                    self._inflight.leave(started)
+                raise
+        return started
 
     def _authenticate(self, context: Context) -> None:
         """Authenticate the caller and make its tenant current for the servicer; raises

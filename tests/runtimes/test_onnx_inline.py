@@ -10,43 +10,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
+from loadtests.overload import SLOW_WIDTH, slow_model
 from model_store.repository import ModelRepository
 from model_store.spec import ModelId
 from runtimes.base import InferRequest
 from runtimes.onnx_runtime import OnnxOptions, OnnxRuntime
 from tests.support import models
 
-SIDE = 768  # a MatMul chain on [N, SIDE]: milliseconds a row, far above any inline bound
-
-
-def matmul_chain(depth: int = 8) -> onnx.ModelProto:
-    weight = numpy_helper.from_array(
-        np.random.default_rng(0).normal(size=(SIDE, SIDE)).astype(np.float32) / SIDE, "w"
-    )
-    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", "w"], [f"h{i + 1}"])
-             for i in range(depth)]
-    nodes.append(helper.make_node("Identity", [f"h{depth}"], ["y"]))
-    graph = helper.make_graph(
-        nodes, "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SIDE])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SIDE])],
-        initializer=[weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    return model
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("inline_store")
     models.write_model(root, "tiny", 1, models.add_constant(1.0), models.add_model_config("tiny"))
-    models.write_model(root, "slow", 1, matmul_chain(), models.config_pbtxt(
-        "slow", [("x", "FP32", [SIDE])], [("y", "FP32", [SIDE])], max_batch_size=64))
+    # 16 MatMuls of 512x512: milliseconds a batch, far above any inline bound.
+    models.write_model(root, "slow", 1, slow_model(layers=16), models.config_pbtxt(
+        "slow", [("x", "FP32", [SLOW_WIDTH])], [("y", "FP32", [SLOW_WIDTH])],
+        max_batch_size=64))
     return root
 
 
@@ -66,7 +47,7 @@ def threads_used(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield used
 
 
-async def run(store: Path, name: str, options: OnnxOptions, rows: int, times: int,
+async def run(store: Path, name: str, options: OnnxOptions, *, rows: int, times: int,
               in_flight: int | None = None) -> list[Any]:
     entry = ModelRepository(store).scan()[name]
     assert entry.spec is not None
