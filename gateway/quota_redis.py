@@ -1,5 +1,5 @@
 """The shared quota store in Redis: one Lua script updates buckets, daily counts and in-flight
-sets atomically; tokens are leased in small blocks so most requests never wait on Redis."""
+holdings atomically; tokens and slots are leased in blocks so most requests never wait on it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import contextlib
 import logging
 import math
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,15 @@ from gateway.quota import (
     exceeded,
     seconds_to_next_day,
 )
+from gateway.quota_leases import (
+    LEASE_SCRIPT,
+    RETURN_SCRIPT,
+    Lease,
+    Op,
+    SlotLeases,
+    SlotPool,
+    block_size,
+)
 from gateway.quota_shared import SharedQuotaStore
 from gateway.quota_table import QuotaTableError
 
@@ -38,100 +46,13 @@ log = logging.getLogger(__name__)
 
 FAIL_OPEN: Final = "fail-open"
 FAIL_CLOSED: Final = "fail-closed"
-# Ops per key: kind, then four values. Buckets ("b": rate/s, capacity, want, need) refill
-# on Redis's own clock so replicas with skewed clocks agree; daily counts ("d": limit,
-# want, need, ttl s) cap at the limit; in-flight sets ("c": limit, member, -, hold ms) drop
-# members whose hold expired (a crashed replica's slots come back). Grants are all of
-# ``want`` that is there when at least ``need`` is, else 0 and the wait in ms. In-flight
-# slots are taken only when every token op passed, so a rejection holds no slot.
-LEASE_SCRIPT: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {}
-local denied = false
-for i, key in ipairs(KEYS) do
-  local base = (i - 1) * 5
-  local kind = ARGV[base + 1]
-  local a, b, c, d = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]),
-                     tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
-  if kind == 'b' then
-    local state = redis.call('HMGET', key, 'tokens', 'ts')
-    local tokens, ts = tonumber(state[1]), tonumber(state[2])
-    if tokens == nil then tokens, ts = b, now end
-    if now > ts then tokens = math.min(b, tokens + (now - ts) * a / 1000) ; ts = now end
-    local grant, wait = 0, 0
-    if tokens >= d then
-      grant = math.min(c, math.floor(tokens))
-      tokens = tokens - grant
-    else
-      denied = true
-      wait = math.ceil((math.min(d, b) - tokens) * 1000 / a)
-    end
-    redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', ts)
-    redis.call('PEXPIRE', key, math.ceil(b * 1000 / a) + 1000)
-    out[#out + 1] = grant
-    out[#out + 1] = wait
-  elseif kind == 'd' then
-    local used = tonumber(redis.call('GET', key) or '0')
-    local grant = 0
-    if a - used >= c then
-      grant = math.min(b, a - used)
-      redis.call('INCRBY', key, grant)
-      redis.call('EXPIRE', key, d)
-    else
-      denied = true
-    end
-    out[#out + 1] = grant
-    out[#out + 1] = 0
-  else
-    out[#out + 1] = 0
-    out[#out + 1] = 0
-  end
-end
-if not denied then
-  for i, key in ipairs(KEYS) do
-    local base = (i - 1) * 5
-    if ARGV[base + 1] == 'c' then
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-      if redis.call('ZCARD', key) < tonumber(ARGV[base + 2]) then
-        redis.call('ZADD', key, now + tonumber(ARGV[base + 5]), ARGV[base + 3])
-        redis.call('PEXPIRE', key, tonumber(ARGV[base + 5]))
-        out[2 * i - 1] = 1
-      end
-    end
-  end
-end
-return out
-"""
-# Give back a daily lease on shutdown (capped at 0 so a reset day never goes negative).
-RETURN_SCRIPT: Final = """
-local left = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[1])
-if left > 0 then redis.call('SET', KEYS[1], left, 'KEEPTTL') else redis.call('DEL', KEYS[1]) end
-return left
-"""
-
-
-@dataclass(slots=True)
-class _Lease:
-    tokens: float = 0.0
-    expires: float = 0.0
-
-
-@dataclass(slots=True)
-class _Op:
-    lease_key: str
-    redis_key: str
-    args: tuple[str, float, float, float, float]
-    need: float
-    scope: Scope
-    limit: str
 
 
 @dataclass(slots=True)
 class _SharedAdmission(Admission):
     store: RedisQuotaStore
     spent: list[tuple[str, float]] = field(default_factory=list)
-    slots: list[tuple[str, str]] = field(default_factory=list)
+    pools: list[SlotPool] = field(default_factory=list)
 
     def refund(self) -> None:
         spent, self.spent = self.spent, []
@@ -141,9 +62,17 @@ class _SharedAdmission(Admission):
                 lease.tokens += amount
 
     def release(self) -> None:
-        slots, self.slots = self.slots, []
-        if slots:
-            self.store.release_slots(slots)
+        pools, self.pools = self.pools, []
+        for pool in pools:
+            pool.put()  # the slot stays held by this process; the keeper gives spares back
+
+
+class _Down(Exception):
+    """Redis went down while a charge waited for a pool: serve it as in an outage."""
+
+
+class _Stale(Exception):
+    """The pools a charge waited for were given up in an outage that is over."""
 
 
 class RedisQuotaStore(QuotaStore):
@@ -162,6 +91,7 @@ class RedisQuotaStore(QuotaStore):
         lease_ttl_s: float = 0.5,
         reconnect_s: float = 0.5,
         hold_s: float = 60.0,
+        give_back_s: float = 0.025,
         timeout_s: float = 0.25,
         prefix: str = "mg:q:",
         on_outage: Callable[[], None] | None = None,
@@ -175,10 +105,9 @@ class RedisQuotaStore(QuotaStore):
         self.lease_s = lease_s
         self.lease_ttl_s = lease_ttl_s
         self.reconnect_s = reconnect_s
-        self.hold_s = hold_s
         self.prefix = prefix
         self.local = LocalQuotaStore(clock, wall)
-        self.leases: dict[str, _Lease] = {}
+        self.leases: dict[str, Lease] = {}
         self.available = True
         self.outages = 0
         self._on_outage = on_outage
@@ -190,6 +119,9 @@ class RedisQuotaStore(QuotaStore):
         )
         self._lease = self._client.register_script(LEASE_SCRIPT)
         self._return = self._client.register_script(RETURN_SCRIPT)
+        self.slots = SlotLeases(self._client, prefix=prefix, hold_s=hold_s,
+                                give_back_s=give_back_s, clock=time.monotonic,
+                                available=lambda: self.available, on_error=self._mark_down)
         self._probe: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -207,15 +139,41 @@ class RedisQuotaStore(QuotaStore):
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+        await self.slots.close()
         if self.available:
             with contextlib.suppress(RedisError, OSError):
                 await self._return_day_leases()
         await self._client.aclose()
 
     async def drain(self) -> None:
-        """Wait for the in-flight slot releases sent in the background."""
+        """Wait for the charges still talking to Redis after their caller went away."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+    def held_slots(self, scope_key: str | None = None) -> int:
+        """In-flight slots this process holds in Redis now, in one scope or all."""
+        return self.slots.held(scope_key)
+
+    def charge_at_once(self, scopes: Sequence[Scope], rows: int) -> Admission | None:
+        # The common case: leased tokens and a spare held slot cover the request.
+        if not self.available:
+            return None
+        now = self.clock()
+        wall = self.wall()
+        day = int(wall // DAY_S)
+        ops = [op for scope in scopes for op in self._token_ops(scope, rows, day, wall)]
+        if not all(self._covered(op, now) for op in ops):
+            return None
+        pools: list[SlotPool] = []
+        for scope in scopes:
+            if scope.limits.concurrent is not None:
+                pool = self.slots.pool(scope)
+                if not pool.take():
+                    for taken in pools:
+                        taken.put()
+                    return None
+                pools.append(pool)
+        return self._admitted(ops, pools)
 
     async def charge(self, scopes: Sequence[Scope], rows: int) -> Admission:
         if self.available:
@@ -223,6 +181,8 @@ class RedisQuotaStore(QuotaStore):
                 return await self._charge_shared(scopes, rows)
             except (RedisError, OSError) as exc:
                 self._mark_down(exc)
+            except _Down:
+                pass
         if self.failure_mode == FAIL_CLOSED:
             raise QuotaUnavailableError(
                 "quota store unavailable; retry shortly",
@@ -232,55 +192,107 @@ class RedisQuotaStore(QuotaStore):
         return self.local.charge_now(scopes, rows)
 
     async def _charge_shared(self, scopes: Sequence[Scope], rows: int) -> Admission:
-        now = self.clock()
-        wall = self.wall()
-        day = int(wall // DAY_S)
-        ops: list[_Op] = []
-        slots: list[tuple[str, str]] = []
-        for scope in scopes:
-            ops.extend(self._token_ops(scope, rows, day, wall))
-            if scope.limits.concurrent is not None:
-                key = f"{self.prefix}{scope.key}:inflight"
-                member = uuid.uuid4().hex
-                ops.append(_Op("", key, ("c", scope.limits.concurrent, 0, 0, 0), 1, scope,
-                               "concurrent"))
-                slots.append((key, member))
-        short = [op for op in ops if op.args[0] == "c" or not self._covered(op, now)]
-        if short:
-            members = iter(member for _, member in slots)
-            argv: list[str | float] = []
-            for op in short:
-                kind, a, b, c, d = op.args
-                argv.extend((kind, a, next(members) if kind == "c" else b, c,
-                             self.hold_s * 1000 if kind == "c" else d))
-            result = await self._lease(keys=[op.redis_key for op in short], args=argv)
-            self._apply(short, [int(v) for v in result], now, wall)
-        admission = _SharedAdmission(self, slots=slots)
+        # Shielded: once a request is sent, its grants are applied (and, should the caller
+        # have gone away, given back) whatever happens to the caller, so what this process
+        # holds and what Redis records for it stay in step.
+        task = asyncio.get_running_loop().create_task(self._charge_slow(scopes, rows))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            task.add_done_callback(self._undo)
+            raise
+
+    def _undo(self, task: asyncio.Task[Admission]) -> None:
+        # The caller went away while Redis answered: what the charge took goes back.
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            admission = task.result()
+            admission.refund()
+            admission.release()
+        elif isinstance(exc, RedisError | OSError):
+            self._mark_down(exc)
+
+    async def _charge_slow(self, scopes: Sequence[Scope], rows: int) -> Admission:
+        try:
+            return await self._charge_pools(scopes, rows)
+        except _Stale:  # Redis was down and is back while this waited: its fresh pools
+            try:
+                return await self._charge_pools(scopes, rows)
+            except _Stale:
+                raise _Down from None
+
+    async def _charge_pools(self, scopes: Sequence[Scope], rows: int) -> Admission:
+        pools = [self.slots.pool(s) for s in scopes if s.limits.concurrent is not None]
+        taken = [pool for pool in pools if pool.take()]
+        need = [pool for pool in pools if pool not in taken]
+        locked: list[SlotPool] = []
+        try:
+            # One fetch at a time per pool: the requests that wait take the spares the
+            # first one's block brings, and Redis sees each holding's writes in order.
+            for pool in sorted(need, key=lambda p: p.key):
+                await pool.lock.acquire()
+                locked.append(pool)
+                if pool.take():  # a slot was freed, or granted, while this one waited
+                    taken.append(pool)
+                    need.remove(pool)
+            if any(pool.orphaned_at is not None for pool in pools):
+                raise _Stale if self.available else _Down
+            now = self.clock()
+            wall = self.wall()
+            day = int(wall // DAY_S)
+            ops = [op for scope in scopes for op in self._token_ops(scope, rows, day, wall)]
+            short = [op for op in ops if not self._covered(op, now)]
+            if short or need:
+                argv: list[str | float] = []
+                for op in short:
+                    argv.extend(op.args)
+                for pool in need:
+                    argv.extend(("c", pool.limit, pool.owner, block_size(pool.limit),
+                                 pool.held))
+                argv.append(self.slots.hold_ms)
+                keys = [op.redis_key for op in short] + [pool.key for pool in need]
+                result = [int(v) for v in await self._lease(keys=keys, args=argv)]
+                self._apply(short, need, taken, result, now=now, wall=wall)
+            return self._admitted(ops, pools)
+        except BaseException:
+            for pool in taken:
+                pool.put()
+            raise
+        finally:
+            for pool in locked:
+                pool.lock.release()
+
+    def _admitted(self, ops: Sequence[Op], pools: list[SlotPool]) -> _SharedAdmission:
+        admission = _SharedAdmission(self, pools=pools)
         for op in ops:
-            if op.lease_key:
-                self.leases[op.lease_key].tokens -= op.need
-                admission.spent.append((op.lease_key, op.need))
+            self.leases[op.lease_key].tokens -= op.need
+            admission.spent.append((op.lease_key, op.need))
         return admission
 
-    def _token_ops(self, scope: Scope, rows: int, day: int, wall: float) -> list[_Op]:
+    def _token_ops(self, scope: Scope, rows: int, day: int, wall: float) -> list[Op]:
         limits, base = scope.limits, f"{self.prefix}{scope.key}"
         ops = []
         if limits.requests_per_s is not None:
             cap = limits.request_capacity()
             want = self._block(limits.requests_per_s, cap, 1)
-            ops.append(_Op(f"{scope.key}:req", f"{base}:req",
-                           ("b", limits.requests_per_s, cap, want, 1), 1, scope, "requests_per_s"))
+            ops.append(Op(f"{scope.key}:req", f"{base}:req",
+                          ("b", limits.requests_per_s, cap, want, 1), 1, scope, "requests_per_s"))
         if limits.rows_per_s is not None:
             cap = limits.rows_capacity()
             want = self._block(limits.rows_per_s, cap, rows)
-            ops.append(_Op(f"{scope.key}:rows", f"{base}:rows",
-                           ("b", limits.rows_per_s, cap, want, rows), rows, scope, "rows_per_s"))
+            ops.append(Op(f"{scope.key}:rows", f"{base}:rows",
+                          ("b", limits.rows_per_s, cap, want, rows), rows, scope, "rows_per_s"))
         if limits.requests_per_day is not None:
             per_day = limits.requests_per_day
             want = max(1, min(100, per_day // 1000))
             ttl = math.ceil(seconds_to_next_day(wall)) + 3600
-            ops.append(_Op(f"{scope.key}:day:{day}", f"{base}:day:{day}",
-                           ("d", per_day, want, 1, ttl), 1, scope, "requests_per_day"))
+            ops.append(Op(f"{scope.key}:day:{day}", f"{base}:day:{day}",
+                          ("d", per_day, want, 1, ttl), 1, scope, "requests_per_day"))
         return ops
 
     def _block(self, rate: float, capacity: float, need: float) -> float:
@@ -288,7 +300,7 @@ class RedisQuotaStore(QuotaStore):
         # most a block per replica is ever out of step with the shared bucket.
         return max(need, min(capacity, 100.0, math.floor(rate * self.lease_s)))
 
-    def _covered(self, op: _Op, now: float) -> bool:
+    def _covered(self, op: Op, now: float) -> bool:
         lease = self.leases.get(op.lease_key)
         if lease is None:
             return False
@@ -296,40 +308,28 @@ class RedisQuotaStore(QuotaStore):
             lease.tokens = 0.0  # an old rate lease would let a replica run ahead
         return lease.tokens >= op.need
 
-    def _apply(self, ops: Sequence[_Op], result: Sequence[int], now: float, wall: float) -> None:
-        denial: tuple[_Op, float] | None = None
+    def _apply(self, ops: Sequence[Op], need: Sequence[SlotPool], taken: list[SlotPool],
+               result: Sequence[int], *, now: float, wall: float) -> None:
+        denial: tuple[str, Scope, float] | None = None
         for i, op in enumerate(ops):
             grant, wait_ms = result[2 * i], result[2 * i + 1]
-            if op.args[0] == "c":
-                if grant == 0 and denial is None:
-                    denial = (op, CONCURRENCY_RETRY_MS / 1000)
-                continue
-            lease = self.leases.setdefault(op.lease_key, _Lease())
+            lease = self.leases.setdefault(op.lease_key, Lease())
             if grant > 0:
                 lease.tokens += grant
                 lease.expires = now + self.lease_ttl_s
-            elif denial is None or denial[0].args[0] == "c":
+            elif denial is None:
                 wait = seconds_to_next_day(wall) if op.args[0] == "d" else wait_ms / 1000
-                denial = (op, wait)
+                denial = (op.limit, op.scope, wait)
+        for i, pool in enumerate(need, len(ops)):
+            if result[2 * i] > 0:
+                self.slots.granted(pool, result[2 * i], self.slots.clock())
+            if pool.take():  # granted now, or freed here while Redis answered
+                taken.append(pool)
+            elif denial is None:  # a token denial, if any, is the one to report
+                denial = ("concurrent", pool.scope, CONCURRENCY_RETRY_MS / 1000)
         if denial is not None:
-            # Tokens granted to other ops stay leased for the next request.
-            raise exceeded(denial[0].limit, denial[0].scope, denial[1])
-
-    def release_slots(self, slots: Sequence[tuple[str, str]]) -> None:
-        if not self.available:
-            return  # the members expire on their own after the hold time
-        task = asyncio.get_running_loop().create_task(self._release(slots))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _release(self, slots: Sequence[tuple[str, str]]) -> None:
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key, member in slots:
-                    pipe.zrem(key, member)
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._mark_down(exc)
+            # Tokens and slots granted to other ops stay leased for the next request.
+            raise exceeded(*denial)
 
     async def _return_day_leases(self) -> None:
         for lease_key, lease in self.leases.items():
@@ -345,6 +345,7 @@ class RedisQuotaStore(QuotaStore):
             self._on_outage()
         self._down_since = time.monotonic()
         self.leases.clear()
+        self.slots.orphan_all()
         mode = ("serving under per-process limits" if self.failure_mode == FAIL_OPEN
                 else "answering UNAVAILABLE")
         log.warning("quota store Redis %s unreachable (%s): %s until it is back",

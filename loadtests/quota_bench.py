@@ -2,6 +2,7 @@
 serve`` open, with a key but no limits, with limits in-process, and with limits in Redis.
 
     .venv/bin/python -m loadtests.quota_bench --model iris --concurrency 16 --duration 5
+    .venv/bin/python -m loadtests.quota_bench --only open,redis+concurrent --rounds 3
     .venv/bin/python -m loadtests.quota_bench --micro 20000   # the quota path alone"""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import sys
 import tempfile
@@ -25,23 +27,23 @@ from gateway import cli, tenant_admin
 from gateway.quota import Limits, LocalQuotaStore, QuotaStore, Scope
 from gateway.quota_redis import RedisQuotaStore
 from gateway.settings import demo_store
-from loadtests.benchmark import LevelResult, closed_loop, gateway_process
+from loadtests.benchmark import LevelResult, closed_loop
 from loadtests.requests import request_for
-from loadtests.servers import redis_process
+from loadtests.servers import cpu_seconds, redis_process, start_gateway
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 
 # Limits far above what the load reaches: every request is charged, none is rejected.
 HIGH = ["--requests-per-s", "1000000", "--burst", "1000000", "--rows-per-s", "100000000",
         "--requests-per-day", "1000000000"]
-# (label, tenant flags or None for an open gateway, uses Redis)
-MODES: tuple[tuple[str, list[str] | None, bool], ...] = (
-    ("open (no tenants)", None, False),
-    ("key, no limits", [], False),
-    ("in-process limits", HIGH, False),
-    ("in-process + concurrent", [*HIGH, "--concurrent", "100000"], False),
-    ("redis limits (leased)", HIGH, True),
-    ("redis + concurrent", [*HIGH, "--concurrent", "100000"], True),
+# (name for --only, label, tenant flags or None for an open gateway, uses Redis)
+MODES: tuple[tuple[str, str, list[str] | None, bool], ...] = (
+    ("open", "open (no tenants)", None, False),
+    ("key", "key, no limits", [], False),
+    ("local", "in-process limits", HIGH, False),
+    ("local+concurrent", "in-process + concurrent", [*HIGH, "--concurrent", "100000"], False),
+    ("redis", "redis limits (leased)", HIGH, True),
+    ("redis+concurrent", "redis + concurrent", [*HIGH, "--concurrent", "100000"], True),
 )
 
 
@@ -75,7 +77,7 @@ def tenants_file(folder: Path, flags: Sequence[str]) -> tuple[Path, str]:
     return path, run("issue-key", "bench").splitlines()[0]
 
 
-async def _measure(target: str, key: str | None, model: str, *, concurrency: int,
+async def _measure(target: str, pid: int, key: str | None, model: str, *, concurrency: int,
                    duration_s: float, warmup_s: float, rows: int) -> LevelResult:
     interceptors: Any = [_WithKey(key)] if key else None
     channels = [grpc.aio.insecure_channel(target, interceptors=interceptors) for _ in range(4)]
@@ -83,21 +85,29 @@ async def _measure(target: str, key: str | None, model: str, *, concurrency: int
         stubs = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
         metadata = await stubs[0].ModelMetadata(pb.ModelMetadataRequest(name=model))
         request = request_for(metadata, batch=rows)
+        # Warm-up apart, so the server's CPU time covers the measured window alone: CPU per
+        # request is the figure that survives a machine shared with other work.
+        await closed_loop(stubs, request, concurrency, duration_s=warmup_s, warmup_s=0)
+        cpu = cpu_seconds(pid)
         window = await closed_loop(stubs, request, concurrency, duration_s=duration_s,
-                                   warmup_s=warmup_s)
+                                   warmup_s=0)
         return LevelResult(model, "closed", concurrency, rows, duration_s, window.latencies,
-                           dict(window.errors))
+                           dict(window.errors), server_cpu_s=cpu_seconds(pid) - cpu)
     finally:
         for channel in channels:
             await channel.close(None)
 
 
 def run(model: str, *, concurrency: int, duration_s: float, warmup_s: float, rows: int,
-        store: Path, redis_url: str | None) -> list[dict[str, object]]:
+        store: Path, redis_url: str | None, only: Sequence[str] = (),
+        rounds: int = 1) -> list[dict[str, object]]:
+    """Each chosen mode once per round, in turn: rounds interleave the modes, so drift of
+    a shared machine's speed shows in all of them alike."""
     rows_out: list[dict[str, object]] = []
+    modes = [mode for mode in MODES if not only or mode[0] in only]
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         url = redis_url or stack.enter_context(redis_process())
-        for label, flags, uses_redis in MODES:
+        for index, (_, label, flags, uses_redis) in itertools.product(range(rounds), modes):
             extra: list[str] = []
             key = None
             if flags is not None:
@@ -105,13 +115,15 @@ def run(model: str, *, concurrency: int, duration_s: float, warmup_s: float, row
                 extra += ["--tenants", str(path)]
             if uses_redis:
                 extra += ["--redis-url", url]
-            with gateway_process(store, extra) as target:
+            with start_gateway(store, extra) as served:
                 result = asyncio.run(_measure(
-                    target, key, model, concurrency=concurrency, duration_s=duration_s,
-                    warmup_s=warmup_s, rows=rows,
+                    served.target, served.pid, key, model, concurrency=concurrency,
+                    duration_s=duration_s, warmup_s=warmup_s, rows=rows,
                 ))
             summary = result.summary()
-            rows_out.append({"quotas": label, **summary})
+            cpu_us = (result.server_cpu_s or 0.0) / max(1, result.requests) * 1e6
+            rows_out.append({"quotas": label, "round": index + 1, **summary,
+                             "server_cpu_us_per_request": round(cpu_us)})
             print(_row(rows_out[-1]), flush=True)
     return rows_out
 
@@ -156,10 +168,12 @@ def micro(count: int, redis_url: str | None) -> list[dict[str, object]]:
 def _row(row: dict[str, object]) -> str:
     errors = row.get("errors") or {}
     return (f"| {row['quotas']} | {row['requests_per_s']} | {row['p50_ms']} | {row['p99_ms']} | "
+            f"{row['server_cpu_us_per_request']} | "
             f"{sum(errors.values()) if isinstance(errors, dict) else errors} |")
 
 
-HEADER = "| quotas | req/s | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|"
+HEADER = ("| quotas | req/s | p50 ms | p99 ms | server CPU µs/req | errors |\n"
+          "|---|---:|---:|---:|---:|---:|")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,9 +186,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, default=demo_store())
     parser.add_argument("--redis-url", help="use this Redis (default: start a private one)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--only", default="",
+                        help="comma-separated modes: " + ", ".join(m[0] for m in MODES))
+    parser.add_argument("--rounds", type=int, default=1, help="run the modes this many times")
     parser.add_argument("--micro", type=int, metavar="N",
                         help="instead: time N admits through each store, without gRPC")
     args = parser.parse_args(argv)
+    unknown = set(filter(None, args.only.split(","))) - {m[0] for m in MODES}
+    if unknown:
+        parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
     if args.micro:
         print("| store | us/request | admits/s |\n|---|---:|---:|", flush=True)
         results = micro(args.micro, args.redis_url)
@@ -184,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(HEADER, flush=True)
     results = run(args.model, concurrency=args.concurrency, duration_s=args.duration,
                   warmup_s=args.warmup, rows=args.rows, store=args.store,
-                  redis_url=args.redis_url)
+                  redis_url=args.redis_url, only=[m for m in args.only.split(",") if m],
+                  rounds=args.rounds)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
     return 0
