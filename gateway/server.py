@@ -102,17 +102,28 @@ class Gateway:
             RpcObserver(self.metrics, self.tracing, self.access_log), self.inflight,
             self.authenticator,
         )
+        streams, connections = settings.max_concurrent_streams, settings.max_connections
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                # Identity only: grpcio inflates a compressed message completely before
-                # comparing it with the receive limit, so 64 KiB of gzip could cost 64 MiB
-                # and more. Compressed requests are refused (UNIMPLEMENTED) before that.
+                # Identity only: grpcio 1.81 inflates a compressed message completely before
+                # comparing it with the receive limit (README: Hardening), so 64 KiB of gzip
+                # costs 64 MiB and more. Compressed requests are refused (UNIMPLEMENTED)
+                # before that.
                 ("grpc.compression_enabled_algorithms_bitset", 1),
                 # Only workers of one supervisor share the port; a lone server must fail
                 # loudly when the port is taken instead of silently splitting traffic.
                 ("grpc.so_reuseport", 1 if worker_index is not None else 0),
+                # HTTP/2 back-pressure: calls beyond a connection's streams wait in the
+                # client, not in gRPC's queue here ahead of everyone's (health probes too).
+                # Overload protection off: with it grpcio also counts streams it has not
+                # freed yet and refuses new ones (REFUSED_STREAM, UNAVAILABLE to clients)
+                # from clients that keep to the limit.
+                *([("grpc.max_concurrent_streams", streams),
+                   ("grpc.http.overload_protection", 0)] if streams else []),
+                *([("grpc.max_allowed_incoming_connections", connections)]
+                  if connections else []),
             ]
         )
         self.port = 0

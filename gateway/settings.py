@@ -46,6 +46,15 @@ class Settings:
         default=256, metadata={"help": "ModelInfer RPCs served at once; more are answered "
                                "RESOURCE_EXHAUSTED at once (0: unlimited)"}
     )
+    max_concurrent_streams: int = field(
+        default=64, metadata={"help": "RPCs (HTTP/2 streams) open at once on one client "
+                              "connection; a client's further calls wait in the client "
+                              "(0: gRPC's default, unlimited)"}
+    )
+    max_connections: int = field(
+        default=0, metadata={"help": "client connections held at once; further ones are "
+                             "closed as they are accepted (0: unlimited)"}
+    )
     device: str = field(default="auto", metadata={"help": "onnxruntime device: auto|cpu|cuda"})
     intra_op_threads: int = field(
         default=1, metadata={"help": "onnxruntime intra-op threads per session"}
@@ -146,6 +155,10 @@ _CHECKS: Final[Mapping[str, Callable[[Any], str | None]]] = {
     "max_message_bytes": lambda n: None if 1024 <= n <= 2**31 - 1 else
     "must lie in 1024..2147483647",
     "max_inflight_requests": lambda n: None if 0 <= n <= 1_000_000 else
+    "must lie in 0..1000000 (0: unlimited)",
+    "max_concurrent_streams": lambda n: None if 0 <= n <= 1_000_000 else
+    "must lie in 0..1000000 (0: unlimited)",
+    "max_connections": lambda n: None if 0 <= n <= 1_000_000 else
     "must lie in 0..1000000 (0: unlimited)",
     "device": lambda d: None if d in ("auto", "cpu", "cuda") else "must be auto, cpu or cuda",
     "intra_op_threads": lambda n: None if 0 <= n <= 256 else "must lie in 0..256",

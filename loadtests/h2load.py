@@ -61,6 +61,7 @@ class H2loadRun:
     timed_out: int
     latencies_s: list[float] = field(default_factory=list)  # of HTTP 200 answers
     http_errors: Counter[str] = field(default_factory=Counter)  # other statuses
+    command: list[str] = field(default_factory=list)  # what ran (temporary file paths)
 
 
 _FINISHED = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
@@ -105,10 +106,16 @@ def run_h2load(
     duration_s: float,
     warmup_s: float,
     headers: Sequence[str] = (),
+    rate_per_s: float | None = None,
 ) -> H2loadRun:
     """``connections`` HTTP/2 connections with ``streams`` concurrent streams each, posting
     ``body`` to ModelInfer for ``warmup_s`` + ``duration_s`` (one client thread, to leave
-    the cores to the server). Bounded by h2load's -D and a subprocess timeout."""
+    the cores to the server). Bounded by h2load's -D and a subprocess timeout.
+
+    Closed loop by default: each stream sends its next request when the last is answered.
+    With ``rate_per_s``, at a fixed rate instead (``--rps``, split evenly over the
+    connections): arrivals do not wait for answers while a connection has a stream free,
+    so ``streams`` must exceed what the rate keeps in flight."""
     executable = binary()
     if executable is None:
         raise RuntimeError("h2load not found (scripts/install_test_deps.sh installs it)")
@@ -122,6 +129,10 @@ def run_h2load(
                    "--log-file", str(log_file)]
         if warmup_s > 0:
             command += ["--warm-up-time", f"{round(warmup_s * 1000)}ms"]
+        if rate_per_s is not None:
+            if rate_per_s <= 0:
+                raise ValueError(f"rate_per_s must be positive, not {rate_per_s}")
+            command += ["--rps", f"{rate_per_s / connections:.3f}"]
         for header in (*GRPC_HEADERS, *headers):
             command += ["-H", header]
         command.append(f"http://{target}{PATH}")
@@ -130,6 +141,7 @@ def run_h2load(
         if done.returncode != 0:
             raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr[-2000:]}")
         run = parse_output(done.stdout, duration_s)
+        run.command = command
         return read_log(run, log_file.read_text() if log_file.exists() else "")
 
 

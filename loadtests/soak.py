@@ -21,7 +21,8 @@ import grpc
 
 from gateway import cli, tenant_admin
 from loadtests.benchmark import served_gateway
-from loadtests.overload import percentiles, rss_kib
+from loadtests.overload import percentiles
+from loadtests.probes import rss_kib
 from loadtests.requests import request_for
 from loadtests.servers import redis_process
 from loadtests.tracing_bench import span_sink

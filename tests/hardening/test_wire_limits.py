@@ -1,17 +1,27 @@
 """Sizes and strings at the edge, against the real ``modelgate serve`` process: compression
-bombs, shapes that overflow, tensor counts and names, paths in error messages, and request
-fields in log lines."""
+bombs (and why compressed requests are refused), shapes that overflow, tensor counts and
+names, paths in error messages, and request fields in log lines."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
 
 from gateway.conversion import MAX_ELEMENTS, MAX_TENSORS
+from loadtests import h2load
+from loadtests.noop_server import start_noop
+from loadtests.probes import peak_rss_kib
+from loadtests.servers import free_port
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support import models
@@ -47,13 +57,6 @@ def key(tenant_keys: tuple[Path, str, str], admin: bool = False) -> tuple[tuple[
     return (("authorization", f"Bearer {tenant_keys[2] if admin else tenant_keys[1]}"),)
 
 
-def peak_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 def add_request(rows: int = 1) -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="add")
     request.inputs.add(name="x", datatype="FP32", shape=[rows, 4])
@@ -61,22 +64,86 @@ def add_request(rows: int = 1) -> pb.ModelInferRequest:
     return request
 
 
+def gzip_bomb(inflated: int) -> bytes:
+    """One compressed gRPC frame (flag 1) holding a ModelInferRequest for ``add`` whose
+    raw input is ``inflated`` zero bytes: about a thousandth of that on the wire, and
+    built without ever holding the inflated message."""
+    head = add_request()
+    del head.raw_input_contents[:]
+    length, varint = inflated, bytearray()
+    while True:  # field 7 (raw_input_contents), length-delimited, then the bytes
+        varint.append((length & 0x7F) | (0x80 if length > 0x7F else 0))
+        length >>= 7
+        if not length:
+            break
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: a gzip stream
+    parts = [packer.compress(head.SerializeToString() + b"\x3a" + bytes(varint))]
+    zeros = bytes(1 << 20)
+    for _ in range(inflated >> 20):
+        parts.append(packer.compress(zeros))
+    parts.append(packer.flush())
+    compressed = b"".join(parts)
+    return b"\x01" + len(compressed).to_bytes(4, "big") + compressed
+
+
+def post_frame(target: str, frame: bytes, tmp_path: Path) -> tuple[int, str]:
+    """POST one gRPC frame to ModelInfer as gzip-encoded with h2load (which sends bytes as
+    they are); returns the grpc-status and grpc-message trailers."""
+    body = tmp_path / "frame.bin"
+    body.write_bytes(frame)
+    binary = h2load.binary()
+    assert binary is not None, "h2load missing: run scripts/install_test_deps.sh"
+    done = subprocess.run(
+        [binary, "-n", "1", "-c", "1", "-v", "-d", str(body), "-H", "grpc-encoding: gzip",
+         *(arg for header in h2load.GRPC_HEADERS for arg in ("-H", header)),
+         f"http://{target}{h2load.PATH}"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    trailers = dict(re.findall(r"\] (grpc-status|grpc-message): (.*)", done.stdout))
+    return int(trailers["grpc-status"]), trailers.get("grpc-message", "")
+
+
+def test_grpcio_inflates_a_compressed_message_whole_before_checking_its_size(
+    tmp_path: Path,
+) -> None:
+    # Why the gateway refuses compressed requests, kept true on every grpcio upgrade: a
+    # plain grpc.aio server (gzip enabled, as by default; 4 MiB receive limit) inflates a
+    # 128 MiB bomb of 128 KiB completely and only then compares it with the limit. Should
+    # grpcio start to bound the inflated size, this fails: then enable compression again.
+    frame = gzip_bomb(128 << 20)
+    assert len(frame) < 256 << 10
+    with start_noop(free_port(), b"") as noop:
+        before = peak_rss_kib(noop.pid)
+        status, message = post_frame(noop.target, frame, tmp_path)
+        growth = peak_rss_kib(noop.pid) - before
+    assert status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message
+    measured = re.search(r"larger than max \((\d+) vs\. \d+\)", message)
+    assert measured is not None, message
+    assert int(measured.group(1)) > 128 << 20  # the size it measured is the inflated one
+    assert growth > 100 << 10, growth  # and it held all of it at once
+
+
 def test_a_gzip_bomb_is_refused_before_it_is_inflated(
-    process: tuple[GatewayProcess, Path], tenant_keys: tuple[Path, str, str]
+    process: tuple[GatewayProcess, Path], tenant_keys: tuple[Path, str, str], tmp_path: Path
 ) -> None:
     proc, _ = process
     before = peak_rss_kib(proc.proc.pid)
+    # 256 MiB inflated, 256 KiB on the wire: under the 1 MiB receive limit as sent.
+    status, message = post_frame(proc.target, gzip_bomb(256 << 20), tmp_path)
+    assert status == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    assert message == "Compression algorithm 'gzip' is disabled."
+    # grpcio would have held all 256 MiB (the test above); the gateway never inflates.
+    assert peak_rss_kib(proc.proc.pid) - before < 32 << 10
     bomb = add_request()
-    bomb.raw_input_contents[0] = b"\0" * (64 << 20)  # 64 MiB of zeros: ~64 KiB of gzip
-    with (grpc.insecure_channel(proc.target, compression=grpc.Compression.Gzip) as channel,
-          pytest.raises(grpc.RpcError) as caught):
-        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-            bomb, metadata=key(tenant_keys), timeout=60
-        )
-    # grpcio would inflate all 64 MiB before comparing with the 1 MiB limit; the gateway
-    # accepts identity encoding only, so the message is never inflated.
-    assert caught.value.code() in (grpc.StatusCode.UNIMPLEMENTED,
-                                   grpc.StatusCode.RESOURCE_EXHAUSTED)
+    bomb.raw_input_contents[0] = b"\0" * (8 << 20)  # 8 MiB of zeros: ~8 KiB compressed
+    for compression in (grpc.Compression.Gzip, grpc.Compression.Deflate):
+        with (grpc.insecure_channel(proc.target, compression=compression) as channel,
+              pytest.raises(grpc.RpcError) as caught):
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                bomb, metadata=key(tenant_keys), timeout=60
+            )
+        assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        assert "is disabled" in (caught.value.details() or "")
     assert peak_rss_kib(proc.proc.pid) - before < 32 << 10
     with grpc.insecure_channel(proc.target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -86,6 +153,24 @@ def test_a_gzip_bomb_is_refused_before_it_is_inflated(
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(oversized, metadata=key(tenant_keys), timeout=30)
         assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_compressed_request_from_tritonclient_is_refused_clearly(
+    process: tuple[GatewayProcess, Path], tenant_keys: tuple[Path, str, str]
+) -> None:
+    client = tc.InferenceServerClient(process[0].target)
+    try:
+        tensor = tc.InferInput("x", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+        headers = {"authorization": f"Bearer {tenant_keys[1]}"}
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("add", [tensor], headers=headers, compression_algorithm="gzip")
+        assert caught.value.status() == "StatusCode.UNIMPLEMENTED"
+        assert "Compression algorithm 'gzip' is disabled" in caught.value.message()
+        answer = client.infer("add", [tensor], headers=headers)  # uncompressed: answered
+        assert answer.as_numpy("y").tolist() == [[2.0] * 4]
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("shape", [
