@@ -65,7 +65,9 @@ class Settings:
     inline_compute_us: int = field(
         default=200, metadata={"help": "ONNX Runtime runs that take less than this many "
                                "microseconds (a moving average) run on the event loop "
-                               "instead of a worker thread (0: always a worker thread)"}
+                               "instead of a worker thread when no other request is in "
+                               "flight, and under a quarter of it always (0: always a "
+                               "worker thread)"}
     )
     event_loop: str = field(
         default="auto", metadata={"help": "asyncio event loop: auto (uvloop when installed), "

@@ -130,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tenants", type=Path, help="a tenants file (then --key is sent)")
     parser.add_argument("--key", help="the API key to send")
+    parser.add_argument("--redis-url", default="", help="charge the tenants' quotas in Redis")
     parser.add_argument("--event-loop", default="auto", choices=event_loop.CHOICES)
     parser.add_argument("--profile", type=int, metavar="N", default=0,
                         help="print the N functions with the most own time (cProfile)")
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--concurrency, --requests, --rounds and --rows must be positive")
     settings = dataclasses.replace(
         Settings(), store=args.store or demo_store(), grpc_port=0, metrics_port=0,
-        tenants=args.tenants, log_level="WARNING",
+        tenants=args.tenants, redis_url=args.redis_url, log_level="WARNING",
     )
     profile = cProfile.Profile() if args.profile else None
     rounds = event_loop.run(
