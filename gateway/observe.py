@@ -34,6 +34,7 @@ class RequestRecord:
     batch_rows: int | None = None
     rejected_by: str | None = None
     otel_token: object | None = None
+    trace_id: str | None = None  # 32 hex digits when tracing is on, with or without a span
 
 
 _CURRENT: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar(

@@ -111,16 +111,22 @@ class RpcObserver:
         observe.begin(record)
         if self._tracing is None:
             return record, context
-        # Opened before the inner checks run, so their spans (auth) are children.
-        parent = self._tracing.extract(tuple(context.invocation_metadata() or ()))
-        span = self._tracing.tracer.start_span(
-            method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
-        )
-        record.tracer = self._tracing.tracer
-        record.span = span
-        record.otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
-        served: Any = _TrailerContext(context, ((TRACE_ID_KEY, trace_id_hex(span)),))
+        metadata = tuple(context.invocation_metadata() or ())
+        span_name = method.lstrip("/")
+        trace_id = self._tracing.sampled_out_root(metadata, span_name)
+        if trace_id is None:
+            # Opened before the inner checks run, so their spans (auth) are children.
+            parent = self._tracing.extract(metadata)
+            span = self._tracing.tracer.start_span(
+                span_name, context=parent, kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            )
+            record.tracer = self._tracing.tracer
+            record.span = span
+            record.otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
+            trace_id = trace_id_hex(span)
+        record.trace_id = trace_id
+        served: Any = _TrailerContext(context, ((TRACE_ID_KEY, trace_id),))
         return record, served
 
     def close(
@@ -210,7 +216,6 @@ def _entry(
         # What the client asked for; escaped and cut by the log's formatter.
         model = getattr(request, "model_name", None) or getattr(request, "name", None)
         version = getattr(request, "model_version", None) or getattr(request, "version", None)
-    span = record.span
     return AccessEntry(
         method=record.method,
         code=code,
@@ -223,5 +228,5 @@ def _entry(
         queue_us=None if record.queue_s is None else int(record.queue_s * 1e6),
         compute_us=None if record.compute_s is None else int(record.compute_s * 1e6),
         total_us=int(elapsed * 1e6),
-        trace_id=trace_id_hex(span) if span is not None else None,
+        trace_id=record.trace_id or None,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
@@ -24,7 +25,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.settings import Settings
@@ -129,17 +131,63 @@ class _DropCountingProcessor(BatchSpanProcessor):
         super().on_end(span)
 
 
+# Request metadata that carries a caller's trace context: such a request takes the full path.
+_CONTEXT_KEYS: Final = frozenset({"traceparent", "tracestate", "baggage"})
+
+
+class _ChosenIds(RandomIdGenerator):
+    """Random ids, except a trace id the gateway drew itself to ask the sampler about a
+    root span before making it: the span then gets the very id that was sampled."""
+
+    def __init__(self) -> None:
+        self._chosen = threading.local()
+
+    def choose(self, trace_id: int) -> None:
+        self._chosen.trace_id = trace_id
+
+    def generate_trace_id(self) -> int:
+        trace_id: int = getattr(self._chosen, "trace_id", 0)
+        if trace_id:
+            self._chosen.trace_id = 0
+            return trace_id
+        return super().generate_trace_id()
+
+
 class Tracing:
     """One gateway's tracer provider and propagator. Not installed as the global provider:
     several gateways (tests) may live in one process with different settings."""
 
-    def __init__(self, provider: TracerProvider, processor: _DropCountingProcessor) -> None:
+    def __init__(self, provider: TracerProvider, processor: _DropCountingProcessor,
+                 ids: _ChosenIds | None = None, ratio: float | None = None) -> None:
         self.provider = provider
         self._processor = processor
+        self._ids = ids
+        # With the ratio setting the sampler is ParentBased(TraceIdRatioBased(ratio)): a
+        # root's decision is the ratio sampler's comparison, made here without the SDK's
+        # calls. Other samplers (OTEL_TRACES_SAMPLER) are asked.
+        self._bound = None if ratio is None else TraceIdRatioBased(ratio).bound
         self.tracer: trace.Tracer = provider.get_tracer(INSTRUMENTATION)
         self.propagator = CompositePropagator(
             [TraceContextTextMapPropagator(), W3CBaggagePropagator()]
         )
+
+    def sampled_out_root(self, metadata: Metadata, name: str) -> str | None:
+        """For a request that brings no trace context, the sampler's decision made before
+        any span exists: its trace id (32 hex digits) when the request is sampled out, so
+        that it needs no span, context or OTel call at all (what 1 % sampling should cost);
+        None when a span must be made (the next root span then gets the id asked about)."""
+        if self._ids is None or any(key in _CONTEXT_KEYS for key, _ in metadata):
+            return None
+        trace_id = random.getrandbits(128) or 1  # the SDK's own generator, never invalid
+        if self._bound is not None:
+            recorded = trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound
+        else:
+            result = self.provider.sampler.should_sample(Context(), trace_id, name)
+            recorded = result.decision is not Decision.DROP
+        if recorded:
+            self._ids.choose(trace_id)
+            return None
+        return f"{trace_id:032x}"
 
     def extract(self, metadata: Metadata | None) -> Context:
         """The caller's trace context (traceparent, tracestate, baggage), or an empty one."""
@@ -242,13 +290,15 @@ def build_tracing(
             endpoint = "http://" + endpoint  # a bare host:port means a plaintext collector
         # The exporter reads OTEL_EXPORTER_OTLP_[TRACES_]{ENDPOINT,HEADERS,TIMEOUT,...}.
         exporter = OTLPSpanExporter(endpoint=endpoint)
-    provider = TracerProvider(sampler=_sampler(settings), resource=_resource())
+    ids = _ChosenIds()
+    provider = TracerProvider(sampler=_sampler(settings), resource=_resource(), id_generator=ids)
     processor = _DropCountingProcessor(exporter, _queue_size(env), drop)
     provider.add_span_processor(processor)
     log.info(
         "tracing on: %s exporter, sampler %s", kind, provider.sampler.get_description()
     )
-    return Tracing(provider, processor)
+    ratio = settings.trace_sampling_ratio if settings.trace_sampling_ratio >= 0 else None
+    return Tracing(provider, processor, ids, ratio)
 
 
 def set_attributes(span: trace.Span, attributes: Iterable[tuple[str, Any]]) -> None:

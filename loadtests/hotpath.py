@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import dataclasses
 import io
@@ -26,6 +27,7 @@ from gateway import event_loop
 from gateway.server import Gateway
 from gateway.settings import Settings, demo_store
 from loadtests.requests import request_for
+from loadtests.tracing_bench import span_sink
 from modelgate_pb import grpc_service_pb2 as pb
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -131,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tenants", type=Path, help="a tenants file (then --key is sent)")
     parser.add_argument("--key", help="the API key to send")
     parser.add_argument("--redis-url", default="", help="charge the tenants' quotas in Redis")
+    parser.add_argument("--trace-ratio", type=float, default=None,
+                        help="trace this share of requests, exported to an in-process sink")
     parser.add_argument("--event-loop", default="auto", choices=event_loop.CHOICES)
     parser.add_argument("--profile", type=int, metavar="N", default=0,
                         help="print the N functions with the most own time (cProfile)")
@@ -142,11 +146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         tenants=args.tenants, redis_url=args.redis_url, log_level="WARNING",
     )
     profile = cProfile.Profile() if args.profile else None
-    rounds = event_loop.run(
-        measure(settings, args.model, concurrency=args.concurrency, requests=args.requests,
-                rounds=args.rounds, rows=args.rows, key=args.key, profile=profile),
-        args.event_loop,
-    )
+    with contextlib.ExitStack() as stack:
+        if args.trace_ratio is not None:
+            endpoint, _ = stack.enter_context(span_sink())
+            settings = dataclasses.replace(settings, otlp_endpoint=endpoint,
+                                           trace_sampling_ratio=args.trace_ratio)
+        rounds = event_loop.run(
+            measure(settings, args.model, concurrency=args.concurrency,
+                    requests=args.requests, rounds=args.rounds, rows=args.rows, key=args.key,
+                    profile=profile),
+            args.event_loop,
+        )
     for result in rounds:
         print(result.line(args.model, args.concurrency))
     if profile is not None:

@@ -23,8 +23,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.settings import demo_store
-from loadtests.benchmark import LevelResult, gateway_process, run_levels
-from loadtests.servers import free_port
+from loadtests.benchmark import LevelResult, run_levels
+from loadtests.servers import start_gateway
 
 # (label, extra serve flags without the endpoint; None ratio = tracing off)
 MODES: tuple[tuple[str, float | None], ...] = (("off", None), ("1%", 0.01), ("100%", 1.0))
@@ -78,16 +78,14 @@ def run(
             if ratio is not None:
                 extra = ["--otlp-endpoint", f"http://127.0.0.1:{port}",
                          "--trace-sampling-ratio", str(ratio)]
-            metrics_port = free_port()
-            extra += ["--metrics-port", str(metrics_port)]
             before = sink.spans
-            with gateway_process(store, extra) as target:
-                cpu0, answered0 = _cpu_and_requests(metrics_port)
+            with start_gateway(store, extra) as served:
+                cpu0, answered0 = _cpu_and_requests(served.metrics_port)
                 results: list[LevelResult] = asyncio.run(run_levels(
-                    target, models, [concurrency], [], duration_s=duration_s,
+                    served.target, models, [concurrency], [], duration_s=duration_s,
                     warmup_s=warmup_s,
                 ))
-                cpu1, answered1 = _cpu_and_requests(metrics_port)
+                cpu1, answered1 = _cpu_and_requests(served.metrics_port)
             for result in results:
                 summary = result.summary()
                 rows.append({"tracing": label, **summary})

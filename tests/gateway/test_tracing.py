@@ -193,6 +193,31 @@ def test_sampling_ratio_zero_exports_nothing_but_honours_a_sampled_parent(
         assert {s.trace_id for s in spans} == {CALLER_TRACE}
 
 
+def test_a_ratio_decides_before_any_span_and_sampled_traces_keep_the_id_returned(
+    tmp_path: Path,
+) -> None:
+    # Without a caller's context the gateway draws the trace id and asks the ratio first:
+    # sampled-out requests get an id but no span; sampled ones are exported under the
+    # very id their answer carried. With 0.5, 40 requests are all of one kind with odds
+    # of 2 in a trillion.
+    store = make_store(tmp_path)
+    with OtlpReceiver() as rx, running_gateway(
+        store, otlp_endpoint=rx.endpoint, trace_sampling_ratio=0.5
+    ) as gw:
+        stub = gw.stub()
+        ids = [trace_id_of(stub.ModelInfer.with_call(infer_request("plain"))[1])
+               for _ in range(40)]
+        assert all(len(i) == 32 and int(i, 16) for i in ids) and len(set(ids)) == 40
+        kept = {i for i in ids if int(i[16:], 16) < 1 << 63}  # the ratio's own rule
+        assert 0 < len(kept) < 40
+        flush(gw)
+        spans = rx.wait_for(lambda s: {x.trace_id for x in s} >= kept)
+        assert {x.trace_id for x in spans} == kept
+        for trace_id in kept:
+            assert {"inference.GRPCInferenceService/ModelInfer", "infer plain"} <= set(
+                of_trace(spans, trace_id))
+
+
 def test_stopped_collector_costs_only_dropped_spans(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
