@@ -317,8 +317,8 @@ class Suite:
                 "of those ratios over its runs. Quotas: one tenant, its key on every call, "
                 "with requests_per_s, "
                 "burst, rows_per_s, requests_per_day and concurrent limits far above the "
-                "load (every request charged, none rejected; with Redis, the concurrent "
-                "limit makes each request a round trip). Tracing: 1 % sampling, "
+                "load (every request charged, none rejected; with Redis, tokens and "
+                "concurrent slots are leased in blocks). Tracing: 1 % sampling, "
                 "exported over OTLP/gRPC to an in-process sink on loopback."
             )
             for position, (variant, flags, api_key) in enumerate(sequence, 1):
