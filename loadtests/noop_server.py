@@ -29,6 +29,7 @@ import grpc
 from gateway import event_loop
 from gateway.event_loop import CHOICES
 from loadtests.requests import require_loopback
+from loadtests.servers import stop_process
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -149,12 +150,7 @@ def start_noop(port: int, answer: bytes, workers: int = 1) -> Iterator[NoopServe
                         time.sleep(0.1)
             yield NoopServer(target, proc.pid)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

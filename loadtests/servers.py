@@ -53,7 +53,8 @@ def _http_status(url: str) -> int:
         return 0
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 30 s."""
     proc.terminate()
     try:
         proc.wait(30)
@@ -97,7 +98,7 @@ def start_gateway(
             time.sleep(0.2)
         yield Served(target, proc.pid, metrics_port)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextlib.contextmanager
@@ -145,7 +146,7 @@ def redis_process() -> Iterator[str]:
                 time.sleep(0.02)
             yield f"redis://127.0.0.1:{port}/0"
         finally:
-            _stop(proc)
+            stop_process(proc)
 
 
 def children(pid: int) -> list[int]:

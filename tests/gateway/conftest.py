@@ -1,4 +1,5 @@
-"""Fixtures shared by the gateway tests: a tritonclient on the module's own ``gateway``."""
+"""Fixtures shared by the gateway tests: a tritonclient on the module's own ``gateway``, and
+redis-server processes for the quota tests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from tests.support.gateway import RunningGateway
+from tests.support.redis_server import RedisServer, fresh_redis
 
 
 @pytest.fixture(scope="module")
@@ -16,3 +18,15 @@ def client(gateway: RunningGateway) -> Iterator[tc.InferenceServerClient]:
     c = tc.InferenceServerClient(gateway.target)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="module")
+def redis_module() -> Iterator[RedisServer]:
+    """One redis-server for a whole test module."""
+    yield from fresh_redis()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of its own, for a test that pauses, stops or restarts it."""
+    yield from fresh_redis()

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import shutil
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from gateway.quota import DAY_S, Admission, Limits, LocalQuotaStore, QuotaStore,
 from gateway.quota_redis import FAIL_CLOSED, FAIL_OPEN, RedisQuotaStore
 from gateway.quota_shared import SharedQuotaStore
 from gateway.quota_table import create_table
-from tests.support.redis_server import RedisServer, fresh_redis
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,17 +34,6 @@ class Wall:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(scope="module")
-def redis_module() -> Iterator[RedisServer]:
-    yield from fresh_redis()
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A redis-server of its own, for tests that stop and start it."""
-    yield from fresh_redis()
 
 
 @pytest.fixture(params=["local", "shared", "redis"])

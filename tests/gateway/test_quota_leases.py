@@ -10,7 +10,7 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -20,23 +20,12 @@ from gateway.errors import QuotaExceededError
 from gateway.quota import Admission, Limits, Scope
 from gateway.quota_leases import BLOCK_MAX, block_size
 from gateway.quota_redis import FAIL_OPEN, RedisQuotaStore
-from tests.support.redis_server import RedisServer, fresh_redis
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOTS_KEY = "mg:q:t:acme:slots"
-
-
-@pytest.fixture(scope="module")
-def redis_module() -> Iterator[RedisServer]:
-    yield from fresh_redis()
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A redis-server of its own, for a test that pauses it."""
-    yield from fresh_redis()
 
 
 @pytest.fixture
