@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -117,7 +119,9 @@ def providers_for(device: str) -> tuple[str, ...]:
 
 
 class OnnxRuntime(Runtime):
-    """``spec.instance_count`` InferenceSessions of one ONNX file."""
+    """``spec.instance_count`` InferenceSessions of one ONNX file, each owned by one worker
+    thread: runs queue in the worker pool itself, so a thread that finishes one run starts
+    the next queued one at once, without waiting for the event loop to hand it over."""
 
     def __init__(
         self, model: ModelId, spec: ModelSpec, path: Path, options: OnnxOptions,
@@ -131,8 +135,11 @@ class OnnxRuntime(Runtime):
         self._path = path
         self._options = options
         self._pool: ThreadPoolExecutor | None = None
-        self._free: asyncio.Queue[ort.InferenceSession] = asyncio.Queue()
         self._sessions: list[ort.InferenceSession] = []
+        self._unowned: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        self._owned = threading.local()
+        self._active = 0  # runs in flight (inline or queued in the pool)
+        self._drained: asyncio.Event | None = None
         self._providers: tuple[str, ...] = ()
         self._closed = False
         self._all_outputs = [o.name for o in spec.outputs]
@@ -155,7 +162,7 @@ class OnnxRuntime(Runtime):
             self._pool.shutdown(wait=False)
             raise
         for session in self._sessions:
-            self._free.put_nowait(session)
+            self._unowned.put(session)
 
     def _new_session(self) -> ort.InferenceSession:
         options = ort.SessionOptions()
@@ -177,30 +184,41 @@ class OnnxRuntime(Runtime):
             raise RuntimeClosedError(f"model {self.model} is not loaded")
         feeds = {name: _to_ort(name, array) for name, array in request.inputs.items()}
         wanted = list(request.outputs) or self._all_outputs
+        # Inline only while no run of this model is in flight, so no more runs happen at
+        # once than there are instances.
+        inline = not self._active and self._run_s < self._inline_s and (
+            self._run_s < self._inline_s * BUSY_SHARE or self._alone(request))
+        self._active += 1
         try:
-            session = self._free.get_nowait()
-        except asyncio.QueueEmpty:
-            session = await self._free.get()
-        try:
-            if self._run_s < self._inline_s and (
-                self._run_s < self._inline_s * BUSY_SHARE or self._alone(request)
-            ):
-                results, elapsed = _timed_run(session, wanted, feeds)
+            if inline:
+                results, elapsed = _timed_run(self._sessions[0], wanted, feeds)
             else:
                 loop = asyncio.get_running_loop()
                 results, elapsed = await loop.run_in_executor(
-                    self._pool, _timed_run, session, wanted, feeds
+                    self._pool, self._run_owned, wanted, feeds
                 )
         except (InvalidTensorError, RuntimeClosedError):
             raise
         except Exception as exc:  # onnxruntime's own failures (shape errors in ops, OOM...)
             raise InferenceFailed(f"onnxruntime failed: {exc}") from exc
         finally:
-            self._free.put_nowait(session)
+            self._active -= 1
+            if not self._active and self._drained is not None:
+                self._drained.set()
         # A moving average of the runs themselves decides where the next one happens.
         run_s = self._run_s
         self._run_s = elapsed if run_s == float("inf") else 0.8 * run_s + 0.2 * elapsed
         return {name: _from_ort(value) for name, value in zip(wanted, results, strict=True)}
+
+    def _run_owned(
+        self, wanted: list[str], feeds: dict[str, Tensor]
+    ) -> tuple[list[Any], float]:
+        # On a worker thread: the pool has one thread per instance, and each takes one
+        # session for good at its first run.
+        session: ort.InferenceSession | None = getattr(self._owned, "session", None)
+        if session is None:
+            session = self._owned.session = self._unowned.get_nowait()
+        return _timed_run(session, wanted, feeds)
 
     def _alone(self, request: InferRequest) -> bool:
         # With other requests waiting, the event loop has their work to do: a worker thread
@@ -213,9 +231,9 @@ class OnnxRuntime(Runtime):
 
     async def unload(self) -> None:
         self._closed = True
-        # Taking every session back waits for the requests that hold one to finish.
-        for _ in self._sessions:
-            await self._free.get()
+        if self._active:  # the runs in flight finish first
+            self._drained = asyncio.Event()
+            await self._drained.wait()
         self._sessions.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)

@@ -89,7 +89,7 @@ def test_a_flood_of_cheap_requests_leaves_health_probes_answering(tmp_path: Path
     assert flood.name.startswith("flood")
     codes = at_most_resets(flood, FLOOD.flood_connections * 64)
     assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, flood.codes
-    assert codes["RESOURCE_EXHAUSTED"] > 10 * codes["OK"]  # many times the capacity
+    assert codes["RESOURCE_EXHAUSTED"] > 4 * codes["OK"]  # offered: several times what is served
     assert flood.probes.sent >= 4
     assert_watched_fine(flood)
 

@@ -119,3 +119,45 @@ def test_inline_and_worker_runs_answer_alike(store: Path) -> None:
         assert a.keys() == b.keys()
         for name in a:
             np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_runs_queued_ahead_wait_in_the_pool_one_per_instance(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Four runs handed over at once (as staged batches are) to one instance: they queue in
+    # the instance's worker thread, never more than one at a time, each with its own answer.
+    import runtimes.onnx_runtime as module
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+    original = module._timed_run
+
+    def counting(*args: Any) -> Any:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return original(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(module, "_timed_run", counting)
+    entry = ModelRepository(store).scan()["slow"]
+    assert entry.spec is not None and entry.spec.instance_count == 1
+
+    async def scenario() -> list[Any]:
+        runtime = OnnxRuntime(ModelId("slow", 1), entry.spec, entry.version_files[1],
+                              OnnxOptions(device="cpu"))
+        await runtime.load()
+        try:
+            inputs = [np.full((2, SLOW_WIDTH), i, np.float32) for i in range(4)]
+            return list(await asyncio.gather(
+                *(runtime.infer(InferRequest({"x": x}, rows=2)) for x in inputs)))
+        finally:
+            await runtime.unload()
+
+    answers = asyncio.run(scenario())
+    assert most[0] == 1
+    for i, answer in enumerate(answers):  # the identity MatMuls give each its input back
+        np.testing.assert_allclose(answer["y"], np.full((2, SLOW_WIDTH), i, np.float32))
