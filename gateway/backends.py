@@ -25,9 +25,11 @@ class RuntimeFactory:
 
     def __init__(
         self, onnx: OnnxOptions, metrics: Metrics | None = None, tracing: Tracing | None = None,
-        upstreams: UpstreamPool | None = None, in_flight: Callable[[], int] | None = None,
+        *, upstreams: UpstreamPool | None = None, in_flight: Callable[[], int] | None = None,
+        staged_batches: int = 1,
     ) -> None:
         self._onnx = onnx
+        self._staged = staged_batches
         self._in_flight = in_flight
         self._upstreams = upstreams or UpstreamPool(())
         self._metrics = metrics
@@ -50,16 +52,17 @@ class RuntimeFactory:
         """Metrics and tracing around the scheduling: one observer per execution below the
         batcher (it sees merged batches), one per request above it."""
         if self._metrics is None:
-            return with_scheduling(runtime)
+            return with_scheduling(runtime, self._staged)
         executions = ExecutionObserver(runtime, self._metrics, self._tracing)
-        return RequestObserver(with_scheduling(executions), self._metrics, self._tracing)
+        return RequestObserver(with_scheduling(executions, self._staged), self._metrics,
+                               self._tracing)
 
 
-def with_scheduling(runtime: Runtime) -> Runtime:
+def with_scheduling(runtime: Runtime, staged_batches: int = 1) -> Runtime:
     """Statistics around every runtime; the dynamic batcher in between when the config has
     a dynamic_batching block (else requests run as they come, instance_count at a time)."""
     statistics = ModelStatistics(runtime.model)
     if runtime.spec.dynamic_batching is not None:
-        batcher = DynamicBatcher(runtime, statistics=statistics)
+        batcher = DynamicBatcher(runtime, statistics=statistics, staged=staged_batches)
         return StatisticsRuntime(batcher, statistics, records_executions=False)
     return StatisticsRuntime(runtime, statistics, records_executions=True)

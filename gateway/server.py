@@ -81,6 +81,7 @@ class Gateway:
             self.tracing,
             upstreams=self.upstreams,
             in_flight=lambda: self.inflight.inflight,
+            staged_batches=settings.staged_batches,
         )
         # The store's models plus those export=all Triton upstreams serve.
         self.manager = ModelManager(StoreWithUpstreams(settings.store, self.discovery), factory)

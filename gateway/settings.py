@@ -62,6 +62,13 @@ class Settings:
     inter_op_threads: int = field(
         default=1, metadata={"help": "onnxruntime inter-op threads per session"}
     )
+    staged_batches: int = field(
+        default=1, metadata={"help": "batches the dynamic batcher hands each model instance "
+                             "at once: 1 forms the next batch when an instance frees "
+                             "(Triton's rule); 2 forms it while one runs, so the instance "
+                             "starts it without waiting for the event loop (more throughput "
+                             "for compute-bound models, smaller batches under load)"}
+    )
     inline_compute_us: int = field(
         default=200, metadata={"help": "ONNX Runtime runs that take less than this many "
                                "microseconds (a moving average) run on the event loop "
@@ -166,6 +173,7 @@ _CHECKS: Final[Mapping[str, Callable[[Any], str | None]]] = {
     "intra_op_threads": lambda n: None if 0 <= n <= 256 else "must lie in 0..256",
     "inter_op_threads": lambda n: None if 0 <= n <= 256 else "must lie in 0..256",
     "inline_compute_us": lambda n: None if 0 <= n <= 100_000 else "must lie in 0..100000",
+    "staged_batches": lambda n: None if 1 <= n <= 8 else "must lie in 1..8",
     "event_loop": lambda v: None if v in ("auto", "uvloop", "asyncio") else
     "must be auto, uvloop or asyncio",
     "log_level": lambda v: None if v in _LEVELS else f"must be one of {', '.join(_LEVELS)}",

@@ -68,10 +68,10 @@ def req(
 
 
 class Harness:
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, staged: int = 1) -> None:
         self.clock = FakeClock()
         self.runtime = FakeRuntime(spec)
-        self.batcher = DynamicBatcher(self.runtime, clock=self.clock)
+        self.batcher = DynamicBatcher(self.runtime, clock=self.clock, staged=staged)
 
     def rows_per_call(self) -> list[int]:
         return [c.rows for c in self.runtime.calls]
@@ -373,6 +373,28 @@ async def test_never_more_batches_in_flight_than_instances() -> None:
     h.runtime.release()
     await asyncio.gather(*futures)
     assert h.runtime.max_running == 2
+
+
+async def test_staged_batches_hand_the_next_batch_over_while_one_runs() -> None:
+    # staged=2 with one instance: a second batch is formed and handed to the runtime while
+    # the first is held, and a third waits in the queue; each is a full batch of its own.
+    h = Harness(make_spec(max_batch_size=2, delay_us=1000), staged=2)
+    h.runtime.hold = True
+    futures = [h.batcher.enqueue(req(start=i)) for i in range(6)]
+    await h.runtime.wait_calls(2)
+    await h.settle()
+    assert h.rows_per_call() == [2, 2] and h.batcher.in_flight() == 2
+    h.runtime.release(1)
+    await h.runtime.wait_calls(3)
+    await h.settle()
+    assert h.rows_per_call() == [2, 2, 2] and h.batcher.in_flight() == 2
+    h.runtime.hold = False
+    h.runtime.release()
+    answers = await asyncio.gather(*futures)
+    for i, answer in enumerate(answers):  # each caller gets its own row back
+        np.testing.assert_array_equal(answer["y"], req(start=i).inputs["x"])
+    with pytest.raises(ValueError, match="staged"):
+        DynamicBatcher(FakeRuntime(make_spec()), staged=0)
 
 
 async def test_rows_beyond_max_batch_size_are_invalid() -> None:
