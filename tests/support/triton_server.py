@@ -18,6 +18,7 @@ from typing import Final
 
 import grpc
 
+from loadtests.servers import children
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support.gateway import REPO_ROOT, free_port
@@ -267,10 +268,16 @@ class TritonServer:
         return "\n".join(line for line in text.splitlines() if not line.startswith("+"))[-4000:]
 
     def kill(self) -> None:
-        """SIGKILL: in-flight requests see their connection drop, as in a crash."""
+        """SIGKILL: in-flight requests see their connection drop, as in a crash. The Python
+        backend's stub processes outlive a killed server (reparented, still running), so
+        they are killed too: a test run leaves no process behind."""
         if self.proc is not None and self.proc.poll() is None:
+            stubs = children(self.proc.pid)
             self.proc.kill()
             self.proc.wait(30)
+            for pid in stubs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
