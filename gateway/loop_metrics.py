@@ -31,16 +31,10 @@ class Count:
         self.value += amount
 
 
-class Level:
+class Level(Count):
     """A gauge's value."""
 
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
+    __slots__ = ()
 
     def dec(self, amount: float = 1.0) -> None:
         self.value -= amount

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Final
 
 from gateway import observe
@@ -87,7 +88,18 @@ def seconds_to_next_day(wall: float) -> float:
 
 
 class Admission(abc.ABC):
-    """What one admitted request holds: tokens it may give back, a slot it must free."""
+    """What one admitted request holds: tokens it may give back, a slot it must free. As a
+    context manager around the request's run: refunded when the run was rejected before it
+    ran (the REFUNDABLE errors), released always."""
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if isinstance(error, REFUNDABLE):
+            self.refund()
+        self.release()
 
     @abc.abstractmethod
     def refund(self) -> None:
@@ -121,22 +133,13 @@ class QuotaStore(abc.ABC):
     async def admit(self, scopes: Sequence[Scope], rows: int) -> AsyncIterator[Admission]:
         """Charge, run the body, refund when the body is rejected before running (the
         REFUNDABLE errors), and always free the in-flight slot."""
-        if not scopes:
-            yield NO_ADMISSION
-            return
-        admission = await self.admission(scopes, rows)
-        try:
+        with (await self.admission(scopes, rows) if scopes else NO_ADMISSION) as admission:
             yield admission
-        except REFUNDABLE:
-            admission.refund()
-            raise
-        finally:
-            admission.release()
 
 
     async def admission(self, scopes: Sequence[Scope], rows: int) -> Admission:
         """Charge (at once when the store can), recording a rejection for the metrics and
-        the span; the caller refunds and releases (see ``admit``)."""
+        the span; the caller runs the request inside ``with admission:``."""
         try:
             with observe.stage("quota"):  # a child span of the RPC's when tracing is on
                 admission = self.charge_at_once(scopes, rows)

@@ -124,12 +124,6 @@ TRACE_HEADERS: Final = frozenset({"traceparent", "tracestate"})
 _WANTED: Final = frozenset({LABEL_KEY, ROUTING_KEY, *TRACE_HEADERS})
 
 
-def routing_metadata(metadata: Iterable[Any] | None) -> tuple[str | None, str | None]:
-    """The request's (x-model-label, x-routing-key) metadata entries, if sent."""
-    label, key, _ = request_metadata(metadata)
-    return label, key
-
-
 def request_metadata(
     metadata: Iterable[Any] | None,
 ) -> tuple[str | None, str | None, dict[str, str]]:

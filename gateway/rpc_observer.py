@@ -134,12 +134,7 @@ class RpcObserver:
         error: BaseException | None,
     ) -> None:
         """Count, end the span and log one finished RPC."""
-        self._finish(record, _status_code(context, error), request, context)
-
-    def _finish(
-        self, record: observe.RequestRecord, code: grpc.StatusCode, request: Any,
-        context: Context | None,
-    ) -> None:
+        code = _status_code(context, error)
         elapsed = time.perf_counter() - record.start
         code_name = code.name
         if record.tenant is None:
@@ -154,7 +149,7 @@ class RpcObserver:
         if span is None and self._access_log is None:
             return
         # The peer is only worth its lookup when a span or a log line will carry it.
-        peer = context.peer() if context is not None else ""
+        peer = context.peer()
         if span is not None:
             self._end_span(record, span, code, peer)
         if self._access_log is not None:
@@ -197,11 +192,9 @@ def _tenant_id() -> str | None:
         return None
 
 
-def _names_limit(context: Context | None) -> bool:
+def _names_limit(context: Context) -> bool:
     """Whether the answer carries the quota's trailer (a quota rejection, not a full
     queue): the modelgate-limit trailer is part of the wire contract."""
-    if context is None:
-        return False
     return any(key == LIMIT_KEY for key, _ in context.trailing_metadata() or ())
 
 

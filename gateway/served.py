@@ -39,7 +39,10 @@ class ServedVersion:
     inflight: int = 0
     idle: asyncio.Event | None = None
     drain: asyncio.Task[None] | None = None
-    codec: InferCodec | None = None  # set by the servicer on the first request
+    codec: InferCodec = field(init=False)  # decodes its requests, encodes its answers
+
+    def __post_init__(self) -> None:
+        self.codec = InferCodec(self.spec, self.id.version)
 
 
 @dataclass(slots=True, eq=False)

@@ -13,11 +13,10 @@ import grpc
 
 from gateway import observe
 from gateway.auth import current_tenant, visible_version
-from gateway.codec import InferCodec
 from gateway.errors import ModelNotReadyError
 from gateway.manager import ModelManager, ServedModel, VersionState
 from gateway.model_control import ModelControl
-from gateway.quota import REFUNDABLE, LocalQuotaStore, QuotaStore
+from gateway.quota import NO_ADMISSION, LocalQuotaStore, QuotaStore
 from gateway.routing import request_metadata, requested_target
 from gateway.sanitize import strip_paths
 from gateway.statistics import Duration, StatisticsSnapshot, statistics_of
@@ -216,8 +215,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 served = lease.version
                 observe.set_model(served.id)  # labels metrics, spans and the access log
                 codec = served.codec
-                if codec is None:
-                    codec = served.codec = InferCodec(served.spec, served.id.version)
                 infer = codec.decode(request)
                 if not infer.priority:  # 0 = the request set none: the tenant's level
                     batching = served.spec.dynamic_batching
@@ -229,18 +226,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if trace_headers:  # for remote runtimes (Triton) to send upstream
                     infer.tags[TRACE_HEADERS_TAG] = trace_headers
                 scopes = tenant.scopes(request.model_name)
-                if scopes:
-                    # Charged before queueing; refunded if rejected before it ran (the
-                    # steps of QuotaStore.admit, without its async generator per request).
-                    admission = await self._quota.admission(scopes, infer.rows)
-                    try:
-                        outputs = await lease.runtime.infer(infer)
-                    except REFUNDABLE:
-                        admission.refund()
-                        raise
-                    finally:
-                        admission.release()
-                else:
+                # Charged before queueing; refunded if rejected before it ran (what
+                # QuotaStore.admit does, without an async generator per request).
+                with (await self._quota.admission(scopes, infer.rows) if scopes
+                      else NO_ADMISSION):
                     outputs = await lease.runtime.infer(infer)
                 self._manager.mirror(lease, infer, outputs)
                 return codec.encode(request, outputs)

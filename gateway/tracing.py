@@ -158,14 +158,14 @@ class Tracing:
     several gateways (tests) may live in one process with different settings."""
 
     def __init__(self, provider: TracerProvider, processor: _DropCountingProcessor,
-                 ids: _ChosenIds | None = None, ratio: float | None = None) -> None:
+                 ids: _ChosenIds, root: TraceIdRatioBased | None) -> None:
         self.provider = provider
         self._processor = processor
         self._ids = ids
-        # With the ratio setting the sampler is ParentBased(TraceIdRatioBased(ratio)): a
-        # root's decision is the ratio sampler's comparison, made here without the SDK's
-        # calls. Other samplers (OTEL_TRACES_SAMPLER) are asked.
-        self._bound = None if ratio is None else TraceIdRatioBased(ratio).bound
+        # With the ratio setting the sampler is ParentBased(root): a root span's decision
+        # is the ratio's comparison, made here without the SDK's calls. Other samplers
+        # (OTEL_TRACES_SAMPLER) are asked.
+        self._bound = None if root is None else root.bound
         self.tracer: trace.Tracer = provider.get_tracer(INSTRUMENTATION)
         self.propagator = CompositePropagator(
             [TraceContextTextMapPropagator(), W3CBaggagePropagator()]
@@ -176,7 +176,7 @@ class Tracing:
         any span exists: its trace id (32 hex digits) when the request is sampled out, so
         that it needs no span, context or OTel call at all (what 1 % sampling should cost);
         None when a span must be made (the next root span then gets the id asked about)."""
-        if self._ids is None or any(key in _CONTEXT_KEYS for key, _ in metadata):
+        if any(key in _CONTEXT_KEYS for key, _ in metadata):
             return None
         trace_id = random.getrandbits(128) or 1  # the SDK's own generator, never invalid
         if self._bound is not None:
@@ -245,12 +245,12 @@ def _protocol_check(environ: Mapping[str, str]) -> None:
             return
 
 
-def _sampler(settings: Settings) -> Sampler | None:
+def _ratio_root(settings: Settings) -> TraceIdRatioBased | None:
     # None lets the SDK read OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default:
-    # parentbased_always_on); a ratio setting overrides them.
+    # parentbased_always_on); a ratio setting overrides them with ParentBased(this).
     if settings.trace_sampling_ratio < 0:
         return None
-    return ParentBased(TraceIdRatioBased(settings.trace_sampling_ratio))
+    return TraceIdRatioBased(settings.trace_sampling_ratio)
 
 
 def _resource() -> Resource:
@@ -290,15 +290,15 @@ def build_tracing(
             endpoint = "http://" + endpoint  # a bare host:port means a plaintext collector
         # The exporter reads OTEL_EXPORTER_OTLP_[TRACES_]{ENDPOINT,HEADERS,TIMEOUT,...}.
         exporter = OTLPSpanExporter(endpoint=endpoint)
-    ids = _ChosenIds()
-    provider = TracerProvider(sampler=_sampler(settings), resource=_resource(), id_generator=ids)
+    ids, root = _ChosenIds(), _ratio_root(settings)
+    sampler: Sampler | None = None if root is None else ParentBased(root)
+    provider = TracerProvider(sampler=sampler, resource=_resource(), id_generator=ids)
     processor = _DropCountingProcessor(exporter, _queue_size(env), drop)
     provider.add_span_processor(processor)
     log.info(
         "tracing on: %s exporter, sampler %s", kind, provider.sampler.get_description()
     )
-    ratio = settings.trace_sampling_ratio if settings.trace_sampling_ratio >= 0 else None
-    return Tracing(provider, processor, ids, ratio)
+    return Tracing(provider, processor, ids, root)
 
 
 def set_attributes(span: trace.Span, attributes: Iterable[tuple[str, Any]]) -> None:
