@@ -1,2 +1,2 @@
-"""Everything that serves: settings, CLI, server wiring, the servicer, protobuf-tensor
-conversion, model management and execution wrappers."""
+"""Everything that serves, grouped in wings (see docs/architecture.md). The foundation
+modules at this level (errors, sanitize, settings, status) import no wing."""

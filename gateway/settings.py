@@ -137,7 +137,7 @@ class Settings:
                                 "export=all Triton upstreams"}
     )
     # Internal, set by the supervisor for its workers (no flag, variable or file key): the
-    # shared-memory quota table of gateway/quota_table.py.
+    # shared-memory quota table of gateway/quota/table.py.
     quota_table: Path | None = field(default=None, metadata={"internal": True})
 
 

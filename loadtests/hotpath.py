@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 
-from gateway import event_loop
-from gateway.server import Gateway
+from gateway.process import event_loop
+from gateway.process.server import Gateway
 from gateway.settings import Settings, demo_store
 from loadtests.requests import request_for
 from loadtests.tracing_bench import span_sink

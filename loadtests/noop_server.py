@@ -26,8 +26,8 @@ from typing import Any
 
 import grpc
 
-from gateway import event_loop
-from gateway.event_loop import CHOICES
+from gateway.process import event_loop
+from gateway.process.event_loop import CHOICES
 from loadtests.requests import require_loopback
 from loadtests.servers import stop_process
 

@@ -23,10 +23,11 @@ from typing import Any
 
 import grpc
 
-from gateway import cli, tenant_admin
-from gateway.quota import Limits, LocalQuotaStore, QuotaStore, Scope
-from gateway.quota_redis import RedisQuotaStore
+from gateway.process import cli
+from gateway.quota.redis_store import RedisQuotaStore
+from gateway.quota.store import Limits, LocalQuotaStore, QuotaStore, Scope
 from gateway.settings import demo_store
+from gateway.tenancy import admin as tenant_admin
 from loadtests.benchmark import LevelResult, closed_loop
 from loadtests.requests import request_for
 from loadtests.servers import cpu_seconds, redis_process, start_gateway

@@ -70,7 +70,7 @@ def start_gateway(
     """``modelgate serve`` on a free loopback port (the demo store when ``store`` is None);
     yields once every worker is ready, and stops it afterwards."""
     port, metrics_port = free_port(), free_port()
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "gateway.process.cli", "serve", "--host", "127.0.0.1",
                "--grpc-port", str(port), "--metrics-port", str(metrics_port),
                "--log-level", "WARNING", "--workers", str(workers),
                *(["--store", str(store)] if store else []), *extra]

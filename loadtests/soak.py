@@ -19,7 +19,8 @@ from pathlib import Path
 
 import grpc
 
-from gateway import cli, tenant_admin
+from gateway.process import cli
+from gateway.tenancy import admin as tenant_admin
 from loadtests.benchmark import served_gateway
 from loadtests.overload import percentiles
 from loadtests.probes import rss_kib

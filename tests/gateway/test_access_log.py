@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gateway.access_log import MAX_FIELD, AccessEntry, format_entry
+from gateway.observability.access_log import MAX_FIELD, AccessEntry, format_entry
 from modelgate_pb import grpc_service_pb2 as pb
 from tests.support.gateway import running_gateway
 from tests.support.models import add_constant, add_model_config, write_model

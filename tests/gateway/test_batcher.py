@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pytest
 
-from gateway.batcher import RETRY_AFTER_KEY, DynamicBatcher
+from gateway.batching.batcher import RETRY_AFTER_KEY, DynamicBatcher
 from gateway.errors import InvalidRequestError, OverloadedError, RequestTimeoutError
 from model_store.datatypes import DataType
 from model_store.spec import (

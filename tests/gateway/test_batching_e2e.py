@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from gateway.batcher import DynamicBatcher
+from gateway.batching.batcher import DynamicBatcher
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support import models

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from gateway import codec as codec_module
-from gateway.codec import InferCodec
-from gateway.conversion import decode_request, encode_response
 from gateway.errors import InvalidRequestError
+from gateway.wire.codec import InferCodec
+from gateway.wire.conversion import decode_request, encode_response
 from model_store.datatypes import DataType
 from model_store.errors import InputMismatchError
 from model_store.spec import ModelSpec, TensorSpec

@@ -8,11 +8,11 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway.auth import Authenticator
-from gateway.edge import Edge, EdgeError
-from gateway.limits import InflightLimit
-from gateway.metrics import Metrics
-from gateway.rpc_observer import RpcObserver
+from gateway.observability.metrics import Metrics
+from gateway.pipeline.limits import InflightLimit
+from gateway.tenancy.auth import Authenticator
+from gateway.wire.edge import Edge, EdgeError
+from gateway.wire.rpc_observer import RpcObserver
 
 
 class _Opaque(grpc.GenericRpcHandler):  # type: ignore[type-arg]

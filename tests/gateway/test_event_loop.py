@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from gateway import event_loop
-from gateway.event_loop import EventLoopError, loop_factory
+from gateway.process import event_loop
+from gateway.process.event_loop import EventLoopError, loop_factory
 from gateway.settings import SettingsError, load_settings
 from tests.support.gateway import GatewayProcess
 

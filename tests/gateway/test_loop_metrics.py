@@ -8,7 +8,7 @@ import threading
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.loop_metrics import LoopMetrics
+from gateway.observability.loop_metrics import LoopMetrics
 
 BUCKETS = (0.001, 0.01, 0.1)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import MAX_TENANTS, OTHER_TENANT, Metrics
+from gateway.observability.metrics import MAX_TENANTS, OTHER_TENANT, Metrics
 from modelgate_pb import grpc_service_pb2 as pb
 from tests.gateway.test_tenants import admin, issue
 from tests.support.gateway import RunningGateway, running_gateway

@@ -14,7 +14,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from gateway.settings import SettingsError, load_settings
-from gateway.tenants import hash_key, new_key
+from gateway.tenancy.tenants import hash_key, new_key
 from modelgate_pb import grpc_service_pb2 as pb
 from tests.support import models
 from tests.support.gateway import GatewayProcess, RunningGateway, running_gateway

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import OverloadedError, QuotaExceededError, QuotaUnavailableError
-from gateway.quota import DAY_S, Admission, Limits, LocalQuotaStore, QuotaStore, Scope
-from gateway.quota_redis import FAIL_CLOSED, FAIL_OPEN, RedisQuotaStore
-from gateway.quota_shared import SharedQuotaStore
-from gateway.quota_table import create_table
+from gateway.quota.redis_store import FAIL_CLOSED, FAIL_OPEN, RedisQuotaStore
+from gateway.quota.shared import SharedQuotaStore
+from gateway.quota.store import DAY_S, Admission, Limits, LocalQuotaStore, QuotaStore, Scope
+from gateway.quota.table import create_table
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -208,7 +208,7 @@ async def test_fail_open_serves_under_local_limits_and_resumes_shared(
         await store.charge(scopes, 1)
     await rejected(store, scopes)
     _paused(redis_server)
-    caplog.set_level(logging.WARNING, logger="gateway.quota_redis")
+    caplog.set_level(logging.WARNING, logger="gateway.quota.redis_store")
     # The local fallback has its own full bucket: this process's share, not zero.
     admitted: list[Admission] = []
     for _ in range(10):

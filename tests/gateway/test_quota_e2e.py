@@ -17,8 +17,8 @@ import pytest
 import redis
 import tritonclient.grpc as tc
 
-from gateway.quota import DAY_S, LocalQuotaStore
-from gateway.quota_redis import RedisQuotaStore
+from gateway.quota.redis_store import RedisQuotaStore
+from gateway.quota.store import DAY_S, LocalQuotaStore
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway.test_tenants import admin, issue
@@ -192,7 +192,7 @@ def test_queue_full_rejections_give_tokens_back(
 
 
 def _batcher_pending(gw: RunningGateway, model: str) -> int:
-    from gateway.batcher import DynamicBatcher
+    from gateway.batching.batcher import DynamicBatcher
 
     runtime: object = gw.gateway.manager.version(model, "1").runtime
     while runtime is not None and not isinstance(runtime, DynamicBatcher):

@@ -17,9 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.errors import QuotaExceededError
-from gateway.quota import Admission, Limits, Scope
-from gateway.quota_leases import BLOCK_MAX, block_size
-from gateway.quota_redis import FAIL_OPEN, RedisQuotaStore
+from gateway.quota.leases import BLOCK_MAX, block_size
+from gateway.quota.redis_store import FAIL_OPEN, RedisQuotaStore
+from gateway.quota.store import Admission, Limits, Scope
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -203,8 +203,8 @@ async def test_a_held_slot_stays_held_past_the_hold_time(
 
 CRASHING_HOLDER = """
 import asyncio, sys
-from gateway.quota import Limits, Scope
-from gateway.quota_redis import RedisQuotaStore
+from gateway.quota.store import Limits, Scope
+from gateway.quota.redis_store import RedisQuotaStore
 
 async def main() -> None:
     store = RedisQuotaStore(sys.argv[1], hold_s=float(sys.argv[2]), give_back_s=60.0)

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from gateway.errors import QuotaExceededError
-from gateway.quota import Limits, LocalQuotaStore, Scope
-from gateway.quota_redis import build_quota_store
-from gateway.quota_shared import SharedQuotaStore
-from gateway.quota_table import HEADER, MAGIC, PREFIX, QuotaTableError, create_table, slot_bytes
+from gateway.quota.redis_store import build_quota_store
+from gateway.quota.shared import SharedQuotaStore
+from gateway.quota.store import Limits, LocalQuotaStore, Scope
+from gateway.quota.table import HEADER, MAGIC, PREFIX, QuotaTableError, create_table, slot_bytes
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -123,7 +123,7 @@ async def test_a_killed_worker_holds_no_lock_and_its_restart_frees_its_slots(
             other.charge_now(FEW, 1)
         assert info.value.trailers["modelgate-limit"] == "concurrent"
         # Worker 0 restarts: its column is zeroed, the dead worker's two slots come back.
-        caplog.set_level(logging.WARNING, logger="gateway.quota_shared")
+        caplog.set_level(logging.WARNING, logger="gateway.quota.shared")
         restarted = SharedQuotaStore(table.path, 0)
         await restarted.start()
         assert "freed 2 in-flight quota slots" in caplog.text
@@ -146,7 +146,7 @@ async def test_a_killed_worker_holds_no_lock_and_its_restart_frees_its_slots(
 async def test_a_full_table_limits_new_scopes_per_worker_and_says_so_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="gateway.quota_shared")
+    caplog.set_level(logging.ERROR, logger="gateway.quota.shared")
     table = create_table(1, slots=2, folder=tmp_path)
     store = SharedQuotaStore(table.path, 0)
     await store.start()
@@ -254,7 +254,7 @@ def test_a_table_that_does_not_add_up_is_refused(
     with pytest.raises(QuotaTableError, match="no column"):
         SharedQuotaStore(good.path, 2)
     # The server falls back to per-worker limits, loudly.
-    caplog.set_level(logging.ERROR, logger="gateway.quota_redis")
+    caplog.set_level(logging.ERROR, logger="gateway.quota.redis_store")
     assert isinstance(build_quota_store("", "fail-open", table=bad["magic"], worker_index=0),
                       LocalQuotaStore)
     assert "bad magic" in caplog.text

@@ -16,10 +16,10 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from gateway.backends import RuntimeFactory
 from gateway.errors import ModelNotFoundError
-from gateway.manager import ModelManager, VersionState
-from gateway.reloader import Reloader
+from gateway.models.backends import RuntimeFactory
+from gateway.models.manager import ModelManager, VersionState
+from gateway.models.reloader import Reloader
 from model_store.config import parse_config_text, spec_from_config
 from model_store.errors import ModelConfigError
 from model_store.repository import ModelRepository

@@ -14,7 +14,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from gateway.errors import InvalidRequestError, ModelNotFoundError
-from gateway.routing import (
+from gateway.models.routing import (
     Router,
     RoutingTable,
     choose_weighted,

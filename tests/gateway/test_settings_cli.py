@@ -60,7 +60,7 @@ def test_unknown_key_in_config_file(tmp_path: Path) -> None:
 
 def _modelgate(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
+        [sys.executable, "-m", "gateway.process.cli", *args],
         capture_output=True, text=True, cwd=cwd, check=False, timeout=60,
         env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
     )

@@ -13,8 +13,8 @@ import pytest
 import tritonclient.grpc as tc
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.shadow import ShadowMirror, ShadowResult, ShadowStats, compare
-from gateway.tracing import TRACE_ID_KEY
+from gateway.models.shadow import ShadowMirror, ShadowResult, ShadowStats, compare
+from gateway.observability.tracing import TRACE_ID_KEY
 from modelgate_pb import grpc_service_pb2 as pb
 from tests.support import models
 from tests.support.gateway import RunningGateway, running_gateway

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from gateway.backends import with_scheduling
-from gateway.batcher import DynamicBatcher
-from gateway.statistics import ModelStatistics, StatisticsRuntime, statistics_of
+from gateway.batching.batcher import DynamicBatcher
+from gateway.models.backends import with_scheduling
+from gateway.observability.statistics import ModelStatistics, StatisticsRuntime, statistics_of
 from model_store.datatypes import DataType
 from model_store.spec import DynamicBatchingSpec, ModelId, ModelSpec, TensorSpec
 from runtimes.base import InferRequest

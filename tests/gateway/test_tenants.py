@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli, tenant_admin
-from gateway.auth import Authenticator
 from gateway.errors import AuthenticationError
-from gateway.quota import Limits
+from gateway.process import cli
+from gateway.quota.store import Limits
 from gateway.settings import SettingsError, check_exposure, load_settings
-from gateway.tenants import (
+from gateway.tenancy import admin as tenant_admin
+from gateway.tenancy.auth import Authenticator
+from gateway.tenancy.tenants import (
     TenantRegistry,
     TenantsFileError,
     hash_key,

@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.auth import Authenticator
+from gateway.tenancy.auth import Authenticator
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway.test_tenants import admin, issue

@@ -14,8 +14,8 @@ import grpc
 import numpy as np
 import pytest
 
+from gateway.observability.tracing import TRACE_ID_KEY, TracingConfigError, build_tracing
 from gateway.settings import Settings
-from gateway.tracing import TRACE_ID_KEY, TracingConfigError, build_tracing
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support.gateway import GatewayProcess, RunningGateway, running_gateway

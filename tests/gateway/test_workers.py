@@ -15,7 +15,7 @@ import numpy as np
 import tritonclient.grpc as tc
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics_fanin import merge_expositions
+from gateway.process.metrics_fanin import merge_expositions
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.waiting import wait_until
 
@@ -137,8 +137,8 @@ def test_a_worker_orphaned_before_it_started_still_stops() -> None:
     init for its supervisor."""
     import multiprocessing
 
+    from gateway.process.workers import _worker_main
     from gateway.settings import Settings
-    from gateway.workers import _worker_main
 
     settings = Settings(grpc_port=free_port(), metrics_port=0, workers="1")
     context = multiprocessing.get_context("spawn")

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from gateway.server import Gateway
+from gateway.process.server import Gateway
 from gateway.settings import Settings
 
 pytestmark = pytest.mark.timeout(180)

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.batcher import DynamicBatcher
+from gateway.batching.batcher import DynamicBatcher
 from gateway.errors import RequestTimeoutError
 from model_store.repository import ModelRepository
 from model_store.spec import ModelId

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gateway.quota_redis import RedisQuotaStore
+from gateway.quota.redis_store import RedisQuotaStore
 from loadtests.overload import slow_store
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc

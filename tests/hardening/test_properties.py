@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from gateway.conversion import MAX_ELEMENTS
+from gateway.wire.conversion import MAX_ELEMENTS
 from model_store.datatypes import DataType
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc

@@ -17,7 +17,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from gateway.conversion import MAX_ELEMENTS, MAX_TENSORS
+from gateway.wire.conversion import MAX_ELEMENTS, MAX_TENSORS
 from loadtests import h2load
 from loadtests.noop_server import start_noop
 from loadtests.probes import peak_rss_kib

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from gateway.server import Gateway
+from gateway.process.server import Gateway
 from gateway.settings import Settings, demo_store
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
@@ -102,7 +102,7 @@ class GatewayProcess:
         self.log_path = Path(tempfile.mkstemp(prefix="modelgate-", suffix=".log")[1])
         # Metrics on a free port (each worker its own), so parallel runs never collide;
         # ``args`` may still name one (the last flag wins).
-        command = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "gateway.process.cli", "serve", "--host", "127.0.0.1",
                    "--grpc-port", str(self.port), "--metrics-port", "0", *args]
         full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
         self._log = self.log_path.open("wb")

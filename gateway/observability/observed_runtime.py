@@ -1,0 +1,239 @@
+"""Runtime wrappers that trace and measure inference: RequestObserver sits above the batcher
+(one request: in-flight, queue wait), ExecutionObserver below it (one executed batch)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from gateway.observability import observe
+from gateway.observability.metrics import Metrics, ModelMetrics
+from gateway.observability.tracing import (
+    ATTR_BATCH_REQUESTS,
+    ATTR_BATCH_ROWS,
+    ATTR_MODEL,
+    ATTR_QUEUE_US,
+    ATTR_ROWS,
+    ATTR_VERSION,
+    Tracing,
+)
+from runtimes.base import (
+    MEMBER_TAGS,
+    TRACE_HEADERS_TAG,
+    InferRequest,
+    Runtime,
+    RuntimeMetadata,
+    Tensor,
+)
+
+# Key of a request's tags under which its RequestObservation travels through the batcher.
+OBSERVATION_TAG: Final = "modelgate.observation"
+_W3C: Final = TraceContextTextMapPropagator()
+# The model manager tags its warm-up requests so; like Triton, they are not counted.
+WARMUP_TAG: Final = "warmup"
+
+
+@dataclass(slots=True)
+class RequestObservation:
+    """One request's timings and span, shared between the two wrappers via its tags.
+    perf_counter seconds for durations; wall-clock nanoseconds for span timestamps."""
+
+    enqueued: float
+    enqueued_ns: int
+    span: trace.Span | None
+    dispatched: float | None = None
+    dispatched_ns: int | None = None
+    compute_s: float | None = None
+    batch_rows: int | None = None
+
+
+class _Wrapper(Runtime):
+    """Delegates the lifecycle to ``inner`` (named so other wrappers can walk the stack)."""
+
+    def __init__(self, inner: Runtime) -> None:
+        self.inner = inner
+        self.model = inner.model
+        self.spec = inner.spec
+
+    async def load(self) -> None:
+        await self.inner.load()
+
+    async def unload(self) -> None:
+        await self.inner.unload()
+
+    def metadata(self) -> RuntimeMetadata:
+        return self.inner.metadata()
+
+
+class RequestObserver(_Wrapper):
+    """Per request: in-flight and queue-depth gauges, queue and compute histograms, the
+    request's 'infer' span with a retroactive 'queue' child, and the RPC record's figures."""
+
+    def __init__(self, inner: Runtime, metrics: Metrics, tracing: Tracing | None) -> None:
+        super().__init__(inner)
+        self._m: ModelMetrics = metrics.model(inner.model)
+        self._tracer = tracing.tracer if tracing is not None else None
+        self._name = f"infer {inner.model.name}"
+
+    async def infer(self, request: InferRequest) -> dict[str, Tensor]:
+        if WARMUP_TAG in request.tags:
+            return await self.inner.infer(request)
+        record = observe.current()
+        if record is not None:
+            record.model = self.model
+            record.rows = request.rows
+        span: trace.Span | None = None
+        # A sampled-out RPC gets no child spans at all: that is what 1 % sampling buys.
+        if self._tracer is not None and (
+            record is None or (record.span is not None and record.span.is_recording())
+        ):
+            span = self._tracer.start_span(
+                self._name, kind=SpanKind.INTERNAL,
+                attributes={
+                    ATTR_MODEL: self.model.name, ATTR_VERSION: self.model.version,
+                    ATTR_ROWS: request.rows,
+                },
+            )
+        obs = RequestObservation(time.perf_counter(), time.time_ns(), span)
+        request.tags[OBSERVATION_TAG] = obs
+        m = self._m
+        m.in_flight.inc()
+        m.queue_depth.inc()
+        try:
+            if span is None:
+                return await self.inner.infer(request)
+            with trace.use_span(span, end_on_exit=False, record_exception=True,
+                                set_status_on_exception=True):
+                return await self.inner.infer(request)
+        finally:
+            m.in_flight.dec()
+            self._finish(obs, record)
+
+    def _finish(self, obs: RequestObservation, record: observe.RequestRecord | None) -> None:
+        m = self._m
+        if obs.dispatched is None:
+            m.queue_depth.dec()  # left the queue without running: rejected, expired, gone
+        else:
+            queue_s = obs.dispatched - obs.enqueued
+            m.queue_duration.observe(queue_s)
+            if obs.compute_s is not None:
+                m.compute_duration.observe(obs.compute_s)
+            if record is not None:
+                record.queue_s = queue_s
+                record.compute_s = obs.compute_s
+                record.batch_rows = obs.batch_rows
+        span = obs.span
+        if span is None:
+            return
+        if span.is_recording():
+            end_ns = obs.dispatched_ns if obs.dispatched_ns is not None else time.time_ns()
+            queue = self._tracer.start_span(  # type: ignore[union-attr]
+                "queue", context=trace.set_span_in_context(span),
+                start_time=obs.enqueued_ns,
+                attributes={ATTR_QUEUE_US: (end_ns - obs.enqueued_ns) // 1000},
+            )
+            queue.end(end_time=end_ns)
+            span.set_attribute(ATTR_QUEUE_US, (end_ns - obs.enqueued_ns) // 1000)
+            if obs.batch_rows is not None:
+                span.set_attribute(ATTR_BATCH_ROWS, obs.batch_rows)
+        span.end()
+
+
+def _members(batch: InferRequest) -> list[RequestObservation]:
+    tags = batch.tags.get(MEMBER_TAGS)
+    member_tags: Sequence[object] = tags if isinstance(tags, (list, tuple)) else [batch.tags]
+    found: list[RequestObservation] = []
+    for member in member_tags:
+        if isinstance(member, dict):
+            obs = member.get(OBSERVATION_TAG)
+            if isinstance(obs, RequestObservation):
+                found.append(obs)
+    return found
+
+
+class ExecutionObserver(_Wrapper):
+    """Per execution (the merged batch the batcher runs, or one request of a model without
+    a batcher): inference and execution counts, batch sizes, and a 'batch' span linked to
+    the span of every member request (and each of those linked back to it)."""
+
+    def __init__(self, inner: Runtime, metrics: Metrics, tracing: Tracing | None) -> None:
+        super().__init__(inner)
+        self._m: ModelMetrics = metrics.model(inner.model)
+        self._tracer = tracing.tracer if tracing is not None else None
+        self._name = f"batch {inner.model.name}"
+
+    async def infer(self, request: InferRequest) -> dict[str, Tensor]:
+        members = _members(request)
+        if not members and WARMUP_TAG in request.tags:
+            return await self.inner.infer(request)
+        start = time.perf_counter()
+        start_ns = time.time_ns()
+        for obs in members:
+            obs.dispatched = start
+            obs.dispatched_ns = start_ns
+            obs.batch_rows = request.rows
+        self._m.queue_depth.dec(len(members))
+        span = None
+        if self._tracer is not None and (
+            not members or any(o.span is not None for o in members)
+        ):
+            span = self._start_span(request, members)
+        try:
+            if span is None:
+                outputs = await self.inner.infer(request)
+            else:
+                if span.get_span_context().is_valid:
+                    # A remote runtime (Triton) sends these upstream: its spans join ours.
+                    headers: dict[str, str] = {}
+                    _W3C.inject(headers, context=trace.set_span_in_context(span))
+                    request.tags[TRACE_HEADERS_TAG] = headers
+                with trace.use_span(span, end_on_exit=False, record_exception=True,
+                                    set_status_on_exception=True):
+                    outputs = await self.inner.infer(request)
+        finally:
+            compute = time.perf_counter() - start
+            for obs in members:
+                obs.compute_s = compute
+            if span is not None:
+                self._link_back(span, members)
+                span.end()
+        m = self._m
+        m.inference_count.inc(request.rows)
+        m.exec_count.inc()
+        m.batch_size.observe(request.rows)
+        return outputs
+
+    def _start_span(
+        self, request: InferRequest, members: list[RequestObservation]
+    ) -> trace.Span:
+        spans = [o.span for o in members if o.span is not None]
+        # The batch joins the trace of its first sampled member (so it is sampled when any
+        # member is, and costs nothing when none is); links name every member.
+        parent = next((s for s in spans if s.get_span_context().trace_flags.sampled), None)
+        if parent is None and spans:
+            parent = spans[0]
+        context = trace.set_span_in_context(parent) if parent is not None else Context()
+        links = [Link(s.get_span_context()) for s in spans if s.get_span_context().is_valid]
+        return self._tracer.start_span(  # type: ignore[union-attr]
+            self._name, context=context, kind=SpanKind.INTERNAL, links=links,
+            attributes={
+                ATTR_MODEL: self.model.name, ATTR_VERSION: self.model.version,
+                ATTR_BATCH_ROWS: request.rows, ATTR_BATCH_REQUESTS: max(1, len(members)),
+            },
+        )
+
+    @staticmethod
+    def _link_back(span: trace.Span, members: list[RequestObservation]) -> None:
+        context = span.get_span_context()
+        if not context.is_valid:
+            return
+        for obs in members:
+            if obs.span is not None and obs.span.is_recording():
+                obs.span.add_link(context)

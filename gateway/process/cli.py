@@ -1,0 +1,94 @@
+"""The ``modelgate`` command line: ``modelgate serve`` builds the settings from flags,
+environment and config file, then runs the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.process import event_loop
+from gateway.process.event_loop import EventLoopError
+from gateway.process.server import BindError, serve
+from gateway.process.workers import Supervisor
+from gateway.sanitize import escape_log_lines
+from gateway.settings import (
+    Settings,
+    SettingsError,
+    check_exposure,
+    fields,
+    load_settings,
+    worker_count,
+)
+from gateway.tenancy import admin as tenant_admin
+from gateway.tenancy.tenants import load_tenants
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelgate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="serve the models of a model store over gRPC")
+    run.add_argument("--config", type=Path, help="TOML file with the same settings")
+    for f in fields():
+        flag = "--" + f.name.replace("_", "-")
+        # Flags default to None so the layers below them (env, file, defaults) show through.
+        if f.type == "bool":
+            run.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"),
+                             action=argparse.BooleanOptionalAction)
+            continue
+        if f.metadata.get("repeatable"):  # --triton a=... --triton b=...: a list
+            run.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"),
+                             action="append")
+            continue
+        run.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"))
+    tenant_admin.add_parser(commands)
+    return parser
+
+
+def build_settings(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
+    """Settings from parsed flags and an environment (passed in, never read at import)."""
+    flags: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields()}
+    config = args.config
+    if config is None and environ.get("MODELGATE_CONFIG"):
+        config = Path(environ["MODELGATE_CONFIG"])
+    return load_settings(config, environ, flags)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "tenants":
+        return tenant_admin.run(args, dict(os.environ))
+    try:
+        settings = build_settings(args, dict(os.environ))
+        # Checked here too so a supervisor stops at once instead of restarting workers.
+        check_exposure(settings)
+        if settings.tenants is not None:
+            load_tenants(settings.tenants)
+    except SettingsError as exc:
+        print(f"modelgate: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    escape_log_lines()  # a request field in a message can never start a line of its own
+    try:
+        count = worker_count(settings)
+        if count > 1:
+            return Supervisor(settings, count).run()
+        return event_loop.run(serve(settings), settings.event_loop)
+    except BindError as exc:
+        print(f"modelgate: error: setting 'grpc_port': {exc}", file=sys.stderr)
+        return 2
+    except (SettingsError, EventLoopError) as exc:  # found at start-up, e.g. a bad tenants file
+        print(f"modelgate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

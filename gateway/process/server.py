@@ -1,0 +1,270 @@
+"""Wires the gRPC server: the inference service, the standard health service (overall and
+per model) and server reflection, over a model manager; starts and drains it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
+
+from gateway.models.backends import RuntimeFactory
+from gateway.models.manager import ModelManager, VersionState
+from gateway.models.model_control import ModelControl
+from gateway.models.reloader import Reloader
+from gateway.models.version_metrics import VersionCollector
+from gateway.observability.access_log import AccessLog
+from gateway.observability.metrics import Metrics
+from gateway.observability.tracing import build_tracing
+from gateway.pipeline.limits import InflightLimit
+from gateway.process.http_endpoints import HttpEndpoints, manager_readiness
+from gateway.process.tls import CertificateFiles
+from gateway.quota.redis_store import build_quota_store
+from gateway.settings import Settings, check_exposure, upstream_configs
+from gateway.tenancy.auth import Authenticator
+from gateway.tenancy.tenants import TenantRegistry
+from gateway.wire.edge import Edge
+from gateway.wire.rpc_observer import RpcObserver
+from gateway.wire.servicer import InferenceServicer
+from modelgate_pb import grpc_service_pb2 as pb
+from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
+from runtimes.onnx_runtime import OnnxOptions
+from runtimes.triton_discovery import StoreWithUpstreams, TritonDiscovery
+from runtimes.upstreams import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVING: Final = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING: Final = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class BindError(Exception):
+    """The gRPC address could not be bound."""
+
+
+def address(host: str, port: int) -> str:
+    """host:port, with IPv6 literals bracketed."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class Gateway:
+    """One serving process: gRPC server plus the models it serves."""
+
+    def __init__(self, settings: Settings, worker_index: int | None = None) -> None:
+        self.settings = settings
+        self.worker_index = worker_index
+        self.metrics = Metrics()
+        # Reads the OTEL_* environment now, at start-up; None when tracing is off.
+        self.tracing = build_tracing(settings, self.metrics.count_dropped_spans)
+        self.access_log = AccessLog(settings.access_log) if settings.access_log else None
+        self.upstreams = UpstreamPool(
+            upstream_configs(settings), settings.triton_probe_interval_s,
+            settings.max_message_bytes,
+        )
+        self.discovery = TritonDiscovery(self.upstreams, settings.triton_refresh_interval_s)
+        factory = RuntimeFactory(
+            OnnxOptions(
+                device=settings.device,
+                intra_op_threads=settings.intra_op_threads,
+                inter_op_threads=settings.inter_op_threads,
+                inline_below_us=settings.inline_compute_us,
+            ),
+            self.metrics,
+            self.tracing,
+            upstreams=self.upstreams,
+            in_flight=lambda: self.inflight.inflight,
+            staged_batches=settings.staged_batches,
+        )
+        # The store's models plus those export=all Triton upstreams serve.
+        self.manager = ModelManager(StoreWithUpstreams(settings.store, self.discovery), factory)
+        self.metrics.registry.register(VersionCollector(self.manager))
+        self.health = HealthServicer()
+        # SettingsError for an open public address or a bad tenants file: exit 2.
+        check_exposure(settings)
+        self.tenants = TenantRegistry(settings.tenants) if settings.tenants else None
+        self.authenticator = Authenticator(self.tenants)
+        self.quota = build_quota_store(
+            settings.redis_url, settings.redis_failure_mode, self.metrics.count_redis_outage,
+            table=settings.quota_table, worker_index=worker_index,
+        )
+        self.inflight = InflightLimit(settings.max_inflight_requests)
+        limit = settings.max_message_bytes
+        # Every handler passes the edge: observed, capped and authenticated in one place
+        # (gateway/tenancy/auth.py lists the anonymous methods).
+        self.edge = Edge(
+            RpcObserver(self.metrics, self.tracing, self.access_log), self.inflight,
+            self.authenticator,
+        )
+        streams, connections = settings.max_concurrent_streams, settings.max_connections
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Identity only: grpcio 1.81 inflates a compressed message completely before
+                # comparing it with the receive limit (README: Hardening), so 64 KiB of gzip
+                # costs 64 MiB and more. Compressed requests are refused (UNIMPLEMENTED)
+                # before that.
+                ("grpc.compression_enabled_algorithms_bitset", 1),
+                # Only workers of one supervisor share the port; a lone server must fail
+                # loudly when the port is taken instead of silently splitting traffic.
+                ("grpc.so_reuseport", 1 if worker_index is not None else 0),
+                # HTTP/2 back-pressure: calls beyond a connection's streams wait in the
+                # client, not in gRPC's queue here ahead of everyone's (health probes too).
+                # Overload protection off: with it grpcio also counts streams it has not
+                # freed yet and refuses new ones (REFUSED_STREAM, UNAVAILABLE to clients)
+                # from clients that keep to the limit.
+                *([("grpc.max_concurrent_streams", streams),
+                   ("grpc.http.overload_protection", 0)] if streams else []),
+                *([("grpc.max_allowed_incoming_connections", connections)]
+                  if connections else []),
+            ]
+        )
+        self.port = 0
+        self.edge_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self.draining = False
+        self.http = HttpEndpoints(
+            self.metrics, manager_readiness(self.manager, lambda: self.draining)
+        )
+        self.metrics_port = 0
+        self.reloader = (
+            Reloader(self.manager, settings.store, settings.poll_interval)
+            if settings.poll_interval > 0 else None
+        )
+
+    async def start(self) -> int:
+        """Bind and start serving, then load the models (health and ServerLive answer
+        while they load). Returns the bound port."""
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(
+                self.manager, ModelControl(self.manager, self.settings.enable_model_control),
+                self.quota,
+            ),
+            self.edge,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.edge)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer(
+                (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME),
+            ),
+            self.edge,
+        )
+        # By full method name, as served: tools (loadtests/hotpath.py) call them directly.
+        self.edge_handlers = self.edge.install(self.server)
+        target = address(self.settings.host, self.settings.grpc_port)
+        try:
+            if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+                files = CertificateFiles(
+                    self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
+                )
+                self.port = self.server.add_secure_port(target, files.credentials())
+            else:
+                self.port = self.server.add_insecure_port(target)
+        except RuntimeError as exc:
+            raise BindError(f"cannot bind {target}: {exc}") from exc
+        await self.health.set("", NOT_SERVING)
+        await self.quota.start()
+        if self.tenants is not None:
+            self.tenants.start()
+        else:
+            log.warning("no tenants file: the gateway is open, every caller may use every "
+                        "model without a key (local development only)")
+        await self.server.start()
+        await self._start_http()
+        if self.reloader is not None:
+            await self.reloader.snapshot()
+        await self.upstreams.start()
+        if self.discovery.enabled:
+            await self.discovery.refresh()
+        await self.manager.start()
+        await self.refresh_health()
+        self.manager.add_listener(self.refresh_health)
+        self.upstreams.add_listener(self.refresh_health)
+        if self.reloader is not None:
+            self.reloader.start()
+        self.discovery.start(self.manager.reconcile)
+        models = self.manager.models()
+        ready = sum(
+            1 for m in models if any(v.state is VersionState.READY for v in m.versions.values())
+        )
+        log.info(
+            "modelgate serving %d of %d models on %s (store: %s)",
+            ready, len(models), address(self.settings.host, self.port), self.settings.store,
+        )
+        return self.port
+
+    async def refresh_health(self) -> None:
+        """Publish overall and per-model health: a model is SERVING while a version is ready
+        (a remote one: while an upstream has it ready)."""
+        for model in self.manager.models():
+            serving = any(
+                v.state is VersionState.READY and (v.runtime is None or v.runtime.ready())
+                for v in model.versions.values()
+            )
+            await self.health.set(model.name, SERVING if serving else NOT_SERVING)
+        overall = SERVING if self.manager.ready() else NOT_SERVING
+        await self.health.set("", overall)
+        await self.health.set(INFERENCE_SERVICE, overall)
+
+    async def _start_http(self) -> None:
+        host, port = self.settings.host, self.settings.metrics_port
+        if self.worker_index is not None:
+            # A worker's registry is scraped by its supervisor, which serves the metrics
+            # port with every worker's samples merged.
+            host, port = "127.0.0.1", 0
+        try:
+            self.metrics_port = await self.http.start(host, port)
+        except OSError as exc:
+            await self.server.stop(0)
+            raise BindError(
+                f"cannot bind the metrics port {address(self.settings.host, port)}: {exc}"
+            ) from exc
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, unload."""
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        if self.reloader is not None:
+            await self.reloader.stop()
+        await self.discovery.stop()
+        await self.server.stop(self.settings.grace_period_s if grace is None else grace)
+        await self.quota.close()
+        if self.tenants is not None:
+            await self.tenants.stop()
+        await self.manager.stop()
+        await self.upstreams.close()
+        await self.http.stop()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # bounded; flushes what it can
+        if self.access_log is not None:
+            self.access_log.close()
+
+
+async def serve(
+    settings: Settings,
+    worker_index: int | None = None,
+    started: Callable[[Gateway], None] | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT, then drain and return the exit code. ``worker_index`` is
+    set in the processes of a multi-worker supervisor; ``started`` is told once serving."""
+    gateway = Gateway(settings, worker_index)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await gateway.start()
+    if started is not None:
+        started(gateway)
+    await stopping.wait()
+    log.info("signal received: draining (grace period %.1fs)", settings.grace_period_s)
+    await gateway.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,186 @@
+"""The inference hot path's codec for one served model version: a request whose tensor
+metadata was checked before is decoded from a cached plan, and answers are written straight
+to wire bytes. Everything else goes through gateway/wire/conversion.py, which checks it all."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from gateway.wire.conversion import (
+    MAX_TENSORS,
+    decode_request,
+    encode_response,
+    request_parameters,
+    to_raw,
+    wants_typed,
+)
+from model_store.datatypes import DataType
+from model_store.spec import ModelSpec
+from modelgate_pb import grpc_service_pb2 as pb
+from runtimes.base import InferRequest, Tensor
+
+# Plans are kept per model version for this many distinct request layouts (names, types,
+# shapes): enough for every batch size of a real client, bounded against hostile variety.
+MAX_PLANS: Final = 256
+
+# (input name, datatype, shape) of every input, then the requested output names.
+PlanKey = tuple[tuple[tuple[str, str, tuple[int, ...]], ...], tuple[str, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Input:
+    name: str
+    dtype: np.dtype[np.generic]
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What the full checks concluded about one request layout."""
+
+    rows: int
+    inputs: tuple[_Input, ...]
+    outputs: tuple[str, ...]
+
+
+class InferCodec:
+    """Decodes ModelInferRequests for, and encodes answers of, one model version."""
+
+    __slots__ = ("_encoder", "_plans", "spec")
+
+    def __init__(self, spec: ModelSpec, version: int) -> None:
+        self.spec = spec
+        self._plans: dict[PlanKey, _Plan] = {}
+        self._encoder = ResponseEncoder(spec, version)
+
+    def decode(self, request: pb.ModelInferRequest) -> InferRequest:
+        """The request as plain tensors; raises what decode_request raises."""
+        inputs = request.inputs
+        raw = request.raw_input_contents
+        requested = request.outputs
+        count = len(inputs)
+        if (not raw or len(raw) != count or count > MAX_TENSORS
+                or len(requested) > MAX_TENSORS):
+            return decode_request(request, self.spec)
+        if count == 1:  # the common case, without the generator
+            tensor = inputs[0]
+            layout: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+                (tensor.name, tensor.datatype, tuple(tensor.shape)),
+            )
+        else:
+            layout = tuple([(t.name, t.datatype, tuple(t.shape)) for t in inputs])
+        key: PlanKey = (layout, tuple([o.name for o in requested]) if requested else ())
+        plan = self._plans.get(key)
+        if plan is None:
+            decoded = decode_request(request, self.spec)  # every check; raises on bad input
+            self._learn(key, decoded)
+            return decoded
+        arrays: dict[str, Tensor] = {}
+        for index, spec in enumerate(plan.inputs):
+            data = raw[index]
+            if len(data) != spec.nbytes or inputs[index].HasField("contents"):
+                return decode_request(request, self.spec)  # raises with the full message
+            # Zero-copy view of the request's bytes; read-only, which runtimes respect.
+            arrays[spec.name] = np.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
+        params = request.parameters
+        if params:
+            priority, timeout_us = request_parameters(params)
+            return InferRequest(arrays, plan.outputs, plan.rows, priority, timeout_us)
+        return InferRequest(arrays, plan.outputs, plan.rows)
+
+    def _learn(self, key: PlanKey, decoded: InferRequest) -> None:
+        if len(self._plans) >= MAX_PLANS:
+            return
+        planned: list[_Input] = []
+        for name, array in decoded.inputs.items():
+            if array.dtype == object:  # BYTES: every element is parsed every time
+                return
+            planned.append(_Input(name, array.dtype, array.shape, array.nbytes))
+        self._plans[key] = _Plan(decoded.rows, tuple(planned), decoded.outputs)
+
+    def encode(
+        self, request: pb.ModelInferRequest, outputs: Mapping[str, Tensor]
+    ) -> bytes | pb.ModelInferResponse:
+        """The answer: wire bytes with raw_output_contents, or a message when the client
+        asked for typed contents (binary_data: false)."""
+        if request.outputs and wants_typed(request.outputs):
+            return encode_response(request, self.spec, self._encoder.version, outputs)
+        return self._encoder.encode(request.id, outputs)
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# Lengths of names, shapes and most outputs fit two bytes: those are looked up.
+_SMALL: Final = tuple(_encode_varint(n) for n in range(1 << 14))
+
+
+def _varint(value: int) -> bytes:
+    return _SMALL[value] if value < 16384 else _encode_varint(value)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+class ResponseEncoder:
+    """Writes ModelInferResponse messages with raw outputs as protobuf wire bytes: what
+    never changes for a model version is encoded once, each output's metadata once per
+    shape."""
+
+    __slots__ = ("_dtypes", "_head", "_metas", "_out_heads", "version")
+
+    # ModelInferResponse fields: 1 model_name, 2 model_version, 3 id, 5 outputs,
+    # 6 raw_output_contents; InferOutputTensor: 1 name, 2 datatype, 3 shape (packed).
+    def __init__(self, spec: ModelSpec, version: int) -> None:
+        self.version = version
+        self._head = _length_delimited(1, spec.name.encode()) + _length_delimited(
+            2, str(version).encode()
+        )
+        self._dtypes = {t.name: (t.datatype, t.datatype.numpy_dtype) for t in spec.outputs}
+        self._out_heads = {
+            t.name: _length_delimited(1, t.name.encode())
+            + _length_delimited(2, t.datatype.value.encode())
+            for t in spec.outputs
+        }
+        # (output name, shape) -> the whole encoded outputs entry (field 5).
+        self._metas: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+    def _meta(self, name: str, shape: tuple[int, ...]) -> bytes:
+        packed = b"".join(_varint(d) for d in shape)
+        meta = self._out_heads[name] + (_length_delimited(3, packed) if shape else b"")
+        encoded = _length_delimited(5, meta)
+        if len(self._metas) < MAX_PLANS:
+            self._metas[(name, shape)] = encoded
+        return encoded
+
+    def encode(self, request_id: str, outputs: Mapping[str, Tensor]) -> bytes:
+        parts = [self._head]
+        if request_id:
+            parts.append(_length_delimited(3, request_id.encode()))
+        raws = []
+        metas = self._metas
+        for name, array in outputs.items():
+            shape = array.shape
+            parts.append(metas.get((name, shape)) or self._meta(name, shape))
+            datatype, dtype = self._dtypes[name]
+            if datatype is DataType.BYTES:
+                data = to_raw(datatype, array)
+            else:
+                # tobytes writes row-major whatever the array's strides.
+                data = (array if array.dtype == dtype else array.astype(dtype)).tobytes()
+            raws.append(b"\x32" + _varint(len(data)))  # field 6, length-delimited
+            raws.append(data)
+        parts += raws
+        return b"".join(parts)

@@ -1,0 +1,228 @@
+"""The server's edge: every method handler a service registers passes through here once, at
+start-up, and comes out wrapped in the checks it needs (observe, in-flight cap, auth); one
+generic handler then serves the wrapped handlers from a dict.
+
+grpc.aio interceptors would do the same work, but they run a chain of coroutines and build
+handler objects on every RPC; wrapping once keeps the per-RPC cost to one coroutine."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Final, TypeAlias, cast
+
+import grpc
+
+from gateway.errors import AuthenticationError, OverloadedError
+from gateway.observability import observe
+from gateway.pipeline.limits import CAPPED_METHODS, InflightLimit
+from gateway.status import status_of
+from gateway.tenancy.auth import (
+    ANONYMOUS_METHODS,
+    ANONYMOUS_SERVICES,
+    Authenticator,
+    peer_subject,
+    use_tenant,
+)
+from gateway.tenancy.tenants import ANONYMOUS
+from gateway.wire.rpc_observer import RpcObserver
+from modelgate_pb import grpc_service_pb2 as pb
+
+INFERENCE_SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Unary = Callable[[Any, Context], Awaitable[Any]]
+
+
+class EdgeError(Exception):
+    """A service registered handlers the edge cannot enumerate (so it could not guard
+    them): a wiring mistake, raised at start-up."""
+
+
+class _Table(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """The one generic handler of the server: full method name → wrapped handler."""
+
+    def __init__(self, handlers: Mapping[str, Handler]) -> None:
+        self._handlers = dict(handlers)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        return self._handlers.get(handler_call_details.method)
+
+
+def _passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A response serializer that also takes bytes as they are: a servicer that encoded its
+    answer itself (ModelInfer does, see gateway/wire/conversion.py) returns the wire bytes."""
+    if serializer is None:
+        return None
+
+    def serialize(response: Any) -> bytes:
+        return response if response.__class__ is bytes else serializer(response)
+
+    return serialize
+
+
+class Edge:
+    """Collects handlers like a grpc server does (the generated ``add_*_to_server``
+    functions take it as their server), then installs them, wrapped, on the real one."""
+
+    def __init__(
+        self, observer: RpcObserver, inflight: InflightLimit, authenticator: Authenticator
+    ) -> None:
+        self._observer = observer
+        self._inflight = inflight
+        self._authenticator = authenticator
+        self._services: dict[str, dict[str, Handler]] = {}
+        self._generic_services: set[str] = set()
+
+    # -- the registration API of grpc.Server that generated code calls -------------------
+
+    def add_generic_rpc_handlers(self, handlers: Iterable[Any]) -> None:
+        for handler in handlers:
+            name = getattr(handler, "service_name", None)
+            if not callable(name):
+                raise EdgeError(f"cannot enumerate the methods of {handler!r}")
+            self._generic_services.add(name())
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: Mapping[str, Handler]
+    ) -> None:
+        self._services.setdefault(service_name, {}).update(method_handlers)
+
+    # -- installing ----------------------------------------------------------------------
+
+    def install(self, server: grpc.aio.Server) -> dict[str, Handler]:
+        """Wrap every collected handler and serve them on ``server``; returns the table."""
+        missing = self._generic_services - set(self._services)
+        if missing:
+            raise EdgeError(f"services registered without their method table: {missing}")
+        table: dict[str, Handler] = {}
+        for service, handlers in self._services.items():
+            wrapped = {
+                name: self.wrap(f"/{service}/{name}", handler)
+                for name, handler in handlers.items()
+            }
+            table.update({f"/{service}/{name}": h for name, h in wrapped.items()})
+            # A no-op in grpc.aio today; kept so the server knows its registered methods.
+            register: Any = server
+            register.add_registered_method_handlers(service, wrapped)
+        server.add_generic_rpc_handlers((_Table(table),))
+        return table
+
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler with the checks ``method`` needs, in this order: observe (inference
+        RPCs: it must see what every later check answers), the in-flight cap (sheds before
+        any key is hashed), auth (everything but the anonymous allow-list)."""
+        service = method.lstrip("/").rpartition("/")[0]
+        guarded = not (method in ANONYMOUS_METHODS or method.startswith(ANONYMOUS_SERVICES))
+        # Counted even without a cap: the count also tells runtimes whether they are alone.
+        capped = method in CAPPED_METHODS
+        serializer = _passthrough(handler.response_serializer)
+        if handler.unary_unary is not None:
+            observed = service == INFERENCE_SERVICE
+            # grpc.aio behaviors are coroutines; the stubs only know the sync signature.
+            inner = cast(Unary, handler.unary_unary)
+            behavior = self._unary(method, inner, observed, capped, guarded)
+            return grpc.unary_unary_rpc_method_handler(
+                behavior, handler.request_deserializer, serializer
+            )
+        if not (capped or guarded):
+            return handler
+        if handler.stream_unary is not None:
+            behavior = self._unary(
+                method, cast(Unary, handler.stream_unary), False, capped, guarded
+            )
+            return grpc.stream_unary_rpc_method_handler(
+                behavior, handler.request_deserializer, serializer
+            )
+        streaming = handler.unary_stream or handler.stream_stream
+        make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
+                else grpc.stream_stream_rpc_method_handler)
+        return make(self._stream(streaming, capped, guarded), handler.request_deserializer,
+                    serializer)
+
+    def _unary(
+        self, method: str, behavior: Unary, observed: bool, capped: bool, guarded: bool
+    ) -> Unary:
+        observer, limit, checks = self._observer, self._inflight, self._checks
+
+        async def call(request: Any, context: Context) -> Any:
+            record: observe.RequestRecord | None = None
+            served = context
+            if observed:
+                record, served = observer.open(method, context)
+            started: float | None = None
+            error: BaseException | None = None
+            try:
+                try:
+                    started = checks(context, capped, guarded)
+                except (OverloadedError, AuthenticationError) as exc:
+                    await _reject(served, exc)
+                return await behavior(request, served)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                if started is not None:
+                    limit.leave(started)
+                if record is not None:
+                    observer.close(record, context, request, error)
+
+        return call
+
+    def _stream(self, behavior: Any, capped: bool, guarded: bool) -> Any:
+        limit, checks = self._inflight, self._checks
+
+        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
+            started: float | None = None
+            try:
+                try:
+                    started = checks(context, capped, guarded)
+                except (OverloadedError, AuthenticationError) as exc:
+                    await _reject(context, exc)
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for response in result:
+                        yield response
+                else:
+                    await result
+            finally:
+                if started is not None:
+                    limit.leave(started)
+
+        return call
+
+    def _checks(self, context: Context, capped: bool, guarded: bool) -> float | None:
+        """Take an in-flight slot (returns its start time) and authenticate; raises
+        OverloadedError or AuthenticationError holding no slot."""
+        started = self._inflight.enter() if capped else None
+        if guarded:
+            try:
+                self._authenticate(context)
+            except AuthenticationError:
+                if started is not None:
+                    self._inflight.leave(started)
+                raise
+        return started
+
+    def _authenticate(self, context: Context) -> None:
+        """Authenticate the caller and make its tenant current for the servicer; raises
+        AuthenticationError."""
+        authenticator = self._authenticator
+        with observe.stage("auth"):  # a child span of the RPC's when tracing is on
+            if authenticator.registry is None:
+                tenant = ANONYMOUS  # open mode: nothing to check, so no metadata to read
+            else:
+                tenant = authenticator.authenticate(
+                    tuple(context.invocation_metadata() or ()), lambda: peer_subject(context)
+                )
+        use_tenant(tenant)
+        observe.set_tenant(tenant.id)  # metrics, traces and the access log name the tenant
+
+
+async def _reject(context: Context, exc: Exception) -> None:
+    """Answer the status the table gives ``exc``, with its trailers (retry hints)."""
+    status = status_of(exc)
+    if status.trailers:
+        context.set_trailing_metadata(tuple(status.trailers.items()))
+    await context.abort(status.code, status.message)

@@ -1,0 +1,225 @@
+"""The RPC-level observer: opens each inference RPC's record and server span, and when the
+RPC ends counts it, ends the span and writes the access log line (the edge calls it)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from typing import Any, Final, TypeAlias
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from gateway.errors import LIMIT_KEY, AuthenticationError
+from gateway.observability import observe
+from gateway.observability.access_log import AccessEntry, AccessLog
+from gateway.observability.metrics import Metrics
+from gateway.observability.tracing import (
+    ATTR_MODEL,
+    ATTR_ROWS,
+    ATTR_TENANT,
+    ATTR_VERSION,
+    TRACE_ID_KEY,
+    Tracing,
+    trace_id_hex,
+)
+from gateway.tenancy.auth import current_tenant
+
+# The semantic conventions' server-side error codes; the others are the client's doing.
+_SERVER_ERRORS: Final = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
+class _TrailerContext:
+    """The servicer's view of its context: trailing metadata it sets is added to ours (the
+    trace id) instead of replacing it. Everything else goes to the real context."""
+
+    __slots__ = ("_context", "_ours")
+
+    def __init__(self, context: Context, ours: tuple[tuple[str, str], ...]) -> None:
+        self._context = context
+        self._ours = ours
+        context.set_trailing_metadata(ours)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self._context.set_trailing_metadata((*self._ours, *tuple(metadata)))
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        if trailing_metadata:
+            trailing_metadata = (*self._ours, *tuple(trailing_metadata))
+        await self._context.abort(code, details, trailing_metadata)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+@functools.cache
+def _split(method: str) -> tuple[str, str]:
+    # Only registered method names get here, so the cache stays as small as the API.
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+def _peer_address(peer: str) -> tuple[str, int | None]:
+    # grpc peers look like ipv4:127.0.0.1:5555, ipv6:[::1]:5555 or unix:/path.
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, _, port = rest.rpartition(":")
+        return host.strip("[]"), int(port) if port.isdigit() else None
+    return rest or peer, None
+
+
+def _status_code(context: Context, error: BaseException | None) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+class RpcObserver:
+    """Observes every unary RPC of the inference service (health and reflection are left
+    alone: probes would drown the data). The edge opens a record before any other check
+    runs, so the observer sees what the in-flight cap and auth answer, and finishes it when
+    the RPC ends."""
+
+    def __init__(
+        self, metrics: Metrics, tracing: Tracing | None, access_log: AccessLog | None
+    ) -> None:
+        self._metrics = metrics
+        self._tracing = tracing
+        self._access_log = access_log
+
+    def open(self, method: str, context: Context) -> tuple[observe.RequestRecord, Context]:
+        """Start the record (and span) of one RPC; returns it with the context the inner
+        handler should see (one that adds the trace id to the trailers it sets)."""
+        service, name = _split(method)
+        record = observe.RequestRecord(method=name, start=time.perf_counter())
+        observe.begin(record)
+        if self._tracing is None:
+            return record, context
+        metadata = tuple(context.invocation_metadata() or ())
+        span_name = method.lstrip("/")
+        trace_id = self._tracing.sampled_out_root(metadata, span_name)
+        if trace_id is None:
+            # Opened before the inner checks run, so their spans (auth) are children.
+            parent = self._tracing.extract(metadata)
+            span = self._tracing.tracer.start_span(
+                span_name, context=parent, kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            )
+            record.tracer = self._tracing.tracer
+            record.span = span
+            record.otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
+            trace_id = trace_id_hex(span)
+        record.trace_id = trace_id
+        served: Any = _TrailerContext(context, ((TRACE_ID_KEY, trace_id),))
+        return record, served
+
+    def close(
+        self, record: observe.RequestRecord, context: Context, request: Any,
+        error: BaseException | None,
+    ) -> None:
+        """Count, end the span and log one finished RPC."""
+        code = _status_code(context, error)
+        elapsed = time.perf_counter() - record.start
+        code_name = code.name
+        if record.tenant is None:
+            record.tenant = _tenant_id()
+        if record.method == "ModelInfer":
+            self._metrics.count_request(record.model, record.tenant, code_name, elapsed)
+            if record.rejected_by == observe.QUOTA or (
+                code is grpc.StatusCode.RESOURCE_EXHAUSTED and _names_limit(context)
+            ):
+                self._metrics.count_quota_rejection(record.tenant)
+        span = record.span
+        if span is None and self._access_log is None:
+            return
+        # The peer is only worth its lookup when a span or a log line will carry it.
+        peer = context.peer()
+        if span is not None:
+            self._end_span(record, span, code, peer)
+        if self._access_log is not None:
+            self._access_log.write(_entry(record, code_name, request, peer, elapsed))
+
+    def _end_span(
+        self, record: observe.RequestRecord, span: trace.Span, code: grpc.StatusCode, peer: str
+    ) -> None:
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            host, port = _peer_address(peer)
+            span.set_attribute("network.peer.address", host)
+            if port is not None:
+                span.set_attribute("network.peer.port", port)
+            if record.tenant:
+                span.set_attribute(ATTR_TENANT, record.tenant)
+            if record.model is not None:
+                span.set_attribute(ATTR_MODEL, record.model.name)
+                span.set_attribute(ATTR_VERSION, record.model.version)
+            if record.rows is not None:
+                span.set_attribute(ATTR_ROWS, record.rows)
+            if code in _SERVER_ERRORS:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end()
+        _detach(record)
+
+
+def _detach(record: observe.RequestRecord) -> None:
+    token = record.otel_token
+    if token is not None:
+        record.otel_token = None
+        otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def _tenant_id() -> str | None:
+    # Auth's interceptor runs inside ours and sets the tenant in this task's context.
+    try:
+        return current_tenant().id
+    except AuthenticationError:
+        return None
+
+
+def _names_limit(context: Context) -> bool:
+    """Whether the answer carries the quota's trailer (a quota rejection, not a full
+    queue): the modelgate-limit trailer is part of the wire contract."""
+    return any(key == LIMIT_KEY for key, _ in context.trailing_metadata() or ())
+
+
+def _entry(
+    record: observe.RequestRecord, code: str, request: Any, peer: str, elapsed: float
+) -> AccessEntry:
+    model: str | None = None
+    version: str | None = None
+    if record.model is not None:
+        model, version = record.model.name, str(record.model.version)
+    elif request is not None:
+        # What the client asked for; escaped and cut by the log's formatter.
+        model = getattr(request, "model_name", None) or getattr(request, "name", None)
+        version = getattr(request, "model_version", None) or getattr(request, "version", None)
+    return AccessEntry(
+        method=record.method,
+        code=code,
+        peer=peer,
+        tenant=record.tenant,
+        model=model or None,
+        version=version or None,
+        rows=record.rows,
+        batch_rows=record.batch_rows,
+        queue_us=None if record.queue_s is None else int(record.queue_s * 1e6),
+        compute_us=None if record.compute_s is None else int(record.compute_s * 1e6),
+        total_us=int(elapsed * 1e6),
+        trace_id=record.trace_id or None,
+    )
