@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gateway import codec as codec_module
 from gateway.errors import InvalidRequestError
+from gateway.wire import codec as codec_module
 from gateway.wire.codec import InferCodec
 from gateway.wire.conversion import decode_request, encode_response
 from model_store.datatypes import DataType
