@@ -32,9 +32,9 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from loadtests import h2load
-from loadtests.benchmark import machine
 from loadtests.probes import Prober, ProbeResults, Watch, watching
 from loadtests.requests import request_for, require_loopback
+from loadtests.runner import machine
 from loadtests.servers import cpu_seconds, scrape, start_gateway
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc

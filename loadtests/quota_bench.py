@@ -28,8 +28,9 @@ from gateway.quota.redis_store import RedisQuotaStore
 from gateway.quota.store import Limits, LocalQuotaStore, QuotaStore, Scope
 from gateway.settings import demo_store
 from gateway.tenancy import admin as tenant_admin
-from loadtests.benchmark import LevelResult, closed_loop
+from loadtests.drivers import closed_loop
 from loadtests.requests import request_for
+from loadtests.results import LevelResult
 from loadtests.servers import cpu_seconds, redis_process, start_gateway
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc

@@ -21,11 +21,10 @@ import grpc
 
 from gateway.process import cli
 from gateway.tenancy import admin as tenant_admin
-from loadtests.benchmark import served_gateway
 from loadtests.overload import percentiles
 from loadtests.probes import rss_kib
 from loadtests.requests import request_for
-from loadtests.servers import redis_process
+from loadtests.servers import redis_process, served_gateway
 from loadtests.tracing_bench import span_sink
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc

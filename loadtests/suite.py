@@ -21,7 +21,6 @@ from pathlib import Path
 import grpc
 
 from loadtests import h2load
-from loadtests.benchmark import machine, measure_level, model_file
 from loadtests.ceilings import ort_ceilings, ort_latencies
 from loadtests.drivers import Metadata, stubs_on
 from loadtests.measurements import BASELINE, NOOP, NOOP_CNN, CostRun, Measurements, latency_summary
@@ -29,6 +28,7 @@ from loadtests.noop_server import NoopServer, start_noop
 from loadtests.progress import Progress
 from loadtests.requests import request_for
 from loadtests.results import LevelResult, format_row
+from loadtests.runner import machine, measure_level, model_file
 from loadtests.servers import (
     Counters,
     Served,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtests import h2load
-from loadtests.benchmark import ints
+from loadtests.runner import ints
 
 START_S = 2.5  # a gateway start, for the progress bar's plan
 

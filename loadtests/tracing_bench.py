@@ -23,7 +23,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.settings import demo_store
-from loadtests.benchmark import LevelResult, run_levels
+from loadtests.results import LevelResult
+from loadtests.runner import run_levels
 from loadtests.servers import start_gateway
 
 # (label, extra serve flags without the endpoint; None ratio = tracing off)

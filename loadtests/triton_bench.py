@@ -21,8 +21,9 @@ from pathlib import Path
 
 import grpc
 
-from loadtests.benchmark import closed_loop, gateway_process, percentile
+from loadtests.drivers import closed_loop, percentile
 from loadtests.requests import request_for, require_loopback
+from loadtests.servers import gateway_process
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 

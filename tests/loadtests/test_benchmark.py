@@ -12,7 +12,10 @@ import grpc
 import pytest
 
 from gateway.settings import demo_store
-from loadtests.benchmark import LevelResult, format_table, ort_ceiling, percentile, run_levels
+from loadtests.ceilings import ort_ceiling
+from loadtests.drivers import percentile
+from loadtests.results import LevelResult
+from loadtests.runner import format_table, run_levels
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support.gateway import running_gateway
