@@ -109,7 +109,7 @@ class Gateway:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # Identity only: grpcio 1.81 inflates a compressed message completely before
-                # comparing it with the receive limit (README: Hardening), so 64 KiB of gzip
+                # comparing it with the receive limit (docs/security.md), so 64 KiB of gzip
                 # costs 64 MiB and more. Compressed requests are refused (UNIMPLEMENTED)
                 # before that.
                 ("grpc.compression_enabled_algorithms_bitset", 1),

@@ -25,7 +25,7 @@ from gateway.settings import Settings
 
 pytestmark = pytest.mark.timeout(180)
 
-# Decided and documented (README, "Hardening and security model"): probes and API
+# Decided and documented (docs/security.md): probes and API
 # discovery only. A method moving onto this list must be a deliberate change here too.
 ANONYMOUS_ALLOWED = frozenset({
     "/grpc.health.v1.Health/Check",
