@@ -5,30 +5,33 @@ allocated, so this is where hostile input stops."""
 from __future__ import annotations
 
 import math
-import re
-import struct
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
 from gateway.errors import InvalidRequestError
-from gateway.sanitize import echoed
+from gateway.pipeline.tensors import (
+    MAX_ELEMENTS,
+    MAX_TENSORS,
+    check_name,
+    check_shape,
+    check_size,
+    datatype_of,
+    element_bytes,
+    from_raw,
+    to_raw,
+)
 from model_store.datatypes import CONTENTS_FIELDS, DataType
 from model_store.spec import ModelSpec
 from modelgate_pb import grpc_service_pb2 as pb
 from runtimes.base import InferRequest, Tensor
 
-MAX_RANK: Final = 16
-MAX_TENSORS: Final = 128
-# No message can carry more elements than it has bytes (the receive limit is below 2**31),
-# so a larger claimed count is rejected before any arithmetic reaches numpy or a runtime.
-MAX_ELEMENTS: Final = 2**31 - 1
-MAX_NAME: Final = 256
-_LEN: Final = struct.Struct("<I")
-# C0/C1 controls, DEL and the Unicode line/paragraph separators: never in a tensor name.
-_UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
+# Re-exported: the hot-path codec and the hardening tests take them from here.
+__all__ = [
+    "MAX_ELEMENTS", "MAX_TENSORS", "decode_request", "encode_response", "request_parameters",
+    "to_raw", "wants_typed",
+]
 
 
 def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferRequest:
@@ -48,13 +51,15 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferReque
         )
     declared: dict[str, tuple[DataType, tuple[int, ...]]] = {}
     for tensor in inputs:
-        _check_name("input", tensor.name)
+        check_name("input", tensor.name)
         if tensor.name in declared:
             raise InvalidRequestError(f"input '{tensor.name}' appears more than once")
-        declared[tensor.name] = (_datatype(tensor.name, tensor.datatype), _shape(tensor))
+        declared[tensor.name] = (
+            datatype_of(tensor.name, tensor.datatype), check_shape(tensor.name, tensor.shape)
+        )
     requested: set[str] = set()
     for output in request.outputs:
-        _check_name("output", output.name)
+        check_name("output", output.name)
         if output.name in requested:
             raise InvalidRequestError(f"output '{output.name}' is requested more than once")
         requested.add(output.name)
@@ -62,12 +67,12 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferReque
     # that check is integer arithmetic only, so a huge claimed shape costs nothing yet.
     rows = spec.check_inputs(declared)
     for name, (_, shape) in declared.items():
-        _check_size(name, shape)
+        check_size(name, shape)
     arrays: dict[str, Tensor] = {}
     for index, tensor in enumerate(inputs):
         datatype, shape = declared[tensor.name]
         if raw:
-            arrays[tensor.name] = _from_raw(tensor.name, datatype, shape, raw[index])
+            arrays[tensor.name] = from_raw(tensor.name, datatype, shape, raw[index])
         else:
             arrays[tensor.name] = _from_contents(tensor, datatype, shape)
     names = tuple(o.name for o in request.outputs)
@@ -83,92 +88,6 @@ def request_parameters(params: Mapping[str, pb.InferParameter]) -> tuple[int, in
     if not params:
         return 0, None
     return _int_param(params, "priority", 0), _int_param(params, "timeout", None)
-
-
-def _check_name(kind: str, name: str) -> None:
-    # Names are echoed in error messages (and by them in client logs): only printable,
-    # bounded ones get that far.
-    if not name or len(name) > MAX_NAME or _UNPRINTABLE.search(name):
-        raise InvalidRequestError(
-            f"{kind} name '{echoed(name, 64)}' must be 1..{MAX_NAME} printable characters"
-        )
-
-
-def _datatype(name: str, wire: str) -> DataType:
-    try:
-        return DataType.from_wire(wire)
-    except ValueError:
-        raise InvalidRequestError(
-            f"input '{name}': unknown datatype '{echoed(wire, 32)}'"
-        ) from None
-
-
-def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
-    shape = tuple(tensor.shape)
-    if len(shape) > MAX_RANK:
-        raise InvalidRequestError(f"input '{tensor.name}': rank {len(shape)} exceeds {MAX_RANK}")
-    if any(d < 0 for d in shape):
-        raise InvalidRequestError(
-            f"input '{tensor.name}': shape {list(shape)} has a negative dimension"
-        )
-    return shape
-
-
-def _check_size(name: str, shape: tuple[int, ...]) -> None:
-    # Each dimension and the product are capped separately: [0, 2**62] holds no element
-    # but would still overflow the int64 size arithmetic of numpy or a runtime.
-    if any(d > MAX_ELEMENTS for d in shape) or math.prod(shape) > MAX_ELEMENTS:
-        raise InvalidRequestError(
-            f"input '{name}': shape {list(shape)} exceeds {MAX_ELEMENTS} elements"
-        )
-
-
-def _from_raw(name: str, datatype: DataType, shape: tuple[int, ...], data: bytes) -> Tensor:
-    count = math.prod(shape)
-    if datatype is DataType.BYTES:
-        return _bytes_from_raw(name, shape, count, data)
-    expected = count * datatype.itemsize
-    if expected != len(data):
-        raise InvalidRequestError(
-            f"input '{name}': shape {list(shape)} of {datatype.value} needs {expected} bytes, "
-            f"raw contents hold {len(data)}"
-        )
-    # Zero-copy view of the request's bytes; the array is read-only, which runtimes respect.
-    return np.frombuffer(data, dtype=datatype.numpy_dtype).reshape(shape)
-
-
-def _bytes_from_raw(name: str, shape: tuple[int, ...], count: int, data: bytes) -> Tensor:
-    # Every element costs at least its 4-byte length prefix: reject impossible counts before
-    # allocating the element array.
-    if count * _LEN.size > len(data):
-        raise InvalidRequestError(
-            f"input '{name}': shape {list(shape)} needs {count} BYTES elements but the raw "
-            f"contents ({len(data)} bytes) cannot hold them"
-        )
-    elements: list[bytes] = []
-    offset = 0
-    view = memoryview(data)
-    for index in range(count):
-        if offset + _LEN.size > len(data):
-            raise InvalidRequestError(
-                f"input '{name}': BYTES element {index} has no 4-byte length prefix"
-            )
-        (length,) = _LEN.unpack_from(view, offset)
-        offset += _LEN.size
-        if offset + length > len(data):
-            raise InvalidRequestError(
-                f"input '{name}': BYTES element {index} claims {length} bytes but only "
-                f"{len(data) - offset} remain"
-            )
-        elements.append(bytes(view[offset : offset + length]))
-        offset += length
-    if offset != len(data):
-        raise InvalidRequestError(
-            f"input '{name}': {len(data) - offset} bytes left over after {count} BYTES elements"
-        )
-    array = np.empty(count, dtype=object)
-    array[:] = elements
-    return array.reshape(shape)
 
 
 def _from_contents(
@@ -258,18 +177,6 @@ def wants_typed(requested: Sequence[pb.ModelInferRequest.InferRequestedOutputTen
     return False
 
 
-def to_raw(datatype: DataType, array: Tensor) -> bytes:
-    """Serialize a tensor row-major with no padding (BYTES: 4-byte little-endian lengths)."""
-    if datatype is DataType.BYTES:
-        parts = []
-        for element in array.reshape(-1):
-            data = _element_bytes(element)
-            parts.append(_LEN.pack(len(data)))
-            parts.append(data)
-        return b"".join(parts)
-    return np.ascontiguousarray(array, dtype=datatype.numpy_dtype).tobytes()
-
-
 def _fill_contents(
     out: pb.ModelInferResponse.InferOutputTensor, datatype: DataType, array: Tensor
 ) -> None:
@@ -280,17 +187,7 @@ def _fill_contents(
         )
     flat = array.reshape(-1)
     if datatype is DataType.BYTES:
-        values: list[Any] = [_element_bytes(e) for e in flat]
+        values: list[Any] = [element_bytes(e) for e in flat]
     else:
         values = flat.tolist()
     getattr(out.contents, field).extend(values)
-
-
-def _element_bytes(element: object) -> bytes:
-    if isinstance(element, bytes):
-        return element
-    if isinstance(element, str):
-        return element.encode("utf-8")
-    if isinstance(element, (bytearray, memoryview, np.bytes_)):
-        return bytes(element)
-    return str(element).encode("utf-8")
