@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return Supervisor(settings, count).run()
         return event_loop.run(serve(settings), settings.event_loop)
     except BindError as exc:
-        print(f"modelgate: error: setting 'grpc_port': {exc}", file=sys.stderr)
+        print(f"modelgate: error: setting '{exc.setting}': {exc}", file=sys.stderr)
         return 2
     except (SettingsError, EventLoopError) as exc:  # found at start-up, e.g. a bad tenants file
         print(f"modelgate: error: {exc}", file=sys.stderr)

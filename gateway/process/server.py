@@ -47,7 +47,11 @@ NOT_SERVING: Final = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class BindError(Exception):
-    """The gRPC address could not be bound."""
+    """A listening address could not be bound; `setting` names the port setting that chose it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 def address(host: str, port: int) -> str:
@@ -169,7 +173,7 @@ class Gateway:
             else:
                 self.port = self.server.add_insecure_port(target)
         except RuntimeError as exc:
-            raise BindError(f"cannot bind {target}: {exc}") from exc
+            raise BindError("grpc_port", f"cannot bind {target}: {exc}") from exc
         await self.health.set("", NOT_SERVING)
         await self.quota.start()
         if self.tenants is not None:
@@ -225,7 +229,7 @@ class Gateway:
         except OSError as exc:
             await self.server.stop(0)
             raise BindError(
-                f"cannot bind the metrics port {address(self.settings.host, port)}: {exc}"
+                "metrics_port", f"cannot bind {address(self.settings.host, port)}: {exc}"
             ) from exc
 
     async def stop(self, grace: float | None = None) -> None:

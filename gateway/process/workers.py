@@ -127,7 +127,7 @@ class Supervisor:
         try:
             metrics_port = self._fan_in.start(self._settings.host, self._settings.metrics_port)
         except OSError as exc:
-            log.error("cannot bind the metrics port %s:%d: %s", self._settings.host,
+            log.error("setting 'metrics_port': cannot bind %s:%d: %s", self._settings.host,
                       self._settings.metrics_port, exc)
             return 2
         log.info("metrics of all workers on %s:%d", self._settings.host, metrics_port)

@@ -3,6 +3,7 @@ code 2, and the real `modelgate serve` process: demo store from any folder, SIGT
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ import tritonclient.grpc as tc
 
 from gateway.settings import Settings, SettingsError, demo_store, load_settings
 from tests.support import models
-from tests.support.gateway import REPO_ROOT, GatewayProcess
+from tests.support.gateway import REPO_ROOT, GatewayProcess, free_port
 
 
 def test_defaults() -> None:
@@ -151,3 +152,17 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path: Path) -> None:
     assert len(results) == 1
     assert isinstance(results[0], np.ndarray), results[0]
     np.testing.assert_allclose(results[0], data, rtol=1e-4)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_busy_metrics_port_is_reported_as_metrics_port(tmp_path: Path, workers: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # Several workers need a fixed gRPC port; the supervisor binds the metrics port first.
+        result = _modelgate("serve", "--grpc-port", str(free_port()), "--metrics-port",
+                            str(port), "--workers", workers, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"setting 'metrics_port': cannot bind 127.0.0.1:{port}" in result.stderr
+    assert "grpc_port" not in result.stderr
