@@ -35,7 +35,8 @@ class Settings:
     store: Path = field(default_factory=demo_store, metadata={"help": "model store folder"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
     grpc_port: int = field(default=8001, metadata={"help": "gRPC port (0 = any free port)"})
-    metrics_port: int = field(default=8002, metadata={"help": "HTTP port for /metrics"})
+    metrics_port: int = field(default=8002, metadata={
+        "help": "HTTP port for /metrics, /healthz, /readyz (one port for all --workers, merged)"})
     grace_period_s: float = field(
         default=10.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"}
     )

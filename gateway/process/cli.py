@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.process import event_loop
+from gateway.process.config_check import check_config
 from gateway.process.event_loop import EventLoopError
 from gateway.process.server import BindError, serve
 from gateway.process.workers import Supervisor
@@ -29,10 +30,18 @@ from gateway.tenancy.tenants import load_tenants
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelgate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="modelgate",
+        # Plain text: the module docstring is written for readers of the code (RST markup).
+        description="Serve versioned models over the KServe V2 / Triton gRPC protocol "
+                    "(modelgate serve), or manage the tenants file (modelgate tenants).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="serve the models of a model store over gRPC")
     run.add_argument("--config", type=Path, help="TOML file with the same settings")
+    run.add_argument("--check-config", action="store_true",
+                     help="check the settings, model store, tenants and TLS files, then exit "
+                     "(0: would serve, 2: what is wrong) without serving")
     for f in fields():
         flag = "--" + f.name.replace("_", "-")
         # Flags default to None so the layers below them (env, file, defaults) show through.
@@ -72,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"modelgate: error: {exc}", file=sys.stderr)
         return 2
+    if args.check_config:
+        return _check_config(settings)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -88,6 +99,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, EventLoopError) as exc:  # found at start-up, e.g. a bad tenants file
         print(f"modelgate: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _check_config(settings: Settings) -> int:
+    try:
+        found = check_config(settings)
+    except SettingsError as exc:
+        for line in str(exc).splitlines():
+            print(f"modelgate: error: {line}", file=sys.stderr)
+        return 2
+    print(f"modelgate: configuration OK ({len(found)} models)")
+    for line in found:
+        print(f"  {line}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ code 2, and the real `modelgate serve` process: demo store from any folder, SIGT
 
 from __future__ import annotations
 
+import argparse
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
+from gateway.process.cli import _parser
 from gateway.settings import Settings, SettingsError, demo_store, load_settings
 from tests.support import models
 from tests.support.gateway import REPO_ROOT, GatewayProcess, free_port
@@ -166,3 +168,27 @@ def test_busy_metrics_port_is_reported_as_metrics_port(tmp_path: Path, workers: 
     assert result.returncode == 2
     assert f"setting 'metrics_port': cannot bind 127.0.0.1:{port}" in result.stderr
     assert "grpc_port" not in result.stderr
+
+
+def _helps(parser: argparse.ArgumentParser, prefix: str = "modelgate") -> dict[str, str]:
+    """The --help text of the parser and of every subcommand under it, by command line."""
+    helps = {prefix: parser.format_help()}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                helps.update(_helps(sub, f"{prefix} {name}"))
+    return helps
+
+
+def test_help_texts_carry_no_markup() -> None:
+    helps = _helps(_parser())
+    assert {"modelgate", "modelgate serve", "modelgate tenants create"} <= set(helps)
+    marked = [command for command, text in helps.items() if "``" in text]
+    assert not marked, f"raw RST double backticks in the help of: {marked}"
+
+
+def test_workers_metrics_are_documented_as_one_merged_port() -> None:
+    serve_help = " ".join(_helps(_parser())["modelgate serve"].split())
+    assert "one port for all --workers, merged" in serve_help
+    page = (REPO_ROOT / "docs" / "observability.md").read_text(encoding="utf-8")
+    assert "port + *i*" not in page and "merged" in page
