@@ -38,6 +38,10 @@ class OverloadedError(GatewayError):
     """A queue or limit is full; the trailers say when to retry."""
 
 
+class PayloadTooLargeError(GatewayError):
+    """The request's body (or what it inflates to) is over the size limit."""
+
+
 class RequestTimeoutError(GatewayError):
     """The request's deadline or queue timeout passed before it ran."""
 

@@ -30,12 +30,7 @@ from gateway.tenancy.tenants import load_tenants
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="modelgate",
-        # Plain text: the module docstring is written for readers of the code (RST markup).
-        description="Serve versioned models over the KServe V2 / Triton gRPC protocol "
-                    "(modelgate serve), or manage the tenants file (modelgate tenants).",
-    )
+    parser = argparse.ArgumentParser(prog="modelgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="serve the models of a model store over gRPC")
     run.add_argument("--config", type=Path, help="TOML file with the same settings")
@@ -102,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _check_config(settings: Settings) -> int:
+    # The problems are the command's output; the store scan's own log lines would repeat them.
+    logging.disable(logging.CRITICAL)
     try:
         found = check_config(settings)
     except SettingsError as exc:
