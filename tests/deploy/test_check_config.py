@@ -1,0 +1,82 @@
+"""``modelgate serve --check-config``: the real command checks settings, store, routing,
+tenants and TLS files and exits 0 or 2 without binding a port."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.gateway.test_tenants import admin
+from tests.support.certs import CertificateAuthority
+from tests.support.gateway import REPO_ROOT
+from tests.support.models import add_constant, add_model_config, write_model
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.process.cli", "serve", "--check-config", *args],
+        check=False, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    root = tmp_path / "store"
+    write_model(root, "plus", 1, add_constant(1.0), add_model_config("plus"))
+    return root
+
+
+def test_a_good_configuration_exits_0_and_lists_the_models(store: Path, tmp_path: Path) -> None:
+    tenants = tmp_path / "tenants.toml"
+    assert admin(tenants, "create", "acme")[0] == 0
+    result = check("--store", str(store), "--host", "0.0.0.0", "--tenants", str(tenants),
+                   env={"MODELGATE_GRPC_PORT": "9001"})
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK (1 models)" in result.stdout
+    assert "model plus: versions 1" in result.stdout
+
+
+def test_each_kind_of_problem_exits_2_naming_it(store: Path, tmp_path: Path) -> None:
+    assert "metrics_port" in check("--store", str(store), "--metrics-port", "70000").stderr
+    assert check("--store", str(store), "--metrics-port", "70000").returncode == 2
+    assert "MODELGATE_WORKERS" in check("--store", str(store),
+                                        env={"MODELGATE_WORKERS": "lots"}).stderr
+    # Open on a public address without tenants.
+    exposed = check("--store", str(store), "--host", "0.0.0.0")
+    assert exposed.returncode == 2 and "--allow-anonymous" in exposed.stderr
+    assert check("--store", str(store), "--host", "0.0.0.0",
+                 "--allow-anonymous").returncode == 0
+    # A tenants file that is not one.
+    bad_tenants = tmp_path / "bad.toml"
+    bad_tenants.write_text("[tenants.acme]\nmodels = 3\n")
+    result = check("--store", str(store), "--tenants", str(bad_tenants))
+    assert result.returncode == 2 and "tenants file" in result.stderr
+    # A model whose file is missing, and a broken routing.toml.
+    write_model(store, "broken", 1, add_constant(1.0), add_model_config("broken"))
+    (store / "broken" / "1" / "model.onnx").unlink()
+    (store / "plus" / "routing.toml").write_text("[labels]\nstable = 7\n[weights]\nnope = 1.0\n")
+    result = check("--store", str(store))
+    assert result.returncode == 2
+    assert "model broken version 1: model file model.onnx is missing" in result.stderr
+    assert "model plus: routing.toml" in result.stderr
+
+
+def test_tls_files_are_read(store: Path, tmp_path: Path) -> None:
+    ca = CertificateAuthority()
+    server = ca.issue("localhost", server=True)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(server.cert)
+    key.write_bytes(server.key)
+    assert check("--store", str(store), "--tls-cert", str(cert),
+                 "--tls-key", str(key)).returncode == 0
+    key.write_text("not a key\n")
+    result = check("--store", str(store), "--tls-cert", str(cert), "--tls-key", str(key))
+    assert result.returncode == 2 and "PEM" in result.stderr
+    missing = check("--store", str(store), "--tls-cert", str(cert))
+    assert missing.returncode == 2 and "give both or neither" in missing.stderr
