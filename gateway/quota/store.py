@@ -82,6 +82,23 @@ def exceeded(limit: str, scope: Scope, retry_after_s: float) -> QuotaExceededErr
     )
 
 
+def check_rows_fit(scopes: Sequence[Scope], rows: int) -> None:
+    """Refuse a request with more rows than a scope's row bucket holds: it could never pass,
+    so it gets no retry hint (a client obeying one would retry for ever)."""
+    for scope in scopes:
+        limits = scope.limits
+        if limits.rows_per_s is None or rows <= limits.rows_capacity():
+            continue
+        name = f"rows_burst;{scope.label}" if scope.label else "rows_burst"
+        burst = int(limits.rows_capacity())
+        given = "" if limits.rows_burst else " (one second of rows_per_s)"
+        raise QuotaExceededError(
+            f"quota exceeded: {name}: a request of {rows} rows can never pass a limit of "
+            f"{burst} rows{given}; send at most {burst} rows per request",
+            trailers={LIMIT_KEY: name},
+        )
+
+
 def seconds_to_next_day(wall: float) -> float:
     """Seconds until the next UTC midnight: when daily quotas reset."""
     return DAY_S - (wall % DAY_S)
@@ -140,6 +157,7 @@ class QuotaStore(abc.ABC):
     async def admission(self, scopes: Sequence[Scope], rows: int) -> Admission:
         """Charge (at once when the store can), recording a rejection for the metrics and
         the span; the caller runs the request inside ``with admission:``."""
+        check_rows_fit(scopes, rows)
         try:
             with observe.stage("quota"):  # a child span of the RPC's when tracing is on
                 admission = self.charge_at_once(scopes, rows)

@@ -95,6 +95,23 @@ async def test_rows_cost_by_batch_size(store_and_wall: tuple[QuotaStore, Wall]) 
     await store.charge(scopes, 4)
 
 
+async def test_more_rows_than_the_burst_is_refused_without_a_retry_hint(
+    store_and_wall: tuple[QuotaStore, Wall],
+) -> None:
+    store, _ = store_and_wall
+    scopes = scope(rows_per_s=1000.0, rows_burst=8)
+    with pytest.raises(QuotaExceededError) as info:
+        await store.admission(scopes, 9)
+    assert dict(info.value.trailers) == {"modelgate-limit": "rows_burst"}
+    assert "9 rows" in str(info.value) and "limit of 8 rows" in str(info.value)
+    # Nothing was charged: a full burst still passes.
+    with await store.admission(scopes, 8):
+        pass
+    # Without rows_burst the bucket holds one second of rows_per_s.
+    with pytest.raises(QuotaExceededError, match=r"limit of 5 rows \(one second of rows_per_s\)"):
+        await store.admission(scope(rows_per_s=5.0), 6)
+
+
 async def test_concurrency_limit_holds_and_frees(store_and_wall: tuple[QuotaStore, Wall]) -> None:
     store, _ = store_and_wall
     scopes = scope(concurrent=2)

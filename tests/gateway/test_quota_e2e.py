@@ -126,6 +126,22 @@ def test_rows_per_second_charge_the_batch_size(
     assert call(stub, keys["rows"], request(rows=2))[0] == grpc.StatusCode.OK
 
 
+def test_more_rows_than_the_burst_never_pass_and_get_no_retry_hint(
+    limited: tuple[RunningGateway, dict[str, str]],
+) -> None:
+    gw, keys = limited
+    stub = gw.stub()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request(rows=9), metadata=(("x-api-key", keys["rows"]),), timeout=30)
+    error: Any = info.value
+    trailers = {m.key: str(m.value) for m in error.trailing_metadata() or ()}
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "a request of 9 rows can never pass a limit of 8 rows" in error.details()
+    assert trailers["modelgate-limit"] == "rows_burst"
+    assert "retry-after-ms" not in trailers
+    assert call(stub, keys["rows"], request(rows=8))[0] == grpc.StatusCode.OK  # charged nothing
+
+
 def test_concurrency_limit_holds(limited: tuple[RunningGateway, dict[str, str]]) -> None:
     gw, keys = limited
     stub = gw.stub()
