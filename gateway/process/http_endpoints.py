@@ -12,6 +12,7 @@ from typing import Final
 
 from gateway.models.manager import ModelManager, VersionState
 from gateway.observability.metrics import CONTENT_TYPE, Metrics
+from gateway.sanitize import strip_paths
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,15 @@ def manager_readiness(manager: ModelManager, draining: Callable[[], bool]) -> Re
             return False, {"reason": "loading models"}
         not_ready: dict[str, str] = {}
         for model in manager.models():
+            # The reasons gRPC clients see: load errors quote paths, the probe gets file names.
             if model.error is not None:
-                not_ready[model.name] = model.error
+                not_ready[model.name] = strip_paths(model.error)
             for number, version in sorted(model.versions.items()):
                 name = f"{model.name}/{number}"
                 if version.state is not VersionState.READY:
                     state = version.state.value
-                    not_ready[name] = f"{state}: {version.reason}" if version.reason else state
+                    reason = strip_paths(version.reason) if version.reason else ""
+                    not_ready[name] = f"{state}: {reason}" if reason else state
                 elif version.runtime is not None and not version.runtime.ready():
                     not_ready[name] = "READY here, but no upstream has it ready"
         return not not_ready, {"not_ready": not_ready}

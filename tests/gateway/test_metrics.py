@@ -164,10 +164,15 @@ def test_readyz_names_a_version_that_failed_to_load(tmp_path: Path) -> None:
     with running_gateway(tmp_path) as gw:
         status, body = get(gw, "/readyz")
         assert get(gw, "/healthz")[0] == 200
+        index = gw.stub().RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
     assert status == 503
     report = json.loads(body)
     assert report["ready"] is False
     assert list(report["not_ready"]) == ["broken/1"]
+    # The probe shows the reason gRPC clients see: file names, never the store's path.
+    grpc_reason = next(m.reason for m in index.models if m.name == "broken")
+    assert "model.onnx" in grpc_reason and str(tmp_path) not in body
+    assert report["not_ready"]["broken/1"] == f"UNAVAILABLE: {grpc_reason}"
 
 
 def test_tenant_label_is_bounded() -> None:
