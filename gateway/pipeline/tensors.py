@@ -65,7 +65,9 @@ def check_size(name: str, shape: tuple[int, ...]) -> None:
         )
 
 
-def from_raw(name: str, datatype: DataType, shape: tuple[int, ...], data: bytes) -> Tensor:
+def from_raw(
+    name: str, datatype: DataType, shape: tuple[int, ...], data: bytes | memoryview
+) -> Tensor:
     """A tensor from its raw bytes, whose length must be exactly what the shape needs."""
     count = math.prod(shape)
     if datatype is DataType.BYTES:
@@ -80,7 +82,9 @@ def from_raw(name: str, datatype: DataType, shape: tuple[int, ...], data: bytes)
     return np.frombuffer(data, dtype=datatype.numpy_dtype).reshape(shape)
 
 
-def _bytes_from_raw(name: str, shape: tuple[int, ...], count: int, data: bytes) -> Tensor:
+def _bytes_from_raw(
+    name: str, shape: tuple[int, ...], count: int, data: bytes | memoryview
+) -> Tensor:
     # Every element costs at least its 4-byte length prefix: reject impossible counts before
     # allocating the element array.
     size = LENGTH_PREFIX.size

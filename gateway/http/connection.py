@@ -1,0 +1,308 @@
+"""One client connection of the REST port: an asyncio protocol around the httptools parser.
+It bounds what a client may make the server hold (head size, body size, time to send a
+request, idle keep-alive time), serves a connection's requests one at a time, in order,
+and on drain finishes the request in progress before closing."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import httptools
+
+from gateway.http.messages import HttpRequest, HttpResponse, error_response
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+REASONS: Final = {
+    100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+    411: "Length Required", 413: "Content Too Large", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 499: "Client Closed Request",
+    500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may cost the server before it is refused."""
+
+    max_body_bytes: int
+    max_head_bytes: int = 16 * 1024
+    read_timeout_s: float = 30.0  # from a request's first byte to its last
+    keepalive_s: float = 60.0  # an idle connection is closed after this long
+
+
+class _Refused(Exception):
+    """A request refused while it is read (too large, malformed): answered, then closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Connections:
+    """The open connections of one server, for drain."""
+
+    def __init__(self) -> None:
+        self.open: set[HttpConnection] = set()
+        self.closed = asyncio.Event()
+
+    def add(self, connection: HttpConnection) -> None:
+        self.open.add(connection)
+        self.closed.clear()
+
+    def discard(self, connection: HttpConnection) -> None:
+        self.open.discard(connection)
+        if not self.open:
+            self.closed.set()
+
+
+class HttpConnection(asyncio.Protocol):
+    """HTTP/1.1 with keep-alive; pipelined requests are queued and answered in order."""
+
+    def __init__(self, handler: Handler, limits: Limits, connections: Connections) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._connections = connections
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._peer = "-"
+        self._queue: collections.deque[tuple[HttpRequest, bool]] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closing = False
+        self._reading = False  # between a request's first byte and its last
+        self._refused: _Refused | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._head_bytes = 0
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self._peer = f"{peer[0]}:{peer[1]}"
+        self._connections.add(self)
+        self._arm(self._limits.keepalive_s, self._idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._connections.discard(self)
+        self._queue.clear()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the client is gone: nobody reads the answer
+        self._transport = None
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._reading and self._task is None:
+            self._disarm()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(_Refused(400, "protocol upgrades are not supported"))
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__ if isinstance(exc.__context__, _Refused) else None
+            self._refuse(refused or _Refused(400, "malformed HTTP request"))
+
+    # -- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reading = True
+        self._reset()
+        if self._task is None:
+            self._arm(self._limits.read_timeout_s, self._read_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        previous = self._headers.get(key)
+        self._headers[key] = text if previous is None else f"{previous}, {text}"
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length")
+        if length is not None and length.strip().isdigit() and (
+            int(length) > self._limits.max_body_bytes
+        ):
+            raise _Refused(413, f"the request body ({int(length)} bytes) is over the limit "
+                                f"of {self._limits.max_body_bytes} bytes")
+        if self._headers.get("expect", "").lower() == "100-continue" and self._transport:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self._limits.max_body_bytes:
+            raise _Refused(413, f"the request body is over the limit of "
+                                f"{self._limits.max_body_bytes} bytes")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._reading = False
+        url = httptools.parse_url(self._url)
+        request = HttpRequest(
+            method=self._parser.get_method().decode("ascii", "replace"),
+            path=url.path.decode("latin-1"),
+            query=(url.query or b"").decode("latin-1"),
+            headers=self._headers,
+            body=self._body[0] if len(self._body) == 1 else b"".join(self._body),
+            peer=self._peer,
+            peer_subject=self._peer_subject,
+        )
+        self._queue.append((request, self._parser.should_keep_alive()))
+        self._reset()
+        if self._task is None:
+            self._disarm()
+            if self._transport is not None:
+                self._transport.pause_reading()  # one request at a time per connection
+            self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    # -- serving -------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        while self._queue and self._transport is not None:
+            request, keep_alive = self._queue.popleft()
+            try:
+                response = await self._handler(request)
+            except Exception:
+                log.exception("the REST handler failed")
+                response = error_response(500, "internal error")
+            keep_alive = keep_alive and not self._closing
+            self._write(response, keep_alive)
+            if not keep_alive:
+                self._close()
+                return
+            if not self._writable.is_set():
+                await self._writable.wait()
+        self._task = None
+        if self._transport is None:
+            return
+        if self._closing:
+            self._close()
+            return
+        self._transport.resume_reading()
+        if self._reading:  # a pipelined request is partly read: its clock runs again
+            self._arm(self._limits.read_timeout_s, self._read_timeout)
+        else:
+            self._arm(self._limits.keepalive_s, self._idle_timeout)
+
+    def _write(self, response: HttpResponse, keep_alive: bool) -> None:
+        if self._transport is None:
+            return
+        lines = [
+            f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}",
+            f"Content-Type: {response.content_type}",
+            f"Content-Length: {len(response.body)}",
+        ]
+        lines.extend(f"{name}: {value}" for name, value in response.headers)
+        if not keep_alive:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self._transport.write(head + response.body if len(response.body) < 65536 else head)
+        if len(response.body) >= 65536:
+            self._transport.write(response.body)
+
+    def _refuse(self, refused: _Refused) -> None:
+        """Answer a request that could not be read, then close (its bytes are unparsed)."""
+        if self._refused is not None:
+            return
+        self._refused = refused
+        self._queue.clear()
+        self._disarm()
+        if self._task is None:
+            self._write(error_response(refused.status, str(refused)), keep_alive=False)
+            self._close()
+        else:
+            self._closing = True  # the request in progress is answered first
+
+    def _close(self) -> None:
+        self._disarm()
+        if self._transport is not None:
+            self._transport.close()
+
+    def drain(self) -> None:
+        """Server shutdown: an idle connection closes now; one serving a request closes
+        after answering it (with Connection: close)."""
+        self._closing = True
+        if self._task is None:
+            self._close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- limits --------------------------------------------------------------------------
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self._limits.max_head_bytes:
+            raise _Refused(431, f"the request line and headers are over the limit of "
+                                f"{self._limits.max_head_bytes} bytes")
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _read_timeout(self) -> None:
+        self._timer = None
+        self._refuse(_Refused(408, f"the request did not arrive within "
+                                   f"{self._limits.read_timeout_s:g} seconds"))
+
+    def _idle_timeout(self) -> None:
+        self._timer = None
+        self._close()
+
+    def _peer_subject(self) -> str | None:
+        cert: Any = self._transport.get_extra_info("peercert") if self._transport else None
+        return subject_of(cert) if cert else None
+
+
+# ssl's names for the attributes of a certificate subject, as RFC 2253 writes them.
+_SHORT: Final = {
+    "commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+    "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+    "emailAddress": "emailAddress", "domainComponent": "DC",
+}
+
+
+def subject_of(cert: dict[str, Any]) -> str | None:
+    """A verified peer certificate's subject, 'CN=acme,O=Acme' style (ssl's getpeercert
+    form in, the form tenants files and gRPC use out)."""
+    parts = []
+    for rdn in cert.get("subject", ()):
+        for name, value in rdn:
+            escaped = str(value).replace("\\", "\\\\").replace(",", "\\,")
+            parts.append(f"{_SHORT.get(name, name)}={escaped}")
+    return ",".join(parts) or None

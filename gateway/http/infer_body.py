@@ -1,0 +1,235 @@
+"""The V2 REST infer body: its JSON header (inputs, outputs, parameters) with tensors as
+JSON ``data`` or, with Triton's binary tensor extension, as raw bytes after the header
+(Inference-Header-Content-Length); decoded against a model's spec, answered the same way."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from gateway.errors import InvalidRequestError
+from gateway.http.json_tensors import from_json, to_json
+from gateway.pipeline.tensors import (
+    MAX_TENSORS,
+    check_name,
+    check_shape,
+    check_size,
+    datatype_of,
+    from_raw,
+    to_raw,
+)
+from gateway.sanitize import echoed
+from model_store.datatypes import DataType
+from model_store.spec import ModelSpec
+from runtimes.base import InferRequest, Tensor
+
+HEADER_LENGTH: Final = "inference-header-content-length"
+JSON_TYPE: Final = "application/json"
+BINARY_TYPE: Final = "application/octet-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class InferBody:
+    """What the response needs to know of the request: its id, and for each requested
+    output whether it goes back as binary data (absent: the request-wide default)."""
+
+    request_id: str | None
+    binary_outputs: Mapping[str, bool]
+    binary_default: bool
+
+
+def split_header(body: bytes, header_length: str | None) -> tuple[Mapping[str, Any], int]:
+    """The parsed JSON header and where the binary data after it starts."""
+    if header_length is None:
+        end = len(body)
+    else:
+        text = header_length.strip()
+        if not text.isdigit() or len(text) > 12:
+            raise InvalidRequestError(
+                "Inference-Header-Content-Length must be a non-negative integer"
+            )
+        end = int(text)
+        if end > len(body):
+            raise InvalidRequestError(
+                f"Inference-Header-Content-Length is {end} but the body holds {len(body)} bytes"
+            )
+    try:
+        header = json.loads(memoryview(body)[:end].tobytes() if end < len(body) else body)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {_reason(exc)}") from None
+    if not isinstance(header, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return header, end
+
+
+def decode_infer(
+    header: Mapping[str, Any], body: bytes, binary_start: int, spec: ModelSpec
+) -> tuple[InferRequest, InferBody]:
+    """Check an infer request against the model and turn it into plain tensors. Every
+    binary_data_size is checked against the bytes present before any tensor is built."""
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidRequestError("'inputs' must be a non-empty list")
+    outputs = header.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise InvalidRequestError("'outputs' must be a list")
+    if len(inputs) > MAX_TENSORS or len(outputs) > MAX_TENSORS:
+        raise InvalidRequestError(f"a request may carry at most {MAX_TENSORS} inputs and outputs")
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidRequestError("'id' must be a string")
+    parameters = _object(header.get("parameters"), "'parameters'")
+    declared: dict[str, tuple[DataType, tuple[int, ...]]] = {}
+    sources: dict[str, Any] = {}  # an input's JSON data, or its (start, end) in the body
+    offset = binary_start
+    for entry in inputs:
+        name, datatype, shape, source, offset = _input(entry, body, offset)
+        if name in declared:
+            raise InvalidRequestError(f"input '{name}' appears more than once")
+        declared[name] = (datatype, shape)
+        sources[name] = source
+    if offset != len(body):
+        raise InvalidRequestError(
+            f"{len(body) - offset} bytes of binary data follow the inputs that claim theirs"
+        )
+    binary_outputs = _requested_outputs(outputs, _binary_default(parameters))
+    # The model's own signature speaks first (its message names the dimension it wants);
+    # that check is integer arithmetic only, so a huge claimed shape costs nothing yet.
+    rows = spec.check_inputs(declared)
+    arrays: dict[str, Tensor] = {}
+    view = memoryview(body)
+    for name, (datatype, shape) in declared.items():
+        check_size(name, shape)
+        source = sources[name]
+        if isinstance(source, tuple):
+            start, end = source
+            arrays[name] = from_raw(name, datatype, shape, view[start:end])
+        else:
+            arrays[name] = from_json(name, datatype, shape, source)
+    names = tuple(binary_outputs)
+    spec.check_outputs(names)
+    request = InferRequest(
+        inputs=arrays, outputs=names, rows=rows,
+        priority=_int_parameter(parameters, "priority") or 0,
+        timeout_us=_int_parameter(parameters, "timeout"),
+    )
+    return request, InferBody(request_id, binary_outputs, _binary_default(parameters))
+
+
+def _input(
+    entry: object, body: bytes, offset: int
+) -> tuple[str, DataType, tuple[int, ...], Any, int]:
+    """One input's name, datatype, shape, data source, and the binary offset after it."""
+    item = _object(entry, "each input")
+    name = item.get("name")
+    if not isinstance(name, str):
+        raise InvalidRequestError("each input needs a 'name' string")
+    check_name("input", name)
+    wire = item.get("datatype")
+    if not isinstance(wire, str):
+        raise InvalidRequestError(f"input '{name}' needs a 'datatype' string")
+    shape = item.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        raise InvalidRequestError(f"input '{name}': 'shape' must be a list of integers")
+    datatype, checked = datatype_of(name, wire), check_shape(name, shape)
+    size = _object(item.get("parameters"), f"input '{name}' parameters").get("binary_data_size")
+    if size is None:
+        if "data" not in item:
+            raise InvalidRequestError(f"input '{name}' has neither 'data' nor binary data")
+        return name, datatype, checked, item["data"], offset
+    if not _is_int(size) or size < 0:
+        raise InvalidRequestError(
+            f"input '{name}': binary_data_size must be a non-negative integer"
+        )
+    if "data" in item:
+        raise InvalidRequestError(f"input '{name}' has both 'data' and binary_data_size; send one")
+    if offset + size > len(body):
+        raise InvalidRequestError(
+            f"input '{name}': binary_data_size {size} runs past the end of the body "
+            f"({len(body) - offset} bytes remain)"
+        )
+    return name, datatype, checked, (offset, offset + size), offset + size
+
+
+def _requested_outputs(outputs: list[Any], default: bool) -> dict[str, bool]:
+    """Requested output names, each with whether it goes back as binary data."""
+    binary: dict[str, bool] = {}
+    for entry in outputs:
+        item = _object(entry, "each requested output")
+        name = item.get("name")
+        if not isinstance(name, str):
+            raise InvalidRequestError("each requested output needs a 'name' string")
+        check_name("output", name)
+        if name in binary:
+            raise InvalidRequestError(f"output '{name}' is requested more than once")
+        wanted = _object(item.get("parameters"), f"output '{name}' parameters").get(
+            "binary_data"
+        )
+        if wanted is not None and not isinstance(wanted, bool):
+            raise InvalidRequestError(f"output '{name}': binary_data must be true or false")
+        binary[name] = default if wanted is None else wanted
+    return binary
+
+
+def encode_infer(
+    spec: ModelSpec, version: int, outputs: Mapping[str, Tensor], body: InferBody
+) -> tuple[bytes, int | None]:
+    """The response body and, when it carries binary outputs, its JSON header's length."""
+    declared = {t.name: t.datatype for t in spec.outputs}
+    described: list[dict[str, Any]] = []
+    raw: list[bytes] = []
+    for name, array in outputs.items():
+        datatype = declared[name]
+        entry: dict[str, Any] = {"name": name, "datatype": datatype.value,
+                                 "shape": list(array.shape)}
+        if body.binary_outputs.get(name, body.binary_default):
+            data = to_raw(datatype, array)
+            entry["parameters"] = {"binary_data_size": len(data)}
+            raw.append(data)
+        else:
+            entry["data"] = to_json(name, datatype, array)
+        described.append(entry)
+    response: dict[str, Any] = {"model_name": spec.name, "model_version": str(version)}
+    if body.request_id:
+        response["id"] = body.request_id
+    response["outputs"] = described
+    head = json.dumps(response, separators=(",", ":")).encode()
+    if not raw:
+        return head, None
+    return b"".join((head, *raw)), len(head)
+
+
+def _binary_default(parameters: Mapping[str, Any]) -> bool:
+    value = parameters.get("binary_data_output", False)
+    if not isinstance(value, bool):
+        raise InvalidRequestError("binary_data_output must be true or false")
+    return value
+
+
+def _int_parameter(parameters: Mapping[str, Any], key: str) -> int | None:
+    value = parameters.get(key)
+    if value is None:
+        return None
+    if not _is_int(value) or value < 0:
+        raise InvalidRequestError(f"request parameter '{key}' must be a non-negative integer")
+    return int(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _object(value: object, what: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{what} must be a JSON object")
+    return value
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return echoed(str(exc), 120)

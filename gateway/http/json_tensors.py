@@ -1,0 +1,150 @@
+"""V2 JSON tensor data: a ``data`` list (flat or nested, row-major) to an array of the
+declared datatype and back. The list is already parsed, so its length bounds every
+allocation; the claimed shape is only compared with it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final
+
+import numpy as np
+
+from gateway.errors import InvalidRequestError
+from gateway.pipeline.tensors import MAX_RANK, element_bytes
+from model_store.datatypes import DataType
+from runtimes.base import Tensor
+
+# numpy's inferred kind for each family of V2 datatypes: integers take JSON integers only,
+# floats take any JSON number, BOOL takes true/false only.
+_INTEGER: Final = frozenset("iu")
+_NUMBER: Final = frozenset("iuf")
+_FLOATS: Final = frozenset({DataType.FP16, DataType.FP32, DataType.FP64, DataType.BF16})
+
+
+def flatten(name: str, data: Any) -> list[Any]:
+    """The elements of a (possibly nested) list in row-major order."""
+    if not isinstance(data, list):
+        raise InvalidRequestError(f"input '{name}': 'data' must be a list")
+    if not any(isinstance(item, list) for item in data):
+        return data
+    out: list[Any] = []
+    _extend(name, data, out, 1)
+    return out
+
+
+def _extend(name: str, items: list[Any], out: list[Any], depth: int) -> None:
+    if depth > MAX_RANK:
+        raise InvalidRequestError(f"input '{name}': 'data' nests deeper than {MAX_RANK}")
+    for item in items:
+        if isinstance(item, list):
+            _extend(name, item, out, depth + 1)
+        else:
+            out.append(item)
+
+
+def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) -> Tensor:
+    """An array of ``datatype`` and ``shape`` from the JSON ``data`` of one input."""
+    flat = flatten(name, data)
+    count = math.prod(shape)
+    if len(flat) != count:
+        raise InvalidRequestError(
+            f"input '{name}': shape {list(shape)} needs {count} elements, 'data' holds "
+            f"{len(flat)}"
+        )
+    if datatype is DataType.BYTES:
+        array = np.empty(count, dtype=object)
+        for index, element in enumerate(flat):
+            if not isinstance(element, str):
+                raise InvalidRequestError(
+                    f"input '{name}': BYTES data must be strings; element {index} is "
+                    f"{_json_kind(element)}"
+                )
+            array[index] = element.encode("utf-8")
+        return array.reshape(shape)
+    if not flat:
+        return np.empty(shape, dtype=datatype.numpy_dtype)
+    inferred = np.asarray(flat)
+    kind = inferred.dtype.kind
+    if datatype is DataType.BOOL:
+        allowed: frozenset[str] = frozenset("b")
+    elif datatype in _FLOATS:
+        allowed = _NUMBER
+    else:
+        allowed = _INTEGER
+    if kind not in allowed:
+        raise InvalidRequestError(
+            f"input '{name}': {datatype.value} data must be {_wanted(datatype)}; "
+            f"{_offender(flat, datatype)}"
+        )
+    if datatype is DataType.BF16:
+        return _to_bf16(inferred.astype(np.float32)).reshape(shape)
+    if datatype in _FLOATS or datatype is DataType.BOOL:
+        return inferred.astype(datatype.numpy_dtype).reshape(shape)
+    try:
+        # From the Python ints, not the inferred array: numpy refuses out-of-range ints here
+        # where a cast from int64 would wrap them silently.
+        return np.array(flat, dtype=datatype.numpy_dtype).reshape(shape)
+    except OverflowError:
+        raise InvalidRequestError(
+            f"input '{name}': a value in 'data' is out of range for {datatype.value}"
+        ) from None
+
+
+def to_json(name: str, datatype: DataType, array: Tensor) -> list[Any]:
+    """An output's elements as a flat JSON list (BYTES as UTF-8 strings)."""
+    flat = np.asarray(array).reshape(-1)
+    if datatype is DataType.BYTES:
+        out: list[Any] = []
+        for element in flat:
+            try:
+                out.append(element_bytes(element).decode("utf-8"))
+            except UnicodeDecodeError:
+                raise InvalidRequestError(
+                    f"output '{name}' holds bytes that are not UTF-8 text; ask for it with "
+                    "binary_data: true"
+                ) from None
+        return out
+    if datatype is DataType.BF16:
+        return _from_bf16(flat).tolist()  # type: ignore[no-any-return]
+    return flat.astype(datatype.numpy_dtype, copy=False).tolist()  # type: ignore[no-any-return]
+
+
+def _to_bf16(values: np.ndarray[Any, Any]) -> Tensor:
+    # bfloat16 is the upper half of a float32; round to nearest even on the dropped half.
+    bits = values.astype("<f4").view("<u4").astype(np.uint64)
+    rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (rounded >> 16).astype("<u2")
+
+
+def _from_bf16(bits: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    return (bits.astype("<u4") << 16).view("<f4")
+
+
+def _wanted(datatype: DataType) -> str:
+    if datatype is DataType.BOOL:
+        return "true or false"
+    return "numbers" if datatype in _FLOATS else "integers"
+
+
+def _offender(flat: list[Any], datatype: DataType) -> str:
+    for index, element in enumerate(flat):
+        ok = (isinstance(element, bool) if datatype is DataType.BOOL
+              else isinstance(element, (int, float)) and not isinstance(element, bool)
+              and (datatype in _FLOATS or isinstance(element, int)))
+        if not ok:
+            return f"element {index} is {_json_kind(element)}"
+    return "a value is out of range"
+
+
+def _json_kind(element: object) -> str:
+    if isinstance(element, bool):
+        return "a boolean"
+    if isinstance(element, int):
+        return "an integer"
+    if isinstance(element, float):
+        return "a number with a fraction"
+    if isinstance(element, str):
+        return "a string"
+    if element is None:
+        return "null"
+    return "an object"

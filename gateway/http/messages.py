@@ -1,0 +1,48 @@
+"""One HTTP request as the REST endpoints see it (method, path, headers, the whole body) and
+the response they answer with; the connection module reads and writes them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+JSON: Final = "application/json"
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    """A complete request. Header names are lower case; repeated headers are joined with
+    ', '. ``peer_subject`` looks up the verified client certificate's subject (mTLS)."""
+
+    method: str
+    path: str
+    query: str
+    headers: Mapping[str, str]
+    body: bytes
+    peer: str
+    peer_subject: Callable[[], str | None] = field(default=lambda: None)
+
+
+@dataclass(slots=True)
+class HttpResponse:
+    """A response: status, body and headers beyond Content-Type and Content-Length."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = JSON
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def json_response(status: int, payload: object,
+                  headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
+    """A JSON response (compact separators: bodies are for programs)."""
+    return HttpResponse(status, json.dumps(payload, separators=(",", ":")).encode(), JSON,
+                        headers)
+
+
+def error_response(status: int, message: str,
+                   headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
+    """The V2 error body: ``{"error": "..."}``."""
+    return json_response(status, {"error": message}, headers)
