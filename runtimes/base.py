@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Final
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -16,14 +15,6 @@ from model_store.spec import ModelId, ModelSpec
 Tensor = npt.NDArray[np.generic]
 TensorMap = Mapping[str, Tensor]
 
-# A merged batch carries its members' ``tags`` dicts under this key of its own tags, so the
-# wrappers below a batcher (tracing, metrics) can reach every member request.
-MEMBER_TAGS: Final = "members"
-
-# The W3C trace headers (``traceparent``, ``tracestate``: a Mapping[str, str]) a runtime that
-# calls another service (Triton) sends along; the gateway puts them in a request's ``tags``.
-TRACE_HEADERS_TAG: Final = "trace_headers"
-
 
 @dataclass(slots=True)
 class InferRequest:
@@ -31,7 +22,14 @@ class InferRequest:
 
     ``outputs`` empty means every declared output. ``rows`` is the batch dimension (1 for
     unbatched models). ``deadline`` is on the monotonic clock (None: none). Plain runtimes
-    ignore priority, timeout and deadline; the batcher honours them."""
+    ignore priority, timeout and deadline; the batcher honours them.
+
+    ``trace_headers``: the W3C headers (traceparent, tracestate) a runtime that calls
+    another service (Triton) sends along. ``warmup``: the warm-up sample's name when the
+    request is a warm-up rather than traffic (not counted). ``members``: a batch merged by
+    the batcher carries the requests it merged, so wrappers below it reach each one.
+    ``context``: the caller's context, opaque here; the gateway reads it through
+    gateway/request/context.py."""
 
     inputs: TensorMap
     outputs: tuple[str, ...] = ()
@@ -39,7 +37,10 @@ class InferRequest:
     priority: int = 0
     timeout_us: int | None = None
     deadline: float | None = None
-    tags: dict[str, object] = field(default_factory=dict)
+    trace_headers: Mapping[str, str] | None = None
+    warmup: str | None = None
+    members: tuple[InferRequest, ...] = ()
+    context: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,28 @@ class Runtime(abc.ABC):
 
     def ready(self) -> bool:
         """Whether the loaded runtime can take requests now. In-process runtimes always can;
-        a remote one (Triton) only while an upstream has the model ready. A wrapper (a
-        runtime whose ``inner`` is the runtime it wraps) answers for what it wraps."""
-        inner = getattr(self, "inner", None)
-        return inner.ready() if isinstance(inner, Runtime) else True
+        a remote one (Triton) only while an upstream has the model ready."""
+        return True
+
+
+class RuntimeWrapper(Runtime):
+    """The one base of runtime decorators (batching, statistics, observation): the lifecycle,
+    metadata and readiness go to ``inner``; a subclass overrides ``infer`` (and whatever
+    else it adds to)."""
+
+    def __init__(self, inner: Runtime) -> None:
+        self.inner = inner
+        self.model = inner.model
+        self.spec = inner.spec
+
+    async def load(self) -> None:
+        await self.inner.load()
+
+    async def unload(self) -> None:
+        await self.inner.unload()
+
+    def metadata(self) -> RuntimeMetadata:
+        return self.inner.metadata()
+
+    def ready(self) -> bool:
+        return self.inner.ready()

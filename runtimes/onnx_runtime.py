@@ -22,7 +22,7 @@ from onnx import helper
 
 from model_store.datatypes import DataType
 from model_store.spec import ModelId, ModelSpec, TensorSpec
-from runtimes.base import MEMBER_TAGS, InferRequest, Runtime, RuntimeMetadata, Tensor
+from runtimes.base import InferRequest, Runtime, RuntimeMetadata, Tensor
 from runtimes.errors import (
     InferenceFailed,
     InvalidTensorError,
@@ -225,9 +225,7 @@ class OnnxRuntime(Runtime):
         # runs the model meanwhile, on another core. Alone, the hand-off is pure delay.
         if self._in_flight is None:
             return True
-        members = request.tags.get(MEMBER_TAGS)
-        own = len(members) if isinstance(members, list) else 1
-        return self._in_flight() <= own
+        return self._in_flight() <= max(1, len(request.members))
 
     async def unload(self) -> None:
         self._closed = True

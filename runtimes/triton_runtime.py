@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -17,8 +16,6 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from model_store.spec import ModelId, ModelSpec
 from modelgate_pb import grpc_service_pb2 as pb
 from runtimes.base import (
-    MEMBER_TAGS,
-    TRACE_HEADERS_TAG,
     InferRequest,
     Runtime,
     RuntimeMetadata,
@@ -157,7 +154,7 @@ class TritonRuntime(Runtime):
         message = build_request(self.route.model, version=self.route.version,
                                 inputs=request.inputs, datatypes=self._datatypes,
                                 outputs=request.outputs)
-        metadata = _trace_metadata(request.tags)
+        metadata = _trace_metadata(request)
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -259,19 +256,17 @@ def _timeout(deadline: float | None, cap_s: float) -> float | None:
     return remaining
 
 
-def _trace_metadata(tags: Mapping[str, object]) -> tuple[tuple[str, str], ...]:
+def _trace_metadata(request: InferRequest) -> tuple[tuple[str, str], ...]:
     """The trace context to send upstream: the current span's when the gateway traces (the
-    upstream's work is then a child of it), else the caller's headers as they came (from
-    the request's tags, or its first member's for a merged batch)."""
+    upstream's work is then a child of it), else the caller's headers as they came (the
+    request's, or its first member's for a merged batch)."""
     carrier: dict[str, str] = {}
     if trace.get_current_span().get_span_context().is_valid:
         _PROPAGATOR.inject(carrier)
     else:
-        headers = tags.get(TRACE_HEADERS_TAG)
-        members = tags.get(MEMBER_TAGS)
-        if headers is None and isinstance(members, (list, tuple)) and members:
-            first = members[0]
-            headers = first.get(TRACE_HEADERS_TAG) if isinstance(first, Mapping) else None
-        if isinstance(headers, Mapping):
+        headers = request.trace_headers
+        if headers is None and request.members:
+            headers = request.members[0].trace_headers
+        if headers is not None:
             carrier = {k: str(v) for k, v in headers.items()}
     return tuple((k, carrier[k]) for k in _FORWARDED_HEADERS if carrier.get(k))

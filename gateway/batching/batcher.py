@@ -21,11 +21,11 @@ from gateway.errors import (
 )
 from gateway.observability.statistics import ModelStatistics, is_warmup
 from model_store.spec import DynamicBatchingSpec, QueuePolicy, TensorSpec, TimeoutAction
-from runtimes.base import MEMBER_TAGS, InferRequest, Runtime, RuntimeMetadata, Tensor
+from runtimes.base import InferRequest, Runtime, RuntimeWrapper, Tensor
 from runtimes.errors import InferenceFailed, InvalidTensorError, RuntimeClosedError
 
 
-class DynamicBatcher(Runtime):
+class DynamicBatcher(RuntimeWrapper):
     """Queues requests, merges those of equal non-batch shape into batches by rows, hands
     at most ``staged`` batches per instance to ``inner`` at once and splits the outputs
     back.
@@ -50,9 +50,7 @@ class DynamicBatcher(Runtime):
         config = inner.spec.dynamic_batching
         if config is None or inner.spec.max_batch_size <= 0:
             raise ValueError("DynamicBatcher needs a model with dynamic_batching and batching")
-        self.inner = inner
-        self.model = inner.model
-        self.spec = inner.spec
+        super().__init__(inner)
         self._config: DynamicBatchingSpec = config
         self._statistics = statistics
         self._clock: Clock = clock or MonotonicClock()
@@ -77,9 +75,6 @@ class DynamicBatcher(Runtime):
 
     # -- Runtime interface -------------------------------------------------------------
 
-    async def load(self) -> None:
-        await self.inner.load()
-
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
         entry = self._enqueue(request)
         try:
@@ -102,9 +97,6 @@ class DynamicBatcher(Runtime):
             self._timer.cancel()
             self._timer = None
         await self.inner.unload()
-
-    def metadata(self) -> RuntimeMetadata:
-        return self.inner.metadata()
 
     # -- queueing ----------------------------------------------------------------------
 
@@ -388,14 +380,17 @@ def _merge(requests: list[InferRequest], declared: tuple[TensorSpec, ...]) -> In
     if all(r.outputs for r in requests):
         names = {name for r in requests for name in r.outputs}
         wanted = tuple(spec.name for spec in declared if spec.name in names)
-    # Wrappers below the batcher (tracing, metrics) reach each member through its tags.
-    members = [r.tags for r in requests]
+    # Wrappers below the batcher (tracing, metrics) reach each member through ``members``.
+    members = tuple(requests)
     if len(requests) == 1:
         return InferRequest(
             inputs=first.inputs,
             outputs=wanted,
             rows=first.rows,
-            tags={**first.tags, MEMBER_TAGS: members},
+            trace_headers=first.trace_headers,
+            warmup=first.warmup,
+            members=members,
+            context=first.context,
         )
     inputs = {
         name: np.concatenate([r.inputs[name] for r in requests], axis=0) for name in first.inputs
@@ -404,7 +399,8 @@ def _merge(requests: list[InferRequest], declared: tuple[TensorSpec, ...]) -> In
         inputs=inputs,
         outputs=wanted,
         rows=sum(r.rows for r in requests),
-        tags={MEMBER_TAGS: members},
+        trace_headers=first.trace_headers,
+        members=members,
     )
 
 

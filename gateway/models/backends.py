@@ -1,5 +1,5 @@
-"""Chooses the Runtime for a model's platform and wraps it as its config asks (the
-dynamic batcher for models with a dynamic_batching block)."""
+"""Chooses the Runtime for a model's platform and wraps it as its config asks (statistics,
+the dynamic batcher for models with a dynamic_batching block, metrics and tracing)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway.batching.batcher import DynamicBatcher
+from gateway.models.version_loader import RuntimeStack
 from gateway.observability.metrics import Metrics
-from gateway.observability.observed_runtime import ExecutionObserver, RequestObserver
+from gateway.observability.observed_runtime import (
+    ExecutionObserver,
+    Observations,
+    RequestObserver,
+)
 from gateway.observability.statistics import ModelStatistics, StatisticsRuntime
 from gateway.observability.tracing import Tracing
 from model_store.config import ONNX_BACKENDS, ONNX_PLATFORMS, is_remote
@@ -35,7 +40,7 @@ class RuntimeFactory:
         self._metrics = metrics
         self._tracing = tracing
 
-    def __call__(self, model: ModelId, spec: ModelSpec, path: Path) -> Runtime:
+    def __call__(self, model: ModelId, spec: ModelSpec, path: Path) -> RuntimeStack:
         if spec.platform in ONNX_PLATFORMS or spec.backend in ONNX_BACKENDS:
             return self._observed(
                 OnnxRuntime(model, spec, path, self._onnx, in_flight=self._in_flight)
@@ -48,17 +53,20 @@ class RuntimeFactory:
             f"unknown platform/backend '{kind}' (modelgate serves onnxruntime_onnx and triton)"
         )
 
-    def _observed(self, runtime: Runtime) -> Runtime:
+    def _observed(self, runtime: Runtime) -> RuntimeStack:
         """Metrics and tracing around the scheduling: one observer per execution below the
         batcher (it sees merged batches), one per request above it."""
         if self._metrics is None:
-            return with_scheduling(runtime, self._staged)
-        executions = ExecutionObserver(runtime, self._metrics, self._tracing)
-        return RequestObserver(with_scheduling(executions, self._staged), self._metrics,
-                               self._tracing)
+            scheduled = with_scheduling(runtime, self._staged)
+            return RuntimeStack(scheduled, scheduled.statistics)
+        observations: Observations = {}
+        executions = ExecutionObserver(runtime, self._metrics, self._tracing, observations)
+        scheduled = with_scheduling(executions, self._staged)
+        requests = RequestObserver(scheduled, self._metrics, self._tracing, observations)
+        return RuntimeStack(requests, scheduled.statistics)
 
 
-def with_scheduling(runtime: Runtime, staged_batches: int = 1) -> Runtime:
+def with_scheduling(runtime: Runtime, staged_batches: int = 1) -> StatisticsRuntime:
     """Statistics around every runtime; the dynamic batcher in between when the config has
     a dynamic_batching block (else requests run as they come, instance_count at a time)."""
     statistics = ModelStatistics(runtime.model)

@@ -1,39 +1,25 @@
 """The model manager: reconciles what the store declares into served versions (load, warm
-up, mark ready, route; drain, unload), tracks each version's lifecycle state, and leases a
-request the ready version its model name, version, label or routing key selects."""
+up, mark ready, route; drain, unload) and tracks each version's lifecycle state. Lookup,
+leases and the shadow mirror are its ModelRegistry base's (gateway/models/registry.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from gateway.errors import (
-    InvalidRequestError,
-    ModelNotFoundError,
-    ModelNotReadyError,
-    unknown_model,
-)
-from gateway.models.routing import (
-    Router,
-    RoutingTable,
-    label_version,
-    requested_target,
-    split_version,
-)
+from gateway.errors import ModelNotReadyError, unknown_model
+from gateway.models.registry import ModelRegistry
+from gateway.models.routing import Router, RoutingTable
 from gateway.models.served import Lease, ServedModel, ServedVersion, VersionState
-from gateway.models.shadow import ShadowMirror
 from gateway.models.version_loader import RuntimeFactory, VersionLoader, unload_quietly
-from gateway.observability import observe
-from model_store.errors import InvalidModelNameError, StoreError
+from model_store.errors import StoreError
 from model_store.labels import RoutingSpec, read_routing
 from model_store.repository import ModelRepository, StoredModel
 from model_store.snapshot import Fingerprint, fingerprint
-from model_store.spec import ModelId, validate_model_name
-from runtimes.base import InferRequest, Tensor
+from model_store.spec import ModelId
 
 # Re-exported: the servicer, server and metrics know these as the manager's types.
 __all__ = [
@@ -45,7 +31,6 @@ log = logging.getLogger(__name__)
 
 ChangeListener = Callable[[], Awaitable[None]]
 
-_VERSION: Final = re.compile(r"[0-9]{1,18}|[A-Za-z][A-Za-z0-9_\-]{0,63}")
 UNLOADED: Final = "unloaded by RepositoryModelUnload"
 
 
@@ -59,21 +44,19 @@ class _Declared:
     fingerprints: Mapping[int, Fingerprint | None]
 
 
-class ModelManager:
-    """Owns every served version. Resolution never touches the file system."""
+class ModelManager(ModelRegistry):
+    """Owns every served version: what the store declares, loaded, routed and drained."""
 
     def __init__(
         self, repository: ModelRepository, factory: RuntimeFactory,
         router: Router | None = None,
     ) -> None:
+        super().__init__(router)
         self._repository = repository
         self._loader = VersionLoader(factory)
-        self._router = router or Router()
-        self._models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
         self._drains: set[asyncio.Task[None]] = set()
         self._listeners: list[ChangeListener] = []
-        self.shadow = ShadowMirror()
         self.started = False
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -320,126 +303,7 @@ class ModelManager:
             except Exception:
                 log.exception("model change listener failed")
 
-    # ---- resolving -------------------------------------------------------------------
-
-    def models(self) -> list[ServedModel]:
-        """Every model of the store, sorted by name."""
-        return [self._models[name] for name in sorted(self._models)]
-
     def ready(self) -> bool:
         """True once the initial load finished (reloads later do not make the server
         unready: the versions being replaced keep serving)."""
         return self.started
-
-    def model(self, name: str) -> ServedModel:
-        """The model called ``name``; NOT_FOUND for anything else, including invalid names."""
-        model = self._models.get(name)
-        if model is None:
-            # Only store folder names are keys, so a found name is valid; a miss is checked
-            # so that an invalid name gets the same NOT_FOUND as an unknown one.
-            self._check_name(name)
-            raise unknown_model(name)
-        return model
-
-    def version(self, name: str, version: str, label: str | None = None) -> ServedVersion:
-        """The version a request names, in whatever state it is: '' means the highest READY
-        version; a number means exactly that version; a label the version it points to."""
-        model = self._serving_model(name)
-        target = requested_target(version, label)
-        if not target:
-            return model.versions[self._highest_ready(model)]
-        return self._named(model, target)
-
-    def acquire(
-        self, name: str, version: str = "", label: str | None = None, key: str | None = None
-    ) -> Lease:
-        """Lease the ready version a request runs on: a number, a label (in model_version or
-        ``label``), or for neither the weighted split (sticky by ``key``), else the highest
-        ready version."""
-        model = self._serving_model(name)
-        target = requested_target(version, label)
-        if target:
-            served = self._named(model, target)
-        else:
-            chosen: int | None = None
-            if model.routing.weights:
-                point = self._router.point(name, key)
-                ready = [n for n, v in model.versions.items() if v.state is VersionState.READY]
-                chosen = split_version(model.routing, ready, point)
-            served = model.versions[chosen if chosen is not None else self._highest_ready(model)]
-        if served.state is not VersionState.READY or served.runtime is None:
-            detail = f": {served.reason}" if served.reason else ""
-            raise ModelNotReadyError(
-                f"model '{name}' version {served.id.version} is {served.state.value.lower()}"
-                f"{detail}"
-            )
-        return Lease(served, served.runtime)
-
-    def mirror(
-        self, lease: Lease, request: InferRequest, outputs: Mapping[str, Tensor]
-    ) -> None:
-        """Mirror a request the primary answered to the model's shadow version, if its
-        routing asks for one and this request is sampled. Never raises, never waits."""
-        primary = lease.version.id
-        model = self._models.get(primary.name)
-        if model is None:
-            return
-        table = model.routing
-        shadow = table.shadow
-        if shadow is None or shadow == primary.version or not self._router.shadow_due(table):
-            return
-        target = model.versions.get(shadow)
-        if target is None or target.state is not VersionState.READY:
-            self.shadow.skip(primary.name, primary.version, shadow)
-            return
-        copy = InferRequest(
-            inputs=request.inputs, outputs=request.outputs, rows=request.rows,
-            priority=request.priority, tags={**request.tags, "shadow": True},
-        )
-
-        async def run() -> dict[str, Tensor]:
-            with self.acquire(primary.name, str(shadow)) as shadow_lease:
-                return await shadow_lease.runtime.infer(copy)
-
-        record = observe.current()
-        parent = (record.tracer, record.span) if record and record.tracer and record.span else None
-        self.shadow.mirror(primary.name, primary.version, shadow, run, outputs, parent=parent)
-
-    def _serving_model(self, name: str) -> ServedModel:
-        model = self.model(name)
-        if model.error is not None:
-            raise ModelNotReadyError(f"model '{name}' is unavailable: {model.error}")
-        return model
-
-    @staticmethod
-    def _highest_ready(model: ServedModel) -> int:
-        highest = -1
-        for number, version in model.versions.items():
-            if number > highest and version.state is VersionState.READY:
-                highest = number
-        if highest < 0:
-            raise ModelNotReadyError(f"model '{model.name}' has no ready version")
-        return highest
-
-    @staticmethod
-    def _named(model: ServedModel, target: str) -> ServedVersion:
-        if not _VERSION.fullmatch(target):
-            raise InvalidRequestError(
-                "model_version must be empty, a version number or a label "
-                "([A-Za-z][A-Za-z0-9_-]*)"
-            )
-        number = int(target) if target.isdigit() else label_version(
-            model.routing, model.name, target
-        )
-        served = model.versions.get(number)
-        if served is None:
-            via = f" (label '{target}')" if not target.isdigit() else ""
-            raise ModelNotFoundError(f"model '{model.name}' has no version {number}{via}")
-        return served
-
-    @staticmethod
-    def _check_name(name: str) -> None:
-        try:
-            validate_model_name(name)
-        except InvalidModelNameError:
-            raise unknown_model(name) from None

@@ -14,7 +14,7 @@ from gateway.errors import (
     PermissionDeniedError,
 )
 from gateway.models.manager import ModelManager
-from gateway.tenancy.auth import current_tenant
+from gateway.tenancy.tenants import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,8 @@ class ControlRequest(Protocol):
     def parameters(self) -> Mapping[str, object]: ...
 
 
-def require_admin() -> str:
-    """The current tenant's id if it is an admin; PermissionDeniedError otherwise."""
-    tenant = current_tenant()
+def require_admin(tenant: Tenant) -> str:
+    """The tenant's id if it is an admin; PermissionDeniedError otherwise."""
     if not tenant.admin:
         raise PermissionDeniedError("model control needs an admin tenant's API key")
     return tenant.id
@@ -50,25 +49,25 @@ class ModelControl:
         self._manager = manager
         self._enabled = enabled
 
-    async def load(self, request: ControlRequest) -> None:
+    async def load(self, tenant: Tenant, request: ControlRequest) -> None:
         """Re-read the model from the store and serve it (new versions load and warm up
         before anything they replace stops serving)."""
-        who = self._admit(request, allowed=frozenset())
+        who = self._admit(tenant, request, allowed=frozenset())
         log.info("RepositoryModelLoad %r by tenant %s", request.model_name, who)
         await self._manager.load_model(request.model_name)
 
-    async def unload(self, request: ControlRequest) -> None:
+    async def unload(self, tenant: Tenant, request: ControlRequest) -> None:
         """Stop serving the model once its in-flight requests are done."""
-        who = self._admit(request, allowed=_UNLOAD_PARAMETERS)
+        who = self._admit(tenant, request, allowed=_UNLOAD_PARAMETERS)
         log.info("RepositoryModelUnload %r by tenant %s", request.model_name, who)
         await self._manager.unload_model(request.model_name)
 
-    def _admit(self, request: ControlRequest, allowed: Set[str]) -> str:
+    def _admit(self, tenant: Tenant, request: ControlRequest, allowed: Set[str]) -> str:
         if not self._enabled:
             raise ModelControlDisabledError(
                 "model control is off; start modelgate with --enable-model-control"
             )
-        who = require_admin()
+        who = require_admin(tenant)
         if request.repository_name:
             raise ModelNotFoundError(
                 "this server has one model repository; leave repository_name empty"

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import TracebackType
 
 from gateway.models.routing import RoutingTable
-from gateway.wire.codec import InferCodec
+from gateway.observability.statistics import ModelStatistics
 from model_store.spec import ModelId, ModelSpec
 from runtimes.base import Runtime
 
@@ -24,7 +24,7 @@ class VersionState(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, eq=False, weakref_slot=True)
 class ServedVersion:
     """One version of a model and where it is in its lifecycle. ``inflight`` counts the
     leases held on it: an unloading version unloads its runtime only when it drops to 0."""
@@ -39,10 +39,7 @@ class ServedVersion:
     inflight: int = 0
     idle: asyncio.Event | None = None
     drain: asyncio.Task[None] | None = None
-    codec: InferCodec = field(init=False)  # decodes its requests, encodes its answers
-
-    def __post_init__(self) -> None:
-        self.codec = InferCodec(self.spec, self.id.version)
+    statistics: ModelStatistics | None = None  # its runtime stack's, once loaded
 
 
 @dataclass(slots=True, eq=False)

@@ -7,10 +7,12 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from gateway.models.served import ServedVersion, VersionState
+from gateway.observability.statistics import ModelStatistics
 from model_store.config import is_remote
 from model_store.errors import StoreError
 from model_store.spec import ModelId, ModelSpec
@@ -19,7 +21,16 @@ from runtimes.base import InferRequest, Runtime
 
 log = logging.getLogger(__name__)
 
-RuntimeFactory = Callable[[ModelId, ModelSpec, Path], Runtime]
+@dataclass(frozen=True, slots=True)
+class RuntimeStack:
+    """A version's runtime as the factory wrapped it, with its statistics by reference."""
+
+    runtime: Runtime
+    statistics: ModelStatistics | None = None
+
+
+# A factory may return the bare runtime or a stack that also names its statistics.
+RuntimeFactory = Callable[[ModelId, ModelSpec, Path], Runtime | RuntimeStack]
 
 # Loading many models at once on a small machine only makes every one of them slow.
 LOAD_CONCURRENCY: Final = 4
@@ -41,7 +52,9 @@ class VersionLoader:
             return
         async with self._gate:
             try:
-                runtime = self._factory(version.id, version.spec, source)
+                made = self._factory(version.id, version.spec, source)
+                stack = made if isinstance(made, RuntimeStack) else RuntimeStack(made)
+                runtime = stack.runtime
                 await runtime.load()
             except Exception as exc:  # any failure to load keeps the version off traffic
                 self._fail(version, f"load failed: {exc}", exc)
@@ -53,6 +66,7 @@ class VersionLoader:
                 await unload_quietly(runtime)
                 return
         version.runtime = runtime
+        version.statistics = stack.statistics
         version.state = VersionState.READY
         log.info("model %s is loaded, warmed up and ready", version.id)
 
@@ -75,7 +89,7 @@ async def _warm_up(runtime: Runtime, spec: ModelSpec, model_folder: Path) -> Non
     for sample in samples:
         for _ in range(sample.count):
             await runtime.infer(
-                InferRequest(inputs=sample.inputs, rows=sample.rows, tags={"warmup": sample.name})
+                InferRequest(inputs=sample.inputs, rows=sample.rows, warmup=sample.name)
             )
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -13,7 +12,6 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.observability import observe
 from gateway.observability.metrics import Metrics, ModelMetrics
 from gateway.observability.tracing import (
     ATTR_BATCH_REQUESTS,
@@ -24,25 +22,16 @@ from gateway.observability.tracing import (
     ATTR_VERSION,
     Tracing,
 )
-from runtimes.base import (
-    MEMBER_TAGS,
-    TRACE_HEADERS_TAG,
-    InferRequest,
-    Runtime,
-    RuntimeMetadata,
-    Tensor,
-)
+from gateway.request.context import RequestRecord, record_of
+from runtimes.base import InferRequest, Runtime, RuntimeWrapper, Tensor
 
-# Key of a request's tags under which its RequestObservation travels through the batcher.
-OBSERVATION_TAG: Final = "modelgate.observation"
 _W3C: Final = TraceContextTextMapPropagator()
-# The model manager tags its warm-up requests so; like Triton, they are not counted.
-WARMUP_TAG: Final = "warmup"
 
 
 @dataclass(slots=True)
 class RequestObservation:
-    """One request's timings and span, shared between the two wrappers via its tags.
+    """One request's timings and span, shared between the two wrappers of a version through
+    their Observations (keyed by the request object, which the batcher passes on as is).
     perf_counter seconds for durations; wall-clock nanoseconds for span timestamps."""
 
     enqueued: float
@@ -54,38 +43,29 @@ class RequestObservation:
     batch_rows: int | None = None
 
 
-class _Wrapper(Runtime):
-    """Delegates the lifecycle to ``inner`` (named so other wrappers can walk the stack)."""
-
-    def __init__(self, inner: Runtime) -> None:
-        self.inner = inner
-        self.model = inner.model
-        self.spec = inner.spec
-
-    async def load(self) -> None:
-        await self.inner.load()
-
-    async def unload(self) -> None:
-        await self.inner.unload()
-
-    def metadata(self) -> RuntimeMetadata:
-        return self.inner.metadata()
+# A version's requests between its RequestObserver and its ExecutionObserver, by id() of
+# the InferRequest (alive while the RequestObserver awaits it, so ids are not reused).
+Observations = dict[int, RequestObservation]
 
 
-class RequestObserver(_Wrapper):
+class RequestObserver(RuntimeWrapper):
     """Per request: in-flight and queue-depth gauges, queue and compute histograms, the
     request's 'infer' span with a retroactive 'queue' child, and the RPC record's figures."""
 
-    def __init__(self, inner: Runtime, metrics: Metrics, tracing: Tracing | None) -> None:
+    def __init__(
+        self, inner: Runtime, metrics: Metrics, tracing: Tracing | None,
+        observations: Observations,
+    ) -> None:
         super().__init__(inner)
         self._m: ModelMetrics = metrics.model(inner.model)
         self._tracer = tracing.tracer if tracing is not None else None
         self._name = f"infer {inner.model.name}"
+        self._observations = observations
 
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
-        if WARMUP_TAG in request.tags:
+        if request.warmup is not None:
             return await self.inner.infer(request)
-        record = observe.current()
+        record = record_of(request)
         if record is not None:
             record.model = self.model
             record.rows = request.rows
@@ -102,7 +82,8 @@ class RequestObserver(_Wrapper):
                 },
             )
         obs = RequestObservation(time.perf_counter(), time.time_ns(), span)
-        request.tags[OBSERVATION_TAG] = obs
+        key = id(request)
+        self._observations[key] = obs
         m = self._m
         m.in_flight.inc()
         m.queue_depth.inc()
@@ -113,10 +94,11 @@ class RequestObserver(_Wrapper):
                                 set_status_on_exception=True):
                 return await self.inner.infer(request)
         finally:
+            del self._observations[key]
             m.in_flight.dec()
             self._finish(obs, record)
 
-    def _finish(self, obs: RequestObservation, record: observe.RequestRecord | None) -> None:
+    def _finish(self, obs: RequestObservation, record: RequestRecord | None) -> None:
         m = self._m
         if obs.dispatched is None:
             m.queue_depth.dec()  # left the queue without running: rejected, expired, gone
@@ -146,32 +128,33 @@ class RequestObserver(_Wrapper):
         span.end()
 
 
-def _members(batch: InferRequest) -> list[RequestObservation]:
-    tags = batch.tags.get(MEMBER_TAGS)
-    member_tags: Sequence[object] = tags if isinstance(tags, (list, tuple)) else [batch.tags]
+def _members(batch: InferRequest, observations: Observations) -> list[RequestObservation]:
     found: list[RequestObservation] = []
-    for member in member_tags:
-        if isinstance(member, dict):
-            obs = member.get(OBSERVATION_TAG)
-            if isinstance(obs, RequestObservation):
-                found.append(obs)
+    for member in batch.members or (batch,):
+        obs = observations.get(id(member))
+        if obs is not None:
+            found.append(obs)
     return found
 
 
-class ExecutionObserver(_Wrapper):
+class ExecutionObserver(RuntimeWrapper):
     """Per execution (the merged batch the batcher runs, or one request of a model without
     a batcher): inference and execution counts, batch sizes, and a 'batch' span linked to
     the span of every member request (and each of those linked back to it)."""
 
-    def __init__(self, inner: Runtime, metrics: Metrics, tracing: Tracing | None) -> None:
+    def __init__(
+        self, inner: Runtime, metrics: Metrics, tracing: Tracing | None,
+        observations: Observations,
+    ) -> None:
         super().__init__(inner)
         self._m: ModelMetrics = metrics.model(inner.model)
         self._tracer = tracing.tracer if tracing is not None else None
         self._name = f"batch {inner.model.name}"
+        self._observations = observations
 
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
-        members = _members(request)
-        if not members and WARMUP_TAG in request.tags:
+        members = _members(request, self._observations)
+        if not members and request.warmup is not None:
             return await self.inner.infer(request)
         start = time.perf_counter()
         start_ns = time.time_ns()
@@ -193,7 +176,7 @@ class ExecutionObserver(_Wrapper):
                     # A remote runtime (Triton) sends these upstream: its spans join ours.
                     headers: dict[str, str] = {}
                     _W3C.inject(headers, context=trace.set_span_in_context(span))
-                    request.tags[TRACE_HEADERS_TAG] = headers
+                    request.trace_headers = headers
                 with trace.use_span(span, end_on_exit=False, record_exception=True,
                                     set_status_on_exception=True):
                     outputs = await self.inner.infer(request)

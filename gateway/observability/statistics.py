@@ -7,18 +7,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
 
-from model_store.spec import ModelId, ModelSpec
-from runtimes.base import InferRequest, Runtime, RuntimeMetadata, Tensor
-
-# The manager tags its warm-up requests so; they are not traffic and are not counted.
-WARMUP_TAG: Final = "warmup"
+from model_store.spec import ModelId
+from runtimes.base import InferRequest, Runtime, RuntimeWrapper, Tensor
 
 
 def is_warmup(request: InferRequest) -> bool:
-    """Whether the request is the manager's warm-up rather than a client's."""
-    return WARMUP_TAG in request.tags
+    """Whether the request is the manager's warm-up rather than a client's (not counted)."""
+    return request.warmup is not None
 
 
 @dataclass(slots=True)
@@ -135,7 +131,7 @@ def _copy(duration: Duration) -> Duration:
     return Duration(duration.count, duration.ns)
 
 
-class StatisticsRuntime(Runtime):
+class StatisticsRuntime(RuntimeWrapper):
     """Wraps a runtime to count its requests. With ``records_executions`` every request is
     one execution (a model without a batcher); otherwise the batcher below records the
     queue, compute and execution figures into the same ModelStatistics."""
@@ -143,17 +139,12 @@ class StatisticsRuntime(Runtime):
     def __init__(
         self, inner: Runtime, statistics: ModelStatistics, records_executions: bool
     ) -> None:
-        self.inner = inner
-        self.model = inner.model
-        self.spec: ModelSpec = inner.spec
+        super().__init__(inner)
         self.statistics = statistics
         self._records_executions = records_executions
 
-    async def load(self) -> None:
-        await self.inner.load()
-
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
-        if is_warmup(request):
+        if request.warmup is not None:
             return await self.inner.infer(request)
         start = time.perf_counter_ns()
         ok = False
@@ -168,22 +159,3 @@ class StatisticsRuntime(Runtime):
             self.statistics.record_queued(0, 0, elapsed, 0)
             self.statistics.record_execution(request.rows, 0, elapsed, 0)
         return outputs
-
-    async def unload(self) -> None:
-        await self.inner.unload()
-
-    def metadata(self) -> RuntimeMetadata:
-        return self.inner.metadata()
-
-
-def statistics_of(runtime: Runtime | None) -> ModelStatistics | None:
-    """The statistics of a runtime stack, found through the wrappers' ``inner`` links (other
-    wrappers, such as tracing, may sit outside the statistics one)."""
-    seen = 0
-    current: object = runtime
-    while current is not None and seen < 16:
-        if isinstance(current, StatisticsRuntime):
-            return current.statistics
-        current = getattr(current, "inner", None)
-        seen += 1
-    return None

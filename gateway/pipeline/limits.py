@@ -6,20 +6,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Final
 
 from gateway.errors import RETRY_AFTER_KEY, OverloadedError
-from modelgate_pb import grpc_service_pb2 as pb
-
-INFERENCE_SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-# The RPCs that carry tensors and do work; every other RPC is cheap and stays uncapped, so
-# probes (grpc.health, ServerLive/Ready, ModelReady) answer however loaded the server is.
-CAPPED_METHODS: Final = frozenset({
-    f"/{INFERENCE_SERVICE}/ModelInfer",
-    f"/{INFERENCE_SERVICE}/ModelStreamInfer",
-})
-# No modelgate-limit trailer: that one names a tenant's quota (and is counted as such).
-
 
 
 class InflightLimit:
@@ -36,6 +24,7 @@ class InflightLimit:
         """Admit one RPC (returns its start time) or raise OverloadedError."""
         if self.limit and self.inflight >= self.limit:
             self.rejected += 1
+            # No modelgate-limit trailer: that one names a tenant's quota (counted as such).
             raise OverloadedError(
                 f"the gateway is at its limit of {self.limit} concurrent inference "
                 "requests; retry shortly",

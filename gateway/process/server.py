@@ -23,7 +23,9 @@ from gateway.models.version_metrics import VersionCollector
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import build_tracing
+from gateway.pipeline.catalog import Catalog
 from gateway.pipeline.limits import InflightLimit
+from gateway.pipeline.pipeline import InferencePipeline
 from gateway.process.http_endpoints import HttpEndpoints, manager_readiness
 from gateway.process.tls import CertificateFiles
 from gateway.quota.redis_store import build_quota_store
@@ -100,6 +102,9 @@ class Gateway:
             table=settings.quota_table, worker_index=worker_index,
         )
         self.inflight = InflightLimit(settings.max_inflight_requests)
+        # What every transport adapter calls: inference, and what a tenant may learn.
+        self.pipeline = InferencePipeline(self.manager, self.quota)
+        self.catalog = Catalog(self.manager)
         limit = settings.max_message_bytes
         # Every handler passes the edge: observed, capped and authenticated in one place
         # (gateway/tenancy/auth.py lists the anonymous methods).
@@ -148,8 +153,9 @@ class Gateway:
         while they load). Returns the bound port."""
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
-                self.manager, ModelControl(self.manager, self.settings.enable_model_control),
-                self.quota,
+                self.pipeline, self.catalog,
+                ModelControl(self.manager, self.settings.enable_model_control),
+                self.manager.ready,
             ),
             self.edge,
         )

@@ -21,7 +21,6 @@ from gateway.errors import (
     QuotaExceededError,
     RequestTimeoutError,
 )
-from gateway.observability import observe
 from model_store.errors import InputMismatchError
 from runtimes.errors import InvalidTensorError
 
@@ -155,17 +154,12 @@ class QuotaStore(abc.ABC):
 
 
     async def admission(self, scopes: Sequence[Scope], rows: int) -> Admission:
-        """Charge (at once when the store can), recording a rejection for the metrics and
-        the span; the caller runs the request inside ``with admission:``."""
+        """Charge (at once when the store can); the caller runs the request inside
+        ``with admission:``. Raises as ``charge`` does."""
         check_rows_fit(scopes, rows)
-        try:
-            with observe.stage("quota"):  # a child span of the RPC's when tracing is on
-                admission = self.charge_at_once(scopes, rows)
-                if admission is None:
-                    admission = await self.charge(scopes, rows)
-        except QuotaExceededError:
-            observe.rejected(observe.QUOTA)
-            raise
+        admission = self.charge_at_once(scopes, rows)
+        if admission is None:
+            admission = await self.charge(scopes, rows)
         return admission
 
 

@@ -1,10 +1,8 @@
-"""Authentication: the caller's key (and client certificate) turned into a Tenant, the
-anonymous allow-list, and the model visibility checks. gateway/wire/edge.py enforces it for
-every RPC in one place."""
+"""Authentication: the caller's key (and client certificate) turned into a Tenant, and the
+anonymous allow-list. gateway/wire/edge.py enforces it for every RPC in one place."""
 
 from __future__ import annotations
 
-import contextvars
 import math
 import re
 import time
@@ -13,8 +11,7 @@ from typing import Any, Final
 
 import grpc
 
-from gateway.errors import AuthenticationError, ModelNotFoundError, unknown_model
-from gateway.sanitize import echoed
+from gateway.errors import AuthenticationError
 from gateway.tenancy.tenants import ANONYMOUS, ApiKey, Tenant, TenantRegistry, hash_key, key_tenant
 
 # The only RPCs a caller without a key may use: health (gRPC's health service and the V2
@@ -38,25 +35,7 @@ INVALID: Final = "invalid API key or client certificate"
 # A stored-hash stand-in, so an unknown tenant costs the same comparison as a known one.
 _DUMMY: Final = Tenant(id="-", keys=(ApiKey(id="dummy", hash="sha256:" + "0" * 64, created=0.0),))
 
-_current: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar(
-    "modelgate_tenant", default=None
-)
-
 Metadata = Sequence[tuple[str, str | bytes]]
-
-
-def current_tenant() -> Tenant:
-    """The tenant of the RPC being served. Raises when the edge did not authenticate it, so a
-    wiring mistake refuses requests instead of serving them anonymously."""
-    tenant = _current.get()
-    if tenant is None:
-        raise AuthenticationError(MISSING_KEY)
-    return tenant
-
-
-def use_tenant(tenant: Tenant) -> contextvars.Token[Tenant | None]:
-    """Make ``tenant`` the current one (the edge does this; tests may too)."""
-    return _current.set(tenant)
 
 
 class Authenticator:
@@ -138,20 +117,3 @@ def peer_subject(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         return None
     first: object = values[0]
     return first.decode("utf-8", "replace") if isinstance(first, bytes) else str(first)
-
-
-def visible_version(name: str, version: str) -> str:
-    """The version the current tenant's request runs (its pin when it asked for none);
-    a model or version it may not use is NOT_FOUND with the unknown model's message."""
-    tenant = current_tenant()
-    if tenant.unrestricted:
-        return version  # sees every model and version (open mode): nothing to check
-    if not tenant.can_see(name):
-        raise unknown_model(name)
-    effective = tenant.effective_version(name, version)
-    if not tenant.allows(name, effective):
-        what = (f"version {int(effective)}" if effective.isdigit()
-                else f"version label '{effective}'")
-        raise ModelNotFoundError(f"model '{echoed(name)}' has no {what}")
-    return effective
-

@@ -4,12 +4,14 @@ to wire bytes. Everything else goes through gateway/wire/conversion.py, which ch
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 
+from gateway.models.served import ServedVersion
 from gateway.wire.conversion import (
     MAX_TENSORS,
     decode_request,
@@ -184,3 +186,22 @@ class ResponseEncoder:
             raws.append(data)
         parts += raws
         return b"".join(parts)
+
+
+class Codecs:
+    """The codec of each served version, built on its first request. Held weakly: a
+    version that leaves the manager takes its codec (and plan cache) with it, so the
+    number kept is bounded by the versions alive."""
+
+    __slots__ = ("_codecs",)
+
+    def __init__(self) -> None:
+        self._codecs: weakref.WeakKeyDictionary[ServedVersion, InferCodec] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def of(self, version: ServedVersion) -> InferCodec:
+        codec = self._codecs.get(version)
+        if codec is None:
+            codec = self._codecs[version] = InferCodec(version.spec, version.id.version)
+        return codec

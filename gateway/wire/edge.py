@@ -1,6 +1,7 @@
 """The server's edge: every method handler a service registers passes through here once, at
-start-up, and comes out wrapped in the checks it needs (observe, in-flight cap, auth); one
-generic handler then serves the wrapped handlers from a dict.
+start-up, and comes out wrapped in the checks it needs (observe, in-flight cap, auth) and in
+the one error mapping (domain errors -> gateway/status.py -> the RPC's status); one generic
+handler then serves the wrapped handlers from a dict.
 
 grpc.aio interceptors would do the same work, but they run a chain of coroutines and build
 handler objects on every RPC; wrapping once keeps the per-RPC cost to one coroutine."""
@@ -9,26 +10,34 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Final, TypeAlias, cast
+from typing import Any, Final, NoReturn, TypeAlias, cast
 
 import grpc
+from grpc.aio import AbortError
 
-from gateway.errors import AuthenticationError, OverloadedError
+from gateway.errors import AuthenticationError, InvalidRequestError, OverloadedError
 from gateway.observability import observe
-from gateway.pipeline.limits import CAPPED_METHODS, InflightLimit
+from gateway.pipeline.limits import InflightLimit
+from gateway.request.context import RequestContext, RequestRecord
 from gateway.status import status_of
 from gateway.tenancy.auth import (
     ANONYMOUS_METHODS,
     ANONYMOUS_SERVICES,
     Authenticator,
     peer_subject,
-    use_tenant,
 )
-from gateway.tenancy.tenants import ANONYMOUS
+from gateway.tenancy.tenants import ANONYMOUS, Tenant
+from gateway.wire.call import CallContext
 from gateway.wire.rpc_observer import RpcObserver
 from modelgate_pb import grpc_service_pb2 as pb
 
 INFERENCE_SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# The RPCs that carry tensors and do work; every other RPC is cheap and stays uncapped, so
+# probes (grpc.health, ServerLive/Ready, ModelReady) answer however loaded the server is.
+CAPPED_METHODS: Final = frozenset({
+    f"/{INFERENCE_SERVICE}/ModelInfer",
+    f"/{INFERENCE_SERVICE}/ModelStreamInfer",
+})
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -38,6 +47,44 @@ Unary = Callable[[Any, Context], Awaitable[Any]]
 class EdgeError(Exception):
     """A service registered handlers the edge cannot enumerate (so it could not guard
     them): a wiring mistake, raised at start-up."""
+
+
+class Undecodable:
+    """What a request deserializer returns for bytes that are not the method's message:
+    the handler then answers INVALID_ARGUMENT naming the method (gRPC itself would answer
+    UNKNOWN, saying nothing of what was wrong)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(
+    deserializer: Callable[[bytes], Any] | None, method: str
+) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    message = f"the request is not a valid {method.rpartition('/')[2]} request message"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # any parse failure is the client's bytes
+            return Undecodable(message)
+
+    return deserialize
+
+
+def _check_decoded(request: Any) -> None:
+    if request.__class__ is Undecodable:
+        raise InvalidRequestError(request.error)
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        _check_decoded(request)
+        yield request
 
 
 class _Table(grpc.GenericRpcHandler):  # type: ignore[type-arg]
@@ -112,55 +159,63 @@ class Edge:
     def wrap(self, method: str, handler: Handler) -> Handler:
         """The handler with the checks ``method`` needs, in this order: observe (inference
         RPCs: it must see what every later check answers), the in-flight cap (sheds before
-        any key is hashed), auth (everything but the anonymous allow-list)."""
+        any key is hashed), auth (everything but the anonymous allow-list); then the
+        handler, whose domain errors are answered through the status table."""
         service = method.lstrip("/").rpartition("/")[0]
         guarded = not (method in ANONYMOUS_METHODS or method.startswith(ANONYMOUS_SERVICES))
         # Counted even without a cap: the count also tells runtimes whether they are alone.
         capped = method in CAPPED_METHODS
         serializer = _passthrough(handler.response_serializer)
-        if handler.unary_unary is not None:
-            observed = service == INFERENCE_SERVICE
+        deserializer = _lenient(handler.request_deserializer, method)
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            observed = service == INFERENCE_SERVICE and handler.unary_unary is not None
             # grpc.aio behaviors are coroutines; the stubs only know the sync signature.
-            inner = cast(Unary, handler.unary_unary)
-            behavior = self._unary(method, inner, observed, capped, guarded)
-            return grpc.unary_unary_rpc_method_handler(
-                behavior, handler.request_deserializer, serializer
-            )
-        if not (capped or guarded):
-            return handler
-        if handler.stream_unary is not None:
-            behavior = self._unary(
-                method, cast(Unary, handler.stream_unary), False, capped, guarded
-            )
-            return grpc.stream_unary_rpc_method_handler(
-                behavior, handler.request_deserializer, serializer
-            )
+            inner = cast(Unary, handler.unary_unary or handler.stream_unary)
+            behavior = self._unary(method, inner, observed, capped, guarded,
+                                   streamed=handler.unary_unary is None)
+            make_unary = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                          is not None else grpc.stream_unary_rpc_method_handler)
+            return make_unary(behavior, deserializer, serializer)
         streaming = handler.unary_stream or handler.stream_stream
         make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
                 else grpc.stream_stream_rpc_method_handler)
-        return make(self._stream(streaming, capped, guarded), handler.request_deserializer,
-                    serializer)
+        return make(self._stream(streaming, capped, guarded, handler.stream_stream is not None),
+                    deserializer, serializer)
 
     def _unary(
-        self, method: str, behavior: Unary, observed: bool, capped: bool, guarded: bool
+        self, method: str, behavior: Unary, observed: bool, capped: bool, guarded: bool, *,
+        streamed: bool = False,
     ) -> Unary:
         observer, limit, checks = self._observer, self._inflight, self._checks
 
         async def call(request: Any, context: Context) -> Any:
-            record: observe.RequestRecord | None = None
-            served = context
+            record: RequestRecord | None = None
+            ours: tuple[tuple[str, str], ...] = ()
             if observed:
-                record, served = observer.open(method, context)
+                record, ours = observer.open(method, context)
             started: float | None = None
             error: BaseException | None = None
             try:
                 try:
-                    started = checks(context, capped, guarded)
+                    started, tenant = checks(context, capped, guarded, record)
                 except (OverloadedError, AuthenticationError) as exc:
-                    await _reject(served, exc)
-                return await behavior(request, served)
+                    error = exc
+                    await _reject(context, exc, ours)
+                served: Any = context
+                if tenant is not None:
+                    served = CallContext(context, RequestContext(tenant, record=record), ours)
+                try:
+                    if streamed:
+                        request = _checked(request)
+                    else:
+                        _check_decoded(request)
+                    return await behavior(request, served)
+                except Exception as exc:
+                    error = exc
+                    await _reject(context, exc, ours)
             except BaseException as exc:
-                error = exc
+                if error is None:
+                    error = exc
                 raise
             finally:
                 if started is not None:
@@ -170,59 +225,80 @@ class Edge:
 
         return call
 
-    def _stream(self, behavior: Any, capped: bool, guarded: bool) -> Any:
+    def _stream(self, behavior: Any, capped: bool, guarded: bool, streamed: bool) -> Any:
         limit, checks = self._inflight, self._checks
 
         async def call(request: Any, context: Context) -> AsyncIterator[Any]:
             started: float | None = None
             try:
                 try:
-                    started = checks(context, capped, guarded)
+                    started, tenant = checks(context, capped, guarded, None)
                 except (OverloadedError, AuthenticationError) as exc:
                     await _reject(context, exc)
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for response in result:
-                        yield response
-                else:
-                    await result
+                served: Any = context
+                if tenant is not None:
+                    served = CallContext(
+                        context, RequestContext(tenant, protocol="grpc_stream")
+                    )
+                try:
+                    if streamed:
+                        request = _checked(request)
+                    else:
+                        _check_decoded(request)
+                    result = behavior(request, served)
+                    if inspect.isasyncgen(result):
+                        async for response in result:
+                            yield response
+                    else:
+                        await result
+                except Exception as exc:
+                    await _reject(context, exc)
             finally:
                 if started is not None:
                     limit.leave(started)
 
         return call
 
-    def _checks(self, context: Context, capped: bool, guarded: bool) -> float | None:
-        """Take an in-flight slot (returns its start time) and authenticate; raises
-        OverloadedError or AuthenticationError holding no slot."""
+    def _checks(
+        self, context: Context, capped: bool, guarded: bool, record: RequestRecord | None
+    ) -> tuple[float | None, Tenant | None]:
+        """Take an in-flight slot (returns its start time) and authenticate (returns the
+        tenant; None for the anonymous allow-list); raises OverloadedError or
+        AuthenticationError holding no slot."""
         started = self._inflight.enter() if capped else None
+        tenant: Tenant | None = None
         if guarded:
             try:
-                self._authenticate(context)
+                tenant = self._authenticate(context, record)
             except AuthenticationError:
                 if started is not None:
                     self._inflight.leave(started)
                 raise
-        return started
+        return started, tenant
 
-    def _authenticate(self, context: Context) -> None:
-        """Authenticate the caller and make its tenant current for the servicer; raises
-        AuthenticationError."""
+    def _authenticate(self, context: Context, record: RequestRecord | None) -> Tenant:
+        """The caller's tenant; raises AuthenticationError."""
         authenticator = self._authenticator
-        with observe.stage("auth"):  # a child span of the RPC's when tracing is on
+        with observe.stage(record, "auth"):  # a child span of the RPC's when tracing is on
             if authenticator.registry is None:
                 tenant = ANONYMOUS  # open mode: nothing to check, so no metadata to read
             else:
                 tenant = authenticator.authenticate(
                     tuple(context.invocation_metadata() or ()), lambda: peer_subject(context)
                 )
-        use_tenant(tenant)
-        observe.set_tenant(tenant.id)  # metrics, traces and the access log name the tenant
+        observe.set_tenant(record, tenant.id)  # metrics, traces and the access log
+        return tenant
 
 
-async def _reject(context: Context, exc: Exception) -> None:
-    """Answer the status the table gives ``exc``, with its trailers (retry hints)."""
+async def _reject(
+    context: Context, exc: BaseException, ours: tuple[tuple[str, str], ...] = ()
+) -> NoReturn:
+    """Answer the status the table gives ``exc``, with its trailers (retry hints) after the
+    edge's own (the trace id). The one place a domain error becomes a gRPC status."""
+    if isinstance(exc, AbortError):
+        raise exc  # already answered
     status = status_of(exc)
     if status.trailers:
-        context.set_trailing_metadata(tuple(status.trailers.items()))
+        context.set_trailing_metadata((*ours, *status.trailers.items()))
     await context.abort(status.code, status.message)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover

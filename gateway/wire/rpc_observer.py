@@ -13,8 +13,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from gateway.errors import LIMIT_KEY, AuthenticationError
-from gateway.observability import observe
+from gateway.errors import LIMIT_KEY, QuotaExceededError
 from gateway.observability.access_log import AccessEntry, AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import (
@@ -26,7 +25,7 @@ from gateway.observability.tracing import (
     Tracing,
     trace_id_hex,
 )
-from gateway.tenancy.auth import current_tenant
+from gateway.request.context import QUOTA, RequestRecord
 
 # The semantic conventions' server-side error codes; the others are the client's doing.
 _SERVER_ERRORS: Final = frozenset({
@@ -36,31 +35,6 @@ _SERVER_ERRORS: Final = frozenset({
 })
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-
-
-class _TrailerContext:
-    """The servicer's view of its context: trailing metadata it sets is added to ours (the
-    trace id) instead of replacing it. Everything else goes to the real context."""
-
-    __slots__ = ("_context", "_ours")
-
-    def __init__(self, context: Context, ours: tuple[tuple[str, str], ...]) -> None:
-        self._context = context
-        self._ours = ours
-        context.set_trailing_metadata(ours)
-
-    def set_trailing_metadata(self, metadata: Any) -> None:
-        self._context.set_trailing_metadata((*self._ours, *tuple(metadata)))
-
-    async def abort(
-        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
-    ) -> None:
-        if trailing_metadata:
-            trailing_metadata = (*self._ours, *tuple(trailing_metadata))
-        await self._context.abort(code, details, trailing_metadata)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
 
 
 @functools.cache
@@ -103,14 +77,15 @@ class RpcObserver:
         self._tracing = tracing
         self._access_log = access_log
 
-    def open(self, method: str, context: Context) -> tuple[observe.RequestRecord, Context]:
-        """Start the record (and span) of one RPC; returns it with the context the inner
-        handler should see (one that adds the trace id to the trailers it sets)."""
+    def open(
+        self, method: str, context: Context
+    ) -> tuple[RequestRecord, tuple[tuple[str, str], ...]]:
+        """Start the record (and span) of one RPC; returns it with the trailers every
+        answer of the RPC carries (the trace id when tracing is on)."""
         service, name = _split(method)
-        record = observe.RequestRecord(method=name, start=time.perf_counter())
-        observe.begin(record)
+        record = RequestRecord(method=name, start=time.perf_counter())
         if self._tracing is None:
-            return record, context
+            return record, ()
         metadata = tuple(context.invocation_metadata() or ())
         span_name = method.lstrip("/")
         trace_id = self._tracing.sampled_out_root(metadata, span_name)
@@ -126,22 +101,21 @@ class RpcObserver:
             record.otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
             trace_id = trace_id_hex(span)
         record.trace_id = trace_id
-        served: Any = _TrailerContext(context, ((TRACE_ID_KEY, trace_id),))
-        return record, served
+        ours = ((TRACE_ID_KEY, trace_id),)
+        context.set_trailing_metadata(ours)
+        return record, ours
 
     def close(
-        self, record: observe.RequestRecord, context: Context, request: Any,
+        self, record: RequestRecord, context: Context, request: Any,
         error: BaseException | None,
     ) -> None:
         """Count, end the span and log one finished RPC."""
         code = _status_code(context, error)
         elapsed = time.perf_counter() - record.start
         code_name = code.name
-        if record.tenant is None:
-            record.tenant = _tenant_id()
         if record.method == "ModelInfer":
             self._metrics.count_request(record.model, record.tenant, code_name, elapsed)
-            if record.rejected_by == observe.QUOTA or (
+            if record.rejected_by == QUOTA or isinstance(error, QuotaExceededError) or (
                 code is grpc.StatusCode.RESOURCE_EXHAUSTED and _names_limit(context)
             ):
                 self._metrics.count_quota_rejection(record.tenant)
@@ -156,7 +130,7 @@ class RpcObserver:
             self._access_log.write(_entry(record, code_name, request, peer, elapsed))
 
     def _end_span(
-        self, record: observe.RequestRecord, span: trace.Span, code: grpc.StatusCode, peer: str
+        self, record: RequestRecord, span: trace.Span, code: grpc.StatusCode, peer: str
     ) -> None:
         if span.is_recording():
             span.set_attribute("rpc.grpc.status_code", code.value[0])
@@ -177,19 +151,11 @@ class RpcObserver:
         _detach(record)
 
 
-def _detach(record: observe.RequestRecord) -> None:
+def _detach(record: RequestRecord) -> None:
     token = record.otel_token
     if token is not None:
         record.otel_token = None
         otel_context.detach(token)  # type: ignore[arg-type]
-
-
-def _tenant_id() -> str | None:
-    # Auth's interceptor runs inside ours and sets the tenant in this task's context.
-    try:
-        return current_tenant().id
-    except AuthenticationError:
-        return None
 
 
 def _names_limit(context: Context) -> bool:
@@ -199,7 +165,7 @@ def _names_limit(context: Context) -> bool:
 
 
 def _entry(
-    record: observe.RequestRecord, code: str, request: Any, peer: str, elapsed: float
+    record: RequestRecord, code: str, request: Any, peer: str, elapsed: float
 ) -> AccessEntry:
     model: str | None = None
     version: str | None = None

@@ -19,7 +19,7 @@ from model_store.spec import (
     TensorSpec,
     TimeoutAction,
 )
-from runtimes.base import MEMBER_TAGS, InferRequest, Tensor
+from runtimes.base import InferRequest, Tensor
 from runtimes.errors import InferenceFailed, InvalidTensorError, RuntimeClosedError
 from tests.support.fake_runtime import FakeClock, FakeRuntime
 
@@ -416,15 +416,15 @@ async def test_unload_finishes_queued_requests_then_unloads_inner() -> None:
         h.batcher.enqueue(req())
 
 
-async def test_warmup_runs_at_once_and_members_tags_reach_the_runtime() -> None:
+async def test_warmup_runs_at_once_and_members_reach_the_runtime() -> None:
     h = Harness(make_spec(max_batch_size=8, preferred=(4,), delay_us=1_000_000))
-    await h.batcher.enqueue(req(tags={"warmup": "zeros"}))
+    await h.batcher.enqueue(req(warmup="zeros"))
     assert h.rows_per_call() == [1]
-    first = h.batcher.enqueue(req(tags={"trace": "a"}))
-    second = h.batcher.enqueue(req(tags={"trace": "b"}))
+    first = h.batcher.enqueue(req(context={"trace": "a"}))
+    second = h.batcher.enqueue(req(context={"trace": "b"}))
     h.clock.advance(1.5)
     await asyncio.gather(first, second)
-    assert h.runtime.calls[1].tags[MEMBER_TAGS] == [{"trace": "a"}, {"trace": "b"}]
+    assert [m.context for m in h.runtime.calls[1].members] == [{"trace": "a"}, {"trace": "b"}]
 
 
 async def test_data_the_runtime_rejects_fails_only_that_member() -> None:

@@ -190,7 +190,7 @@ async def test_warm_up_runs_zeros_of_the_declared_shape_before_ready(tmp_path: P
     await manager.start()
     (runtime,) = factory.made
     (call,) = runtime.calls
-    assert call.tags == {"warmup": "zeros"} and call.rows == 1
+    assert call.warmup == "zeros" and call.rows == 1
     np.testing.assert_array_equal(call.inputs["x"], np.zeros((1, 4), dtype=np.float32))
     assert manager.version("adder", "1").state is VersionState.READY
     await manager.stop()

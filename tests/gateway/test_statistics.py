@@ -13,7 +13,7 @@ import tritonclient.grpc as tc
 
 from gateway.batching.batcher import DynamicBatcher
 from gateway.models.backends import with_scheduling
-from gateway.observability.statistics import ModelStatistics, StatisticsRuntime, statistics_of
+from gateway.observability.statistics import ModelStatistics, StatisticsRuntime
 from model_store.datatypes import DataType
 from model_store.spec import DynamicBatchingSpec, ModelId, ModelSpec, TensorSpec
 from runtimes.base import InferRequest
@@ -60,7 +60,7 @@ async def test_batched_counts_rows_batches_and_queue_per_request() -> None:
     assert snap.queue.ns == 3 * 1_000_000
     assert list(snap.batches) == [4] and snap.batches[4].compute_infer.count == 1
     assert snap.last_inference_ms == 1700000000500
-    assert statistics_of(runtime) is stats
+    assert runtime.statistics is stats
 
 
 async def test_failed_batch_counts_failures_not_executions() -> None:
@@ -82,7 +82,7 @@ async def test_unbatched_requests_are_one_execution_each() -> None:
     fake = FakeRuntime(spec(None))
     runtime = with_scheduling(fake)
     assert not isinstance(getattr(runtime, "inner", None), DynamicBatcher)
-    stats = statistics_of(runtime)
+    stats = runtime.statistics
     assert stats is not None
     await runtime.infer(req(3))
     await runtime.infer(req(1))

@@ -22,7 +22,7 @@ from model_store.repository import ModelRepository
 from model_store.spec import ModelId
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
-from runtimes.base import MEMBER_TAGS, InferRequest, Runtime, RuntimeMetadata, Tensor
+from runtimes.base import InferRequest, Runtime, RuntimeMetadata, Tensor
 from runtimes.onnx_runtime import OnnxOptions, OnnxRuntime
 from tests.support import models
 from tests.support.gateway import RunningGateway, running_gateway
@@ -50,9 +50,9 @@ class GatedRuntime(Runtime):
 
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
         # Only the current run's members count: a run that failed may leave a batch behind.
-        members = request.tags.get(MEMBER_TAGS) or [request.tags]
-        assert isinstance(members, list)
-        for tags in members:
+        for member in request.members or (request,):
+            tags = member.context
+            assert isinstance(tags, dict)
             if tags.get("run") == self.run:
                 self.executed.extend([int(tags["id"])] * int(tags["rows"]))
         await self.gate.wait()
@@ -106,7 +106,7 @@ def request(request_id: int, rows: int, run: int, deadline: float | None = None)
     InferRequest
 ):
     return InferRequest(inputs={"x": rows_of(request_id, rows)}, rows=rows, deadline=deadline,
-                        tags={"run": run, "id": request_id, "rows": rows})
+                        context={"run": run, "id": request_id, "rows": rows})
 
 
 plans = st.lists(

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from model_store.config import parse_config_text, spec_from_config
 from model_store.datatypes import DataType
 from model_store.spec import ModelId, ModelSpec
-from runtimes.base import TRACE_HEADERS_TAG, InferRequest, Tensor
+from runtimes.base import InferRequest, Tensor
 from runtimes.errors import ModelLoadError, UpstreamError
 from runtimes.triton_runtime import TritonRoute, TritonRuntime
 from runtimes.triton_wire import raw_bytes
@@ -193,7 +193,7 @@ async def test_deadline_and_caller_trace_context_arrive_upstream() -> None:
             x = np.ones((1, 4), np.float32)
             request = InferRequest(
                 inputs={"x": x}, outputs=("y",), deadline=time.monotonic() + 5,
-                tags={TRACE_HEADERS_TAG: {"traceparent": TRACEPARENT, "tracestate": "k=v"}},
+                trace_headers={"traceparent": TRACEPARENT, "tracestate": "k=v"},
             )
             out = await runtime.infer(request)
             np.testing.assert_array_equal(out["y"], x)  # the recorder echoes
@@ -210,7 +210,7 @@ async def test_deadline_and_caller_trace_context_arrive_upstream() -> None:
             span = tracer.start_span("batch")
             with trace.use_span(span, end_on_exit=True):
                 await runtime.infer(InferRequest(inputs={"x": x}, outputs=("y",),
-                                                 tags=dict(request.tags)))
+                                                 trace_headers=request.trace_headers))
             context = span.get_span_context()
             sent = recorder.received[-1].metadata["traceparent"]
             assert sent.startswith(f"00-{context.trace_id:032x}-{context.span_id:016x}-")

@@ -1,0 +1,115 @@
+"""The transport-free inference pipeline: a decoded request plus its caller context in,
+output tensors (or a domain error) out. Every adapter (gRPC unary, streaming, HTTP) calls it.
+
+Steps, each a call to the module that owns it: visibility and version resolution
+(models.resolver), decode (the adapter's callback), priority and deadline from the context,
+quota admission, lease, run, shadow mirror, post-inference hooks, release."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gateway.errors import QuotaExceededError
+from gateway.models.registry import ModelRegistry
+from gateway.models.served import ServedVersion
+from gateway.observability.observe import stage
+from gateway.quota.store import NO_ADMISSION, Admission, LocalQuotaStore, QuotaStore, Scope
+from gateway.request.context import QUOTA, RequestContext
+from runtimes.base import InferRequest, Tensor
+
+log = logging.getLogger(__name__)
+
+Decode = Callable[[ServedVersion], InferRequest]
+
+
+@dataclass(slots=True)
+class Inference:
+    """One completed inference: the version that ran, the request as decoded against that
+    version's spec, and the outputs it produced."""
+
+    version: ServedVersion
+    request: InferRequest
+    outputs: dict[str, Tensor]
+
+
+# A post-inference hook sees every successful inference; it must not block (sample, queue,
+# return) and its failures are logged, never answered to the caller.
+Hook = Callable[[RequestContext, Inference], None]
+
+
+class InferencePipeline:
+    """Runs one inference for any transport. Raises the domain errors of gateway/errors.py
+    (and runtimes'/model_store's), which each adapter maps through gateway/status.py."""
+
+    __slots__ = ("_hooks", "_manager", "_quota")
+
+    def __init__(
+        self, manager: ModelRegistry, quota: QuotaStore | None = None,
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        self._manager = manager
+        self._quota = quota or LocalQuotaStore()
+        self._hooks = tuple(hooks)
+
+    async def infer(
+        self, context: RequestContext, model: str, version: str, decode: Decode
+    ) -> Inference:
+        """Resolve ``model``/``version`` for the context's tenant, decode the request
+        against the chosen version, admit it against the tenant's quotas and run it."""
+        tenant = context.tenant
+        # The lease keeps a replaced version from unloading under this request.
+        with self._manager.lease(tenant, model, version, context.label,
+                                 context.routing_key) as lease:
+            served = lease.version
+            record = context.record
+            if record is not None:
+                record.model = served.id  # labels metrics, spans and the access log
+            request = decode(served)
+            request.context = context
+            self._schedule(context, served, request)
+            scopes = tenant.scopes(model)
+            # Charged before queueing; refunded if rejected before it ran.
+            with (await self._admit(context, scopes, request.rows) if scopes
+                  else NO_ADMISSION):
+                outputs = await lease.runtime.infer(request)
+            inference = Inference(served, request, outputs)
+            self._manager.mirror(lease, request, outputs, context.record)
+        for hook in self._hooks:
+            try:
+                hook(context, inference)
+            except Exception:
+                log.exception("post-inference hook %r failed", hook)
+        return inference
+
+    @staticmethod
+    def _schedule(context: RequestContext, served: ServedVersion, request: InferRequest) -> None:
+        """Priority (the request's, else the context's, else the tenant's level), deadline,
+        queue timeout and trace headers from the caller's context."""
+        if not request.priority:
+            request.priority = context.priority
+            if not request.priority:  # none asked: the tenant's level
+                batching = served.spec.dynamic_batching
+                if batching is not None and batching.priority_levels:
+                    request.priority = context.tenant.priority_for(batching.priority_levels)
+        if context.deadline is not None:
+            request.deadline = context.deadline
+        if request.timeout_us is None and context.timeout_us is not None:
+            request.timeout_us = context.timeout_us
+        if context.trace_headers:  # for remote runtimes (Triton) to send upstream
+            request.trace_headers = context.trace_headers
+
+    async def _admit(
+        self, context: RequestContext, scopes: Sequence[Scope], rows: int
+    ) -> Admission:
+        """Charge the request to its scopes, inside a 'quota' span when it is traced; a
+        rejection is recorded for the metrics (the edge counts quota rejections)."""
+        record = context.record
+        try:
+            with stage(record, "quota"):
+                return await self._quota.admission(scopes, rows)
+        except QuotaExceededError:
+            if record is not None:
+                record.rejected_by = QUOTA
+            raise
