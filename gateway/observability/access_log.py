@@ -33,6 +33,7 @@ class AccessEntry:
     compute_us: int | None = None
     total_us: int | None = None
     trace_id: str | None = None
+    protocol: str = "grpc"  # grpc, grpc_stream or http
 
 
 def format_entry(entry: AccessEntry, now: float | None = None) -> str:

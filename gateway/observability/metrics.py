@@ -98,6 +98,11 @@ class Metrics:
             f"{ns}_inference_in_flight", "Requests inside the runtime (queued or executing)",
             version,
         )
+        self.protocol_requests = loop.counter(
+            f"{ns}_protocol_requests", "Inference requests answered, by transport (grpc, "
+            "grpc_stream, http) and gRPC status code (HTTP answers: the code of the same "
+            "error)", ("protocol", "code"),
+        )
         self.tenant_requests = loop.counter(
             f"{ns}_tenant_requests", "Inference RPCs by tenant and gRPC status code",
             ("tenant", "code"),
@@ -115,8 +120,10 @@ class Metrics:
             ("reason",), namespace=ns, registry=r,
         )
         self._models: dict[ModelId, ModelMetrics] = {}
-        # (model, tenant, code) -> the children one answered RPC counts into.
-        self._answered: dict[tuple[ModelId | None, str | None, str], tuple[Count, Count]] = {}
+        # (model, tenant, code, protocol) -> the children one answered RPC counts into.
+        self._answered: dict[
+            tuple[ModelId | None, str | None, str, str], tuple[Count, Count, Count]
+        ] = {}
         self._tenants: set[str] = set()
         self._lock = threading.Lock()
 
@@ -152,20 +159,23 @@ class Metrics:
         return tenant
 
     def count_request(
-        self, model: ModelId | None, tenant: str | None, code: str, duration_s: float | None
+        self, model: ModelId | None, tenant: str | None, code: str, duration_s: float | None,
+        protocol: str = "grpc",
     ) -> None:
         """Count one answered inference RPC; ``model`` None when it never resolved (an
         unknown name must not become a label value)."""
-        key = (model, tenant, code)
+        key = (model, tenant, code, protocol)
         children = self._answered.get(key)
         if children is None:
             labels = ("", "") if model is None else (model.name, str(model.version))
             children = (self.requests.labels(*labels, code),
-                        self.tenant_requests.labels(self.tenant_label(tenant), code))
+                        self.tenant_requests.labels(self.tenant_label(tenant), code),
+                        self.protocol_requests.labels(protocol, code))
             if len(self._answered) < _MAX_ANSWERED:
                 self._answered[key] = children
         children[0].inc()
         children[1].inc()
+        children[2].inc()
         if model is not None and duration_s is not None:
             self.model(model).request_duration.observe(duration_s)
 
