@@ -32,18 +32,15 @@ from gateway.quota.redis_store import build_quota_store
 from gateway.settings import Settings, check_exposure, upstream_configs
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.tenants import TenantRegistry
-from gateway.wire.edge import Edge
+from gateway.wire.edge import INFERENCE_SERVICE, Edge
 from gateway.wire.rpc_observer import RpcObserver
-from gateway.wire.servicer import InferenceServicer
-from modelgate_pb import grpc_service_pb2 as pb
-from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
+from gateway.wire.servicer import InferenceServicer, add_inference_service
 from runtimes.onnx_runtime import OnnxOptions
 from runtimes.triton_discovery import StoreWithUpstreams, TritonDiscovery
 from runtimes.upstreams import UpstreamPool
 
 log = logging.getLogger(__name__)
 
-INFERENCE_SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING: Final = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING: Final = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -151,7 +148,7 @@ class Gateway:
     async def start(self) -> int:
         """Bind and start serving, then load the models (health and ServerLive answer
         while they load). Returns the bound port."""
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        add_inference_service(
             InferenceServicer(
                 self.pipeline, self.catalog,
                 ModelControl(self.manager, self.settings.enable_model_control),

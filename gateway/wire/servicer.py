@@ -139,6 +139,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
+def add_inference_service(servicer: InferenceServicer, server: Any) -> None:
+    """Register the service's handlers on ``server`` (the edge, which wraps them)."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
+
 def _statistics_message(snapshot: StatisticsSnapshot) -> pb.ModelStatistics:
     def duration(d: Duration) -> pb.StatisticDuration:
         return pb.StatisticDuration(count=d.count, ns=d.ns)
