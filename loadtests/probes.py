@@ -96,9 +96,10 @@ async def _probe_loop(target: str, interval_s: float, deadline_s: float) -> None
                 continue
             if command == "begin":
                 results = ProbeResults()
-            elif command == "end":
+            elif command in ("end", "peek"):  # peek: the phase so far, and it goes on
                 print(json.dumps(asdict(results or ProbeResults())), flush=True)
-                results = None
+                if command == "end":
+                    results = None
             else:
                 return
 
@@ -154,7 +155,14 @@ class Prober:
         self._send("begin")
 
     def end(self) -> ProbeResults:
-        self._send("end")
+        return self._report("end")
+
+    def peek(self) -> ProbeResults:
+        """The results of the phase so far; probing goes on."""
+        return self._report("peek")
+
+    def _report(self, command: str) -> ProbeResults:
+        self._send(command)
         # A round in progress ends within two deadlines.
         line = self._line(2 * self.deadline_s + self.interval_s + 30)
         if not line:

@@ -1,4 +1,4 @@
-"""The README and docs/ stay true: every setting is documented, links resolve, set-up commands exist."""
+"""README and docs/ stay true: every setting documented, links resolve, set-up commands exist."""
 
 from __future__ import annotations
 

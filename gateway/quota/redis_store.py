@@ -110,6 +110,7 @@ class RedisQuotaStore(QuotaStore):
         self.leases: dict[str, Lease] = {}
         self.available = True
         self.outages = 0
+        self.failed_probes = 0  # pings of an unreachable Redis that got no answer
         self._on_outage = on_outage
         self._down_since = 0.0
         # Fail fast: a dead Redis must cost a request a quarter second at most, once.
@@ -358,6 +359,7 @@ class RedisQuotaStore(QuotaStore):
             try:
                 await self._client.ping()
             except (RedisError, OSError):
+                self.failed_probes += 1
                 continue
             self.available = True
             log.warning("quota store Redis %s is back after %.1fs: limits shared again",

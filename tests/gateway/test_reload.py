@@ -32,7 +32,7 @@ from tests.gateway.test_shadow import sample
 from tests.support import models
 from tests.support.fake_runtime import FakeRuntime
 from tests.support.gateway import RunningGateway, running_gateway
-from tests.support.waiting import wait_until
+from tests.support.waiting import until, wait_until
 
 ALL_VERSIONS = "version_policy: { all {} }\n"
 CLIENTS = 4
@@ -214,17 +214,16 @@ async def test_a_replaced_version_finishes_in_flight_requests_before_unloading(
     # Version 2 serves new requests; version 1 no longer takes any but is not unloaded yet.
     with manager.acquire("adder") as newer:
         assert newer.version.id.version == 2
-    assert manager.version("adder", "1").state is VersionState.UNLOADING
-    for _ in range(20):
-        await asyncio.sleep(0)
+    retired = manager.version("adder", "1")
+    assert retired.state is VersionState.UNLOADING
+    # The drain has reached the point where it waits for in-flight requests: with none it
+    # would have unloaded by now, so "not unloaded" means the request holds it.
+    await until(lambda: retired.idle is not None, "the drain waiting for in-flight requests")
     assert not old.unloaded
     old.release()
     await running
     lease.release()
-    for _ in range(100):
-        if old.unloaded:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: old.unloaded, "version 1 unloaded")
     assert old.unloaded
     assert "1" not in {str(n) for n in manager.model("adder").versions}
     await manager.stop()
@@ -238,9 +237,10 @@ async def test_stopping_while_a_version_drains_waits_for_it_once(tmp_path: Path)
     lease = manager.acquire("adder", "1")
     shutil.rmtree(tmp_path / "adder" / "1")
     await manager.reconcile()
+    draining = manager.version("adder", "1")
     stopping = asyncio.create_task(manager.stop())
-    for _ in range(20):
-        await asyncio.sleep(0)
+    # Version 1's drain waits for its in-flight request; stop() waits for that drain.
+    await until(lambda: draining.idle is not None, "the drain waiting for in-flight requests")
     assert not stopping.done()  # version 1 still has a request in flight
     lease.release()
     await asyncio.wait_for(stopping, 30)
@@ -254,10 +254,7 @@ async def test_a_model_removed_from_the_store_is_unloaded_and_forgotten(tmp_path
     await manager.start()
     shutil.rmtree(tmp_path / "adder")
     await manager.reconcile()
-    for _ in range(100):
-        if factory.made[0].unloaded:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: factory.made[0].unloaded, "the removed model unloaded")
     assert factory.made[0].unloaded
     assert manager.models() == []
     with pytest.raises(ModelNotFoundError):

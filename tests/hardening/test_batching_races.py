@@ -26,6 +26,7 @@ from runtimes.base import InferRequest, Runtime, RuntimeMetadata, Tensor
 from runtimes.onnx_runtime import OnnxOptions, OnnxRuntime
 from tests.support import models
 from tests.support.gateway import RunningGateway, running_gateway
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -144,7 +145,9 @@ async def _run_plan(gated: GatedRuntime, plan: list[tuple[int, str]]) -> None:
     for request_id, (_, fate) in enumerate(plan):
         if fate == "cancel":
             futures[request_id].cancel()
-    await asyncio.sleep(0.08)  # past every "expire" deadline: the batcher's timer fires
+    expiring = [futures[i] for i, (_, fate) in enumerate(plan) if fate == "expire"]
+    # Past every "expire" deadline the batcher's timer answers those requests.
+    await until(lambda: all(f.done() for f in expiring), "queued requests expired")
     withdrawn = {i for i, (_, fate) in enumerate(plan) if fate in ("cancel", "expire")}
     gated.gate.set()
     await asyncio.sleep(0)
@@ -200,7 +203,8 @@ async def _storm(gated: GatedRuntime, rng: random.Random, count: int) -> None:
     for task in tasks:
         if not task.cancelled():
             task.result()  # re-raises a wrong answer
-    await asyncio.sleep(0.01)
+    # Cancelled members leave the batcher when their batch's task finishes.
+    await until(lambda: batcher.pending() == 0 and batcher.in_flight() == 0, "batcher drained")
     executed = gated.executed
     assert all(executed.count(i) == sizes[i] for i in set(executed))  # nobody ran twice
     assert batcher.pending() == 0 and batcher.in_flight() == 0

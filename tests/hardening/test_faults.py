@@ -92,7 +92,8 @@ def test_a_paused_redis_never_holds_a_request_past_its_deadline(
             assert not quota.available and quota.outages == 1
             # Still paused, after the store has probed it in the background a few times
             # (each probe meets the silent socket): requests still never wait for it.
-            time.sleep(1.5)
+            probed = quota.failed_probes
+            wait_until(lambda: quota.failed_probes >= probed + 2, "two more failed probes")
             assert set(asyncio.run(burst(16, 3.0))) == {expected}
             assert not quota.available and quota.outages == 1
             # aio's abort sends the status before the handler unwinds: settles at once.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support import models
 from tests.support.gateway import running_gateway
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -217,10 +217,11 @@ def test_the_prober_counts_probes_that_miss_their_deadline(tmp_path: Path) -> No
         prober.begin()
         os.kill(served.pid, signal.SIGSTOP)
         try:
-            time.sleep(2.0)
+            wait_until(lambda: prober.peek().failed >= 1, "a probe missing its deadline")
         finally:
             os.kill(served.pid, signal.SIGCONT)
-        time.sleep(1.0)
+        passed = len(prober.peek().latencies_ms)
+        wait_until(lambda: len(prober.peek().latencies_ms) > passed, "a probe passing again")
         probes = prober.end()
     assert probes.failed >= 1 and set(probes.failures) <= {
         "Check DEADLINE_EXCEEDED", "ServerReady DEADLINE_EXCEEDED"}, probes.failures

@@ -3,6 +3,7 @@ a give-up time that raises, never an assertion about how fast something happened
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -19,3 +20,18 @@ def wait_until(
         if time.monotonic() >= give_up:
             raise TimeoutError(f"{what} not reached within {timeout:g} s")
         time.sleep(interval)
+
+
+async def until(
+    predicate: Callable[[], object],
+    what: str = "condition",
+    limit_s: float = 30.0,
+    interval: float = 0.005,
+) -> None:
+    """``wait_until`` for a coroutine: the event loop keeps running while it polls, so the
+    tasks that make ``predicate()`` true get their turns."""
+    give_up = time.monotonic() + limit_s
+    while not predicate():
+        if time.monotonic() >= give_up:
+            raise TimeoutError(f"{what} not reached within {limit_s:g} s")
+        await asyncio.sleep(interval)
