@@ -76,17 +76,12 @@ class Harness:
     def rows_per_call(self) -> list[int]:
         return [c.rows for c in self.runtime.calls]
 
-    async def settle(self) -> None:
-        """Let dispatched batch tasks reach the runtime (or finish). Each step of the
-        scheduler is a task started by a synchronous poll; a few loop turns run them."""
-        for _ in range(5):
-            await asyncio.sleep(0)
-
 
 async def test_dispatches_when_rows_reach_max_batch_size() -> None:
     h = Harness(make_spec(max_batch_size=4))
     first = h.batcher.enqueue(req(rows=2))
-    await h.settle()
+    # Dispatch decisions are synchronous: nothing in flight now means nothing will run.
+    assert h.batcher.in_flight() == 0 and h.batcher.pending() == 1
     assert h.runtime.calls == []
     second = h.batcher.enqueue(req(rows=2, start=100))
     a, b = await asyncio.gather(first, second)
@@ -98,7 +93,7 @@ async def test_dispatches_when_rows_reach_max_batch_size() -> None:
 async def test_dispatches_on_preferred_size_at_once() -> None:
     h = Harness(make_spec(max_batch_size=8, preferred=(4,), delay_us=10_000))
     futures = [h.batcher.enqueue(req(start=i)) for i in range(3)]
-    await h.settle()
+    assert h.batcher.in_flight() == 0 and h.batcher.pending() == 3
     assert h.runtime.calls == []
     futures.append(h.batcher.enqueue(req(start=3)))
     await asyncio.gather(*futures)
@@ -127,7 +122,7 @@ async def test_dispatches_when_oldest_waited_max_queue_delay() -> None:
     h.clock.advance(0.0005)
     h.batcher.enqueue(req())
     h.clock.advance(0.0004)
-    await h.settle()
+    assert h.batcher.in_flight() == 0 and h.batcher.pending() == 2
     assert h.runtime.calls == []
     h.clock.advance(0.0002)  # the oldest has now waited 1.1 ms
     await future
@@ -243,9 +238,8 @@ async def test_timeout_reject_answers_and_never_runs() -> None:
     h.runtime.hold = False
     h.runtime.release()
     await busy
-    await h.settle()
+    assert h.batcher.pending() == 0  # nothing left that could still run
     assert len(h.runtime.calls) == 1
-    assert h.batcher.pending() == 0
 
 
 async def test_timeout_override_only_shortens_when_allowed() -> None:
@@ -305,7 +299,7 @@ async def test_deadline_expiry_in_queue_never_runs() -> None:
     h.runtime.hold = False
     h.runtime.release()
     await busy
-    await h.settle()
+    assert h.batcher.pending() == 0  # nothing left that could still run
     assert [float(c.inputs["x"][0, 0]) for c in h.runtime.calls] == [0.0]
 
 
@@ -363,11 +357,12 @@ async def test_never_more_batches_in_flight_than_instances() -> None:
     h.runtime.hold = True
     futures = [h.batcher.enqueue(req(start=i)) for i in range(5)]
     await h.runtime.wait_calls(2)
-    await h.settle()
-    assert len(h.runtime.calls) == 2 and h.batcher.in_flight() == 2
+    # Both instances busy and three waiting: no third batch can be dispatched until one ends.
+    assert h.batcher.in_flight() == 2 and h.batcher.pending() == 3
+    assert len(h.runtime.calls) == 2
     h.runtime.release(1)
     await h.runtime.wait_calls(3)
-    await h.settle()
+    assert h.batcher.in_flight() == 2 and h.batcher.pending() == 2
     assert len(h.runtime.calls) == 3
     h.runtime.hold = False
     h.runtime.release()
@@ -382,12 +377,12 @@ async def test_staged_batches_hand_the_next_batch_over_while_one_runs() -> None:
     h.runtime.hold = True
     futures = [h.batcher.enqueue(req(start=i)) for i in range(6)]
     await h.runtime.wait_calls(2)
-    await h.settle()
-    assert h.rows_per_call() == [2, 2] and h.batcher.in_flight() == 2
+    assert h.batcher.in_flight() == 2 and h.batcher.pending() == 2
+    assert h.rows_per_call() == [2, 2]
     h.runtime.release(1)
     await h.runtime.wait_calls(3)
-    await h.settle()
-    assert h.rows_per_call() == [2, 2, 2] and h.batcher.in_flight() == 2
+    assert h.batcher.in_flight() == 2 and h.batcher.pending() == 0
+    assert h.rows_per_call() == [2, 2, 2]
     h.runtime.hold = False
     h.runtime.release()
     answers = await asyncio.gather(*futures)
@@ -406,7 +401,7 @@ async def test_rows_beyond_max_batch_size_are_invalid() -> None:
 async def test_unload_finishes_queued_requests_then_unloads_inner() -> None:
     h = Harness(make_spec(max_batch_size=8, delay_us=1_000_000))
     queued = [h.batcher.enqueue(req(start=i)) for i in range(3)]
-    await h.settle()
+    assert h.batcher.in_flight() == 0 and h.batcher.pending() == 3
     assert h.runtime.calls == []
     await h.batcher.unload()
     assert all(f.done() and f.exception() is None for f in queued)
