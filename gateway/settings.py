@@ -37,6 +37,17 @@ class Settings:
     grpc_port: int = field(default=8001, metadata={"help": "gRPC port (0 = any free port)"})
     metrics_port: int = field(default=8002, metadata={
         "help": "HTTP port for /metrics, /healthz, /readyz (one port for all --workers, merged)"})
+    http_port: int | None = field(
+        default=None, metadata={"help": "KServe V2 HTTP/REST port (Triton's is 8000; 0 = any "
+                                "free port; unset: no REST port)"}
+    )
+    http_read_timeout_s: float = field(
+        default=30.0, metadata={"help": "seconds a REST request may take to arrive, from its "
+                                "first byte to its last; slower clients get 408"}
+    )
+    http_keepalive_s: float = field(
+        default=60.0, metadata={"help": "seconds an idle REST keep-alive connection stays open"}
+    )
     grace_period_s: float = field(
         default=10.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"}
     )
@@ -182,6 +193,10 @@ _CHECKS: Final[Mapping[str, Callable[[Any], str | None]]] = {
     "must be auto or a number 1..256",
     "poll_interval": lambda s: None if s == 0 or 0.05 <= s <= 3600 else
     "must be 0 (off) or lie in 0.05..3600",
+    "http_port": lambda p: None if p is None or p in _PORT else
+    "must be a port number 0..65535 (unset: no REST port)",
+    "http_read_timeout_s": lambda s: None if 0.1 <= s <= 3600 else "must lie in 0.1..3600",
+    "http_keepalive_s": lambda s: None if 0.1 <= s <= 86400 else "must lie in 0.1..86400",
     "trace_sampling_ratio": lambda r: None if r == -1 or 0 <= r <= 1 else
     "must lie in 0..1 (or be -1: from OTEL_TRACES_SAMPLER)",
     "tenants": lambda p: None if p is None or Path(p).is_file() else f"{p} is not a file",

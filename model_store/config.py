@@ -3,7 +3,9 @@ from a model file) into a ModelSpec, rejecting what the gateway cannot serve."""
 
 from __future__ import annotations
 
-from google.protobuf import text_format
+from typing import Any
+
+from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
 
 from model_store.datatypes import DataType
@@ -96,6 +98,15 @@ def spec_from_config(config: mc.ModelConfig) -> ModelSpec:
 def config_text(config: Message) -> str:
     """Render a ModelConfig as config.pbtxt text (used for derived configs and tools)."""
     return text_format.MessageToString(config)
+
+
+def config_document(serialized: bytes) -> dict[str, Any]:
+    """A serialized ModelConfig as the JSON document Triton's REST API answers (field names
+    as in config.pbtxt, 64-bit integers as strings, default values left out)."""
+    document: dict[str, Any] = json_format.MessageToDict(
+        mc.ModelConfig.FromString(serialized), preserving_proto_field_name=True
+    )
+    return document
 
 
 def _tensor(t: mc.ModelInput | mc.ModelOutput, kind: str) -> TensorSpec:

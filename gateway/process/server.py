@@ -15,6 +15,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from gateway.http.connection import Limits
+from gateway.http.edge import RestEdge
+from gateway.http.listener import HttpListener, TlsFiles
+from gateway.http.service import RestService
 from gateway.models.backends import RuntimeFactory
 from gateway.models.manager import ModelManager, VersionState
 from gateway.models.model_control import ModelControl
@@ -102,6 +106,12 @@ class Gateway:
         # What every transport adapter calls: inference, and what a tenant may learn.
         self.pipeline = InferencePipeline(self.manager, self.quota)
         self.catalog = Catalog(self.manager)
+        # The KServe V2 REST port (settings.http_port; None: not served) over the same
+        # pipeline, catalog, in-flight cap and authenticator as gRPC.
+        self.rest: HttpListener | None = None
+        self.rest_port = 0
+        if settings.http_port is not None:
+            self.rest = self._rest_listener(settings)
         limit = settings.max_message_bytes
         # Every handler passes the edge: observed, capped and authenticated in one place
         # (gateway/tenancy/auth.py lists the anonymous methods).
@@ -145,6 +155,22 @@ class Gateway:
             if settings.poll_interval > 0 else None
         )
 
+    def _rest_listener(self, settings: Settings) -> HttpListener:
+        service = RestService(
+            self.pipeline, self.catalog,
+            ModelControl(self.manager, settings.enable_model_control), self.manager.ready,
+            settings.max_message_bytes,
+        )
+        edge = RestEdge(service, self.inflight, self.authenticator, self.metrics,
+                        tracing=self.tracing, access_log=self.access_log)
+        tls = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        limits = Limits(max_body_bytes=settings.max_message_bytes,
+                        read_timeout_s=settings.http_read_timeout_s,
+                        keepalive_s=settings.http_keepalive_s)
+        return HttpListener(edge.handle, limits, tls)
+
     async def start(self) -> int:
         """Bind and start serving, then load the models (health and ServerLive answer
         while they load). Returns the bound port."""
@@ -185,6 +211,16 @@ class Gateway:
             log.warning("no tenants file: the gateway is open, every caller may use every "
                         "model without a key (local development only)")
         await self.server.start()
+        if self.rest is not None and self.settings.http_port is not None:
+            try:
+                # Workers of one supervisor share the port, as they share gRPC's.
+                self.rest_port = await self.rest.start(
+                    self.settings.host, self.settings.http_port, self.worker_index is not None
+                )
+            except OSError as exc:
+                await self.server.stop(0)
+                target = address(self.settings.host, self.settings.http_port)
+                raise BindError("http_port", f"cannot bind {target}: {exc}") from exc
         await self._start_http()
         if self.reloader is not None:
             await self.reloader.snapshot()
@@ -206,6 +242,9 @@ class Gateway:
             "modelgate serving %d of %d models on %s (store: %s)",
             ready, len(models), address(self.settings.host, self.port), self.settings.store,
         )
+        if self.rest is not None:
+            log.info("KServe V2 REST on http%s://%s", "s" if self.settings.tls_cert else "",
+                     address(self.settings.host, self.rest_port))
         return self.port
 
     async def refresh_health(self) -> None:
@@ -242,7 +281,12 @@ class Gateway:
         if self.reloader is not None:
             await self.reloader.stop()
         await self.discovery.stop()
-        await self.server.stop(self.settings.grace_period_s if grace is None else grace)
+        grace_s = self.settings.grace_period_s if grace is None else grace
+        # Both transports drain at once: in-flight requests of each finish within the grace.
+        await asyncio.gather(
+            self.server.stop(grace_s),
+            *([self.rest.stop(grace_s)] if self.rest is not None else []),
+        )
         await self.quota.close()
         if self.tenants is not None:
             await self.tenants.stop()

@@ -1,0 +1,234 @@
+"""The REST endpoints: each decodes its request, calls the pipeline, the catalog or model
+control (the same ones gRPC calls), and encodes the V2 JSON answer. Errors are raised as
+the domain's exceptions; gateway/http/edge.py answers them through the status table."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Final
+
+from gateway.errors import InvalidRequestError
+from gateway.http.content_coding import inflate
+from gateway.http.infer_body import (
+    BINARY_TYPE,
+    HEADER_LENGTH,
+    InferBody,
+    decode_infer,
+    encode_infer,
+    split_header,
+)
+from gateway.http.messages import HttpRequest, HttpResponse, json_response
+from gateway.http.routes import Route
+from gateway.models.model_control import ModelControl
+from gateway.models.routing import request_metadata
+from gateway.models.served import ServedVersion
+from gateway.observability.statistics import Duration, StatisticsSnapshot
+from gateway.pipeline.catalog import Catalog
+from gateway.pipeline.pipeline import InferencePipeline
+from gateway.request.context import RequestContext
+from model_store.config import config_document
+from runtimes.base import InferRequest
+
+# Triton extensions the REST port implements (answered by GET /v2).
+EXTENSIONS: Final = (
+    "model_configuration", "model_repository", "binary_tensor_data", "parameters",
+    "statistics", "schedule_policy",
+)
+# A caller's deadline in milliseconds from arrival (the REST twin of gRPC's deadline).
+TIMEOUT_HEADER: Final = "x-request-timeout-ms"
+
+Endpoint = Callable[[Route, HttpRequest, RequestContext], Awaitable[HttpResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Control:
+    """A load/unload request in the shape ModelControl checks (it refuses parameters)."""
+
+    model_name: str
+    parameters: Mapping[str, object] = field(default_factory=dict)
+    repository_name: str = ""
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("modelgate")
+    except metadata.PackageNotFoundError:  # running from a source tree without install
+        return "0.0.0"
+
+
+class RestService:
+    """The endpoints by gRPC method name; ``max_body_bytes`` caps an inflated body."""
+
+    def __init__(
+        self, pipeline: InferencePipeline, catalog: Catalog, control: ModelControl,
+        server_ready: Callable[[], bool], max_body_bytes: int,
+    ) -> None:
+        self._pipeline = pipeline
+        self._catalog = catalog
+        self._control = control
+        self._server_ready = server_ready
+        self._max_body = max_body_bytes
+        self._metadata = json.dumps({
+            "name": "modelgate", "version": _server_version(), "extensions": list(EXTENSIONS),
+        }).encode()
+        # Answered before (and without) authentication: probes carry no key.
+        self.anonymous: dict[str, Callable[[], HttpResponse]] = {
+            "ServerLive": self.server_live, "ServerReady": self.server_ready,
+        }
+        self.endpoints: dict[str, Endpoint] = {
+            "ServerMetadata": self.server_metadata, "ModelMetadata": self.model_metadata,
+            "ModelReady": self.model_ready, "ModelConfig": self.model_config,
+            "ModelStatistics": self.model_statistics, "ModelInfer": self.model_infer,
+            "RepositoryIndex": self.repository_index,
+            "RepositoryModelLoad": self.model_load, "RepositoryModelUnload": self.model_unload,
+        }
+
+    def server_live(self) -> HttpResponse:
+        return json_response(200, {"live": True})
+
+    def server_ready(self) -> HttpResponse:
+        ready = self._server_ready()
+        return json_response(200 if ready else 503, {"ready": ready})
+
+    async def server_metadata(self, route: Route, request: HttpRequest,
+                              context: RequestContext) -> HttpResponse:
+        return HttpResponse(200, self._metadata)
+
+    async def model_metadata(self, route: Route, request: HttpRequest,
+                             context: RequestContext) -> HttpResponse:
+        info = self._catalog.metadata(context.tenant, route.model, route.version)
+        return json_response(200, {
+            "name": info.name, "versions": list(info.versions), "platform": info.platform,
+            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+                       for t in info.inputs],
+            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+                        for t in info.outputs],
+        })
+
+    async def model_ready(self, route: Route, request: HttpRequest,
+                          context: RequestContext) -> HttpResponse:
+        # As on gRPC an unknown model is simply not ready; the reason says why.
+        readiness = self._catalog.readiness(context.tenant, route.model, route.version)
+        body: dict[str, Any] = {"name": route.model, "ready": readiness.ready}
+        if not readiness.ready:
+            body["error"] = readiness.reason or "not ready"
+        return json_response(200 if readiness.ready else 503, body)
+
+    async def model_config(self, route: Route, request: HttpRequest,
+                           context: RequestContext) -> HttpResponse:
+        spec = self._catalog.config(context.tenant, route.model, route.version)
+        return json_response(200, config_document(spec.config))
+
+    async def model_statistics(self, route: Route, request: HttpRequest,
+                               context: RequestContext) -> HttpResponse:
+        snapshots = self._catalog.statistics(context.tenant, route.model, route.version)
+        return json_response(200, {"model_stats": [_statistics(s) for s in snapshots]})
+
+    async def repository_index(self, route: Route, request: HttpRequest,
+                               context: RequestContext) -> HttpResponse:
+        ready = _json_body(request.body).get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidRequestError("'ready' must be true or false")
+        entries = self._catalog.index(context.tenant, "", ready)
+        return json_response(200, [
+            {k: v for k, v in (("name", e.name), ("version", e.version), ("state", e.state),
+                               ("reason", e.reason)) if v}
+            for e in entries
+        ])
+
+    async def model_load(self, route: Route, request: HttpRequest,
+                         context: RequestContext) -> HttpResponse:
+        await self._control.load(context.tenant, self._control_request(route, request))
+        return json_response(200, {})
+
+    async def model_unload(self, route: Route, request: HttpRequest,
+                           context: RequestContext) -> HttpResponse:
+        await self._control.unload(context.tenant, self._control_request(route, request))
+        return json_response(200, {})
+
+    @staticmethod
+    def _control_request(route: Route, request: HttpRequest) -> _Control:
+        parameters = _json_body(request.body).get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidRequestError("'parameters' must be a JSON object")
+        return _Control(route.model, parameters)
+
+    async def model_infer(self, route: Route, request: HttpRequest,
+                          context: RequestContext) -> HttpResponse:
+        headers = request.headers
+        context.label, context.routing_key, context.trace_headers = request_metadata(
+            headers.items()
+        )
+        timeout = headers.get(TIMEOUT_HEADER)
+        if timeout is not None:
+            context.deadline = time.monotonic() + _milliseconds(timeout) / 1000
+        body = inflate(request.body, headers.get("content-encoding", ""), self._max_body)
+        header, binary_start = split_header(body, headers.get(HEADER_LENGTH))
+        decoded: list[InferBody] = []
+
+        def decode(version: ServedVersion) -> InferRequest:
+            infer, shape = decode_infer(header, body, binary_start, version.spec)
+            decoded.append(shape)
+            return infer
+
+        inference = await self._pipeline.infer(context, route.model, route.version, decode)
+        served = inference.version
+        payload, header_length = encode_infer(
+            served.spec, served.id.version, inference.outputs, decoded[-1]
+        )
+        if header_length is None:
+            return HttpResponse(200, payload)
+        return HttpResponse(200, payload, BINARY_TYPE,
+                            (("Inference-Header-Content-Length", str(header_length)),))
+
+
+def _json_body(body: bytes) -> Mapping[str, Any]:
+    """An optional JSON object body (empty: no fields)."""
+    if not body.strip():
+        return {}
+    try:
+        parsed = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidRequestError("the request body is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return parsed
+
+
+def _milliseconds(text: str) -> int:
+    value = text.strip()
+    if not value.isdigit() or len(value) > 10:
+        raise InvalidRequestError(f"{TIMEOUT_HEADER} must be a whole number of milliseconds")
+    return int(value)
+
+
+def _statistics(snapshot: StatisticsSnapshot) -> dict[str, Any]:
+    """One version's statistics in Triton's JSON (the ModelStatistics message's fields)."""
+
+    def duration(d: Duration) -> dict[str, int]:
+        return {"count": d.count, "ns": d.ns}
+
+    return {
+        "name": snapshot.model.name,
+        "version": str(snapshot.model.version),
+        "last_inference": snapshot.last_inference_ms,
+        "inference_count": snapshot.inference_count,
+        "execution_count": snapshot.execution_count,
+        "inference_stats": {
+            "success": duration(snapshot.success), "fail": duration(snapshot.fail),
+            "queue": duration(snapshot.queue),
+            "compute_input": duration(snapshot.compute_input),
+            "compute_infer": duration(snapshot.compute_infer),
+            "compute_output": duration(snapshot.compute_output),
+        },
+        "batch_stats": [
+            {"batch_size": size, "compute_input": duration(b.compute_input),
+             "compute_infer": duration(b.compute_infer),
+             "compute_output": duration(b.compute_output)}
+            for size, b in snapshot.batches.items()
+        ],
+    }
