@@ -24,7 +24,7 @@ class VersionState(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
-@dataclass(slots=True, eq=False, weakref_slot=True)
+@dataclass(slots=True, eq=False)
 class ServedVersion:
     """One version of a model and where it is in its lifecycle. ``inflight`` counts the
     leases held on it: an unloading version unloads its runtime only when it drops to 0."""

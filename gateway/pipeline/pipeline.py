@@ -15,7 +15,7 @@ from gateway.errors import QuotaExceededError
 from gateway.models.registry import ModelRegistry
 from gateway.models.served import ServedVersion
 from gateway.observability.observe import stage
-from gateway.quota.store import NO_ADMISSION, Admission, LocalQuotaStore, QuotaStore, Scope
+from gateway.quota.store import Admission, LocalQuotaStore, QuotaStore, Scope
 from gateway.request.context import QUOTA, RequestContext
 from runtimes.base import InferRequest, Tensor
 
@@ -60,8 +60,9 @@ class InferencePipeline:
         against the chosen version, admit it against the tenant's quotas and run it."""
         tenant = context.tenant
         # The lease keeps a replaced version from unloading under this request.
-        with self._manager.lease(tenant, model, version, context.label,
-                                 context.routing_key) as lease:
+        lease = self._manager.lease(tenant, model, version, context.label,
+                                    context.routing_key)
+        try:
             served = lease.version
             record = context.record
             if record is not None:
@@ -70,12 +71,16 @@ class InferencePipeline:
             request.context = context
             self._schedule(context, served, request)
             scopes = tenant.scopes(model)
-            # Charged before queueing; refunded if rejected before it ran.
-            with (await self._admit(context, scopes, request.rows) if scopes
-                  else NO_ADMISSION):
+            if scopes:
+                # Charged before queueing; refunded if rejected before it ran.
+                with await self._admit(context, scopes, request.rows):
+                    outputs = await lease.runtime.infer(request)
+            else:
                 outputs = await lease.runtime.infer(request)
             inference = Inference(served, request, outputs)
-            self._manager.mirror(lease, request, outputs, context.record)
+            self._manager.mirror(lease, request, outputs, record)
+        finally:
+            lease.release()
         for hook in self._hooks:
             try:
                 hook(context, inference)

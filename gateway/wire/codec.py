@@ -4,7 +4,6 @@ to wire bytes. Everything else goes through gateway/wire/conversion.py, which ch
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -189,19 +188,27 @@ class ResponseEncoder:
 
 
 class Codecs:
-    """The codec of each served version, built on its first request. Held weakly: a
-    version that leaves the manager takes its codec (and plan cache) with it, so the
-    number kept is bounded by the versions alive."""
+    """The codec of each served version, built on its first request and kept by identity.
+    When the table is full, the codecs of versions that have gone (their runtime unloaded)
+    are dropped first, so the plan caches of unloaded versions do not accumulate."""
 
-    __slots__ = ("_codecs",)
+    __slots__ = ("_codecs", "_limit")
 
-    def __init__(self) -> None:
-        self._codecs: weakref.WeakKeyDictionary[ServedVersion, InferCodec] = (
-            weakref.WeakKeyDictionary()
-        )
+    def __init__(self, limit: int = MAX_PLANS) -> None:
+        self._codecs: dict[ServedVersion, InferCodec] = {}
+        self._limit = limit
 
     def of(self, version: ServedVersion) -> InferCodec:
         codec = self._codecs.get(version)
         if codec is None:
-            codec = self._codecs[version] = InferCodec(version.spec, version.id.version)
+            codec = InferCodec(version.spec, version.id.version)
+            if len(self._codecs) >= self._limit:
+                self._evict()
+            if len(self._codecs) < self._limit:
+                self._codecs[version] = codec
         return codec
+
+    def _evict(self) -> None:
+        gone = [v for v in self._codecs if v.runtime is None]
+        for version in gone or list(self._codecs)[: self._limit // 2]:
+            del self._codecs[version]
