@@ -15,11 +15,11 @@ from gateway.models.registry import ModelRegistry
 from gateway.models.routing import Router, RoutingTable
 from gateway.models.served import Lease, ServedModel, ServedVersion, VersionState
 from gateway.models.version_loader import RuntimeFactory, VersionLoader, unload_quietly
-from model_store.errors import StoreError
+from model_store.errors import InvalidModelNameError, StoreError
 from model_store.labels import RoutingSpec, read_routing
 from model_store.repository import ModelRepository, StoredModel
 from model_store.snapshot import Fingerprint, fingerprint
-from model_store.spec import ModelId
+from model_store.spec import ModelId, validate_model_name
 
 # Re-exported: the servicer, server and metrics know these as the manager's types.
 __all__ = [
@@ -91,7 +91,10 @@ class ModelManager(ModelRegistry):
         """The repository API's load: re-read the model from the store and serve it. Raises
         ModelNotFoundError when the store has no such model, ModelNotReadyError when a
         version failed to load (the versions that loaded serve regardless)."""
-        self._check_name(name)
+        try:
+            validate_model_name(name)
+        except InvalidModelNameError:
+            raise unknown_model(name) from None
         if not (self._repository.root / name).is_dir():
             raise unknown_model(name)
         await self.reconcile([name], force=True)

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gateway.errors import unknown_model
-from gateway.models.resolver import resolve
+from gateway.models.resolver import find_model, resolve
 from gateway.models.routing import Router
 from gateway.models.served import Lease, ServedModel, ServedVersion, VersionState
 from gateway.models.shadow import ShadowMirror
 from gateway.request.context import RequestRecord
 from gateway.tenancy.tenants import ANONYMOUS, Tenant
-from model_store.errors import InvalidModelNameError
-from model_store.spec import validate_model_name
 from runtimes.base import InferRequest, Tensor
 
 
@@ -31,13 +28,7 @@ class ModelRegistry:
 
     def model(self, name: str) -> ServedModel:
         """The model called ``name``; NOT_FOUND for anything else, including invalid names."""
-        model = self._models.get(name)
-        if model is None:
-            # Only store folder names are keys, so a found name is valid; a miss is checked
-            # so that an invalid name gets the same NOT_FOUND as an unknown one.
-            self._check_name(name)
-            raise unknown_model(name)
-        return model
+        return find_model(self._models, name)
 
     def version(
         self, name: str, version: str, label: str | None = None,
@@ -46,14 +37,14 @@ class ModelRegistry:
         """The version a request names, in whatever state it is: '' means the highest READY
         version (or the tenant's pin); a number exactly that version; a label the version
         it points to."""
-        return resolve(tenant, self.model, name, version, label=label, ready=False)
+        return resolve(tenant, self._models, name, version, label=label, ready=False)
 
     def lease(
         self, tenant: Tenant, name: str, version: str = "", label: str | None = None,
         key: str | None = None,
     ) -> Lease:
         """Lease the ready version the resolver picks for ``tenant``'s request."""
-        served = resolve(tenant, self.model, name, version, label=label, key=key,
+        served = resolve(tenant, self._models, name, version, label=label, key=key,
                          router=self._router)
         assert served.runtime is not None  # resolve checked it is ready
         return Lease(served, served.runtime)
@@ -94,10 +85,3 @@ class ModelRegistry:
 
         parent = (record.tracer, record.span) if record and record.tracer and record.span else None
         self.shadow.mirror(primary.name, primary.version, shadow, run, outputs, parent=parent)
-
-    @staticmethod
-    def _check_name(name: str) -> None:
-        try:
-            validate_model_name(name)
-        except InvalidModelNameError:
-            raise unknown_model(name) from None

@@ -5,7 +5,7 @@ then the version's readiness. Called once per request; pure over the served mode
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Final
 
 from gateway.errors import (
@@ -18,11 +18,25 @@ from gateway.models.routing import Router, label_version, requested_target, spli
 from gateway.models.served import ServedModel, ServedVersion, VersionState
 from gateway.sanitize import echoed
 from gateway.tenancy.tenants import Tenant
+from model_store.errors import InvalidModelNameError
+from model_store.spec import validate_model_name
 
 _VERSION: Final = re.compile(r"[0-9]{1,18}|[A-Za-z][A-Za-z0-9_\-]{0,63}")
 
-# The model called a name (raising ModelNotFoundError for an unknown or invalid one).
-FindModel = Callable[[str], ServedModel]
+
+
+def find_model(models: Mapping[str, ServedModel], name: str) -> ServedModel:
+    """The model called ``name``; NOT_FOUND for anything else, including invalid names."""
+    model = models.get(name)
+    if model is None:
+        # Only store folder names are keys, so a found name is valid; a miss is checked
+        # so that an invalid name gets the same NOT_FOUND as an unknown one.
+        try:
+            validate_model_name(name)
+        except InvalidModelNameError:
+            raise unknown_model(name) from None
+        raise unknown_model(name)
+    return model
 
 
 def visible_target(tenant: Tenant, name: str, target: str) -> str:
@@ -42,7 +56,7 @@ def visible_target(tenant: Tenant, name: str, target: str) -> str:
 
 
 def resolve(
-    tenant: Tenant, find: FindModel, name: str, version: str, *,
+    tenant: Tenant, models: Mapping[str, ServedModel], name: str, version: str, *,
     label: str | None = None, key: str | None = None, router: Router | None = None,
     ready: bool = True,
 ) -> ServedVersion:
@@ -55,7 +69,7 @@ def resolve(
     runtime; without it (metadata, readiness, statistics) the version is returned in
     whatever state it is and no split is drawn."""
     target = visible_target(tenant, name, requested_target(version, label))
-    model = find(name)
+    model = find_model(models, name)
     if model.error is not None:
         raise ModelNotReadyError(f"model '{name}' is unavailable: {model.error}")
     if target:

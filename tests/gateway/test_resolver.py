@@ -13,7 +13,6 @@ from gateway.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     ModelNotReadyError,
-    unknown_model,
 )
 from gateway.models.resolver import resolve
 from gateway.models.routing import Router, RoutingTable
@@ -107,23 +106,14 @@ ROWS = [
 ]
 
 
-def _find(models: dict[str, ServedModel]) -> object:
-    def find(name: str) -> ServedModel:
-        if name not in models:
-            raise unknown_model(name)
-        return models[name]
-
-    return find
-
-
 @pytest.mark.parametrize("row", ROWS, ids=[r.why for r in ROWS])
 def test_resolution(row: Row) -> None:
     models = _models(row.routing, row.model_error)
     router = Router(random.Random(7))
 
     def run() -> ServedVersion:
-        return resolve(row.tenant, _find(models), row.name, row.version,  # type: ignore[arg-type]
-                       label=row.label, key=row.key, router=router, ready=row.ready)
+        return resolve(row.tenant, models, row.name, row.version, label=row.label,
+                       key=row.key, router=router, ready=row.ready)
 
     if isinstance(row.expect, type):
         with pytest.raises(row.expect, match=row.message):
@@ -141,7 +131,7 @@ def test_the_split_follows_the_weights_over_keys() -> None:
     models = _models(ROUTING)
     router = Router(random.Random(7))
     chosen = [
-        resolve(ANONYMOUS, models.__getitem__, "m", "", key=f"user-{i}", router=router)
+        resolve(ANONYMOUS, models, "m", "", key=f"user-{i}", router=router)
         .id.version for i in range(2000)
     ]
     share = chosen.count(1) / len(chosen)
@@ -152,6 +142,6 @@ def test_a_split_target_that_is_not_ready_is_left_out() -> None:
     models = _models("[labels]\nstable = 1\nlate = 5\n[weights]\nstable = 1\nlate = 99\n")
     router = Router(random.Random(7))
     assert {
-        resolve(ANONYMOUS, models.__getitem__, "m", "", key=f"k{i}", router=router).id.version
+        resolve(ANONYMOUS, models, "m", "", key=f"k{i}", router=router).id.version
         for i in range(200)
     } == {1}
