@@ -8,11 +8,10 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v h2load >/dev/null 2>&1 || need_apt+=(nghttp2-client)
 # The deployment tests: podman (with runc) builds and runs the image on a Debian base made
-# by debootstrap; podman-compose parses the Compose stack; promtool checks the alert rules.
+# by debootstrap; promtool checks the alert rules (podman-compose is a Python test package).
 command -v podman >/dev/null 2>&1 || need_apt+=(podman)
 command -v runc >/dev/null 2>&1 || need_apt+=(runc)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
-command -v podman-compose >/dev/null 2>&1 || need_apt+=(podman-compose)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
