@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import http.client
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from gateway.http.routes import ROUTES, match
 from gateway.process.server import Gateway
 from gateway.settings import Settings
 
@@ -45,6 +47,7 @@ class Served:
     target: str
     # full method name -> "unary_unary" | "unary_stream" | "stream_unary" | "stream_stream"
     registered: dict[str, str]
+    rest_port: int = 0  # the KServe V2 REST port of the same gateway
 
 
 def _kind(handler: Any) -> str:
@@ -79,7 +82,7 @@ def recording_gateway(settings: Settings) -> Iterator[Served]:
     gateway = asyncio.run_coroutine_threadsafe(build(), loop).result(30)
     try:
         port = asyncio.run_coroutine_threadsafe(gateway.start(), loop).result(120)
-        yield Served(f"127.0.0.1:{port}", registered)
+        yield Served(f"127.0.0.1:{port}", registered, gateway.rest_port)
     finally:
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(gateway.stop(grace=1.0), loop).result(60)
@@ -92,7 +95,7 @@ def recording_gateway(settings: Settings) -> Iterator[Served]:
 def served(hardening_store: Path, tenant_keys: tuple[Path, str, str]) -> Iterator[Served]:
     settings = dataclasses.replace(
         Settings(), store=hardening_store, host="127.0.0.1", grpc_port=0, metrics_port=0,
-        tenants=tenant_keys[0], enable_model_control=True,
+        tenants=tenant_keys[0], enable_model_control=True, http_port=0,
     )
     with recording_gateway(settings) as served:
         yield served
@@ -181,3 +184,66 @@ def test_model_control_needs_an_admin_and_everything_else_takes_a_key(
             # Authorized: the empty request then fails on its own merits (no model name).
             assert boss_code not in (grpc.StatusCode.UNAUTHENTICATED,
                                      grpc.StatusCode.PERMISSION_DENIED), method
+
+
+# The REST routes, by the gRPC method each mirrors: the same allow-list and admin-only set.
+REST_ANONYMOUS = frozenset({"ServerLive", "ServerReady"})
+REST_ADMIN_ONLY = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
+
+
+def rest_call(port: int, method: str, path: str, headers: dict[str, str]) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request(method, path, body=b"" if method == "POST" else None,
+                           headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+def rest_routes() -> list[tuple[str, str, str]]:
+    """(HTTP method, a concrete path, the gRPC method it mirrors) for every REST route."""
+    out = []
+    for method, template in ROUTES:
+        path = template.replace("{m}", "add").replace("{v}", "1")
+        route = match(path)
+        assert route is not None and route.method == method, template
+        out.append((method, path, route.name))
+    return out
+
+
+def test_every_rest_route_is_listed_and_served() -> None:
+    names = {name for _, _, name in rest_routes()}
+    # Every gRPC method the REST port mirrors has a route, and only those.
+    assert names == {"ServerLive", "ServerReady", "ServerMetadata", "ModelMetadata",
+                     "ModelReady", "ModelConfig", "ModelStatistics", "ModelInfer",
+                     "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"}
+
+
+def test_no_rest_route_outside_the_allow_list_answers_without_a_valid_key(
+    served: Served,
+) -> None:
+    assert served.rest_port
+    for method, path, name in rest_routes():
+        for headers in ({}, {"authorization": "Bearer mg_user_not-a-key"},
+                        {"x-api-key": "mg_boss_" + "A" * 40}):
+            status = rest_call(served.rest_port, method, path, headers)
+            if name in REST_ANONYMOUS:
+                assert status == 200, (path, headers, status)
+            else:
+                assert status == 401, (path, headers, status)
+
+
+def test_rest_model_control_needs_an_admin_and_everything_else_takes_a_key(
+    served: Served, tenant_keys: tuple[Path, str, str]
+) -> None:
+    _, user, boss = tenant_keys
+    for method, path, name in rest_routes():
+        status = rest_call(served.rest_port, method, path, {"authorization": f"Bearer {user}"})
+        assert status != 401, path
+        if name in REST_ADMIN_ONLY:
+            assert status == 403, (path, status)
+            assert rest_call(served.rest_port, method, path, {"x-api-key": boss}) not in (
+                401, 403), path

@@ -6,6 +6,8 @@ request never changes the answers of the valid requests batched with it."""
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +71,7 @@ def gateway(hardening_store: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     models.write_model(root, "echo_bytes", 1, echo_bytes_model(), models.config_pbtxt(
         "echo_bytes", [("s", "BYTES", [1])], [("t", "BYTES", [1])], max_batch_size=8,
         extra="dynamic_batching { max_queue_delay_microseconds: 20000 }\n"))
-    with running_gateway(root) as gw:
+    with running_gateway(root, http_port=0) as gw:
         yield gw
 
 
@@ -394,3 +396,103 @@ def test_a_broken_request_never_changes_the_answers_batched_with_it(
         else:
             y = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(2, 4)
             np.testing.assert_array_equal(y, data + np.float32(1))
+
+
+# ---- the REST port's JSON bodies ----------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=20,
+)
+
+
+def post_json(port: int, path: str, body: bytes) -> tuple[int, object]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("POST", path, body=body)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def nest(values: list[object], rows: int) -> list[object]:
+    return [values[r * WIDTH:(r + 1) * WIDTH] for r in range(rows)]
+
+
+@st.composite
+def valid_json_all_types(draw: st.DrawFn) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+    """A valid JSON body for all_types: every input as JSON data, flat or nested."""
+    rows = draw(st.integers(1, 3))
+    inputs, sent = [], {}
+    for datatype in draw(st.permutations(TYPES)):
+        array = draw(tensor_data(datatype, rows * WIDTH))
+        values: list[object] = ([v.decode() for v in array] if datatype == "BYTES"
+                                else array.tolist())
+        data = nest(values, rows) if draw(st.booleans()) else values
+        inputs.append({"name": f"in_{datatype}", "shape": [rows, WIDTH],
+                       "datatype": datatype, "data": data})
+        sent[datatype] = array
+    return {"inputs": inputs}, sent
+
+
+@given(pair=valid_json_all_types())
+def test_valid_json_bodies_of_every_datatype_get_their_own_data_back(
+    gateway: RunningGateway, pair: tuple[dict[str, object], dict[str, np.ndarray]]
+) -> None:
+    body, sent = pair
+    status, answer = post_json(gateway.gateway.rest_port, "/v2/models/all_types/infer",
+                               json.dumps(body).encode())
+    assert status == 200, answer
+    assert isinstance(answer, dict)
+    outputs = {o["name"]: o["data"] for o in answer["outputs"]}
+    for datatype, array in sent.items():
+        got = outputs[f"out_{datatype}"]
+        if datatype == "BYTES":
+            assert [g.encode() for g in got] == list(array)
+        else:
+            np.testing.assert_array_equal(np.array(got, dtype=array.dtype), array)
+
+
+@st.composite
+def mutated_json(draw: st.DrawFn) -> bytes:
+    """A valid add body with one part replaced by arbitrary JSON, or arbitrary bytes."""
+    body: dict[str, object] = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                           "data": [1.0, 2.0, 3.0, 4.0]}]}
+    where = draw(st.sampled_from(["body", "inputs", "input", "name", "shape", "datatype",
+                                  "data", "parameters", "outputs", "bytes"]))
+    junk = draw(json_values)
+    if where == "bytes":
+        return draw(st.binary(max_size=64))
+    if where == "body":
+        return json.dumps(junk).encode()
+    if where in ("inputs", "outputs", "parameters"):
+        body[where] = junk
+    else:
+        inputs = body["inputs"]
+        assert isinstance(inputs, list)
+        if where == "input":
+            inputs[0] = junk
+        else:
+            inputs[0][where] = junk
+    return json.dumps(body).encode()
+
+
+@given(body=mutated_json())
+def test_any_json_body_gets_the_right_answer_or_a_clean_error(
+    gateway: RunningGateway, body: bytes
+) -> None:
+    port = gateway.gateway.rest_port
+    status, answer = post_json(port, "/v2/models/add/infer", body)
+    assert isinstance(answer, dict)
+    if status == 200:
+        assert {o["name"] for o in answer["outputs"]} == {"y", "doubled"}
+    else:
+        assert status in (400, 404, 413), (status, answer)
+        assert isinstance(answer["error"], str) and answer["error"]
+    good = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                   "data": [1, 2, 3, 4]}]}).encode()
+    assert post_json(port, "/v2/models/add/infer", good)[0] == 200
