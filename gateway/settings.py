@@ -148,6 +148,27 @@ class Settings:
         default=10.0, metadata={"help": "seconds between re-reading the model lists of "
                                 "export=all Triton upstreams"}
     )
+    monitoring: bool = field(
+        default=True, metadata={"help": "drift monitoring: sample inferences per model "
+                                "version into windowed statistics scored against the "
+                                "version's profile.json (docs/monitoring.md)"}
+    )
+    monitoring_sample_every: int = field(
+        default=10, metadata={"help": "monitor 1 inference in this many, per model version "
+                              "(1: every one)"}
+    )
+    monitoring_max_rows_per_s: int = field(
+        default=1000, metadata={"help": "rows per second and version the monitor takes at "
+                                "most; samples over it are dropped and counted (0: no cap)"}
+    )
+    monitoring_exclude: tuple[str, ...] = field(
+        default=(), metadata={"repeatable": True, "help": "models never monitored; "
+                              "repeatable (a list in the file, space-separated in the env)"}
+    )
+    monitoring_top_features: int = field(
+        default=20, metadata={"help": "features per version exported as modelgate_drift "
+                              "series, the highest PSI first (the cap on label cardinality)"}
+    )
     # Internal, set by the supervisor for its workers (no flag, variable or file key): the
     # shared-memory quota table of gateway/quota/table.py.
     quota_table: Path | None = field(default=None, metadata={"internal": True})
@@ -212,6 +233,11 @@ _CHECKS: Final[Mapping[str, Callable[[Any], str | None]]] = {
     "must lie in 0.05..3600",
     "triton_refresh_interval_s": lambda s: None if 0.1 <= s <= 86400 else
     "must lie in 0.1..86400",
+    "monitoring_sample_every": lambda n: None if 1 <= n <= 1_000_000 else
+    "must lie in 1..1000000",
+    "monitoring_max_rows_per_s": lambda n: None if 0 <= n <= 10_000_000 else
+    "must lie in 0..10000000 (0: no cap)",
+    "monitoring_top_features": lambda n: None if 0 <= n <= 10_000 else "must lie in 0..10000",
 }
 
 

@@ -351,7 +351,23 @@ def cnn_model() -> onnx.ModelProto:
 # --------------------------------------------------------------------------------------
 
 
-def _write_model(out: Path, spec: ModelSpec, versions: dict[int, bytes]) -> None:
+def profile_json(payload: bytes, inputs: dict[str, np.ndarray], source: str) -> str:
+    """A version's reference profile (gateway/monitoring: docs/monitoring.md) from its
+    training inputs and the outputs the ONNX model itself gives for them."""
+    import onnxruntime as ort
+
+    from gateway.monitoring.profile import dumps
+    from gateway.monitoring.reference import build_profile
+
+    session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    outputs = dict(zip(names, session.run(names, inputs), strict=True))
+    return dumps(build_profile(inputs, outputs, source=source))
+
+
+def _write_model(
+    out: Path, spec: ModelSpec, versions: dict[int, bytes], profiles: dict[int, str]
+) -> None:
     model_dir = out / spec.name
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -361,6 +377,8 @@ def _write_model(out: Path, spec: ModelSpec, versions: dict[int, bytes]) -> None
         version_dir = model_dir / str(version)
         version_dir.mkdir()
         (version_dir / "model.onnx").write_bytes(payload)
+        if version in profiles:
+            (version_dir / "profile.json").write_text(profiles[version], encoding="utf-8")
 
 
 def build(out: Path) -> list[Path]:
@@ -381,9 +399,19 @@ def build(out: Path) -> list[Path]:
         "species": {1: species_model().SerializeToString()},
         "cnn": {1: cnn_model().SerializeToString()},
     }
+    # Drift references from the training data, so a served demo shows drift at once.
+    iris_inputs = {"features": iris_data()[0]}
+    digits_inputs = {"pixels": digits_data()[0]}
+    iris_source = "training data: scikit-learn load_iris (150 rows)"
+    profiles: dict[str, dict[int, str]] = {
+        "iris": {1: profile_json(iris_v1, iris_inputs, iris_source),
+                 2: profile_json(iris_v2, iris_inputs, iris_source)},
+        "digits": {1: profile_json(digits, digits_inputs,
+                                   "training data: scikit-learn load_digits / 16 (1797 rows)")},
+    }
     written: list[Path] = []
     for name in MODEL_NAMES:
-        _write_model(out, SPECS[name], payloads[name])
+        _write_model(out, SPECS[name], payloads[name], profiles.get(name, {}))
         written += sorted(p for p in (out / name).rglob("*") if p.is_file())
     return sorted(written)
 

@@ -5,6 +5,7 @@ They rebuild the store into tmp dirs and compare models against sklearn and the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -26,11 +27,14 @@ EXPECTED_FILES = sorted(
         "cnn/1/model.onnx",
         "cnn/config.pbtxt",
         "digits/1/model.onnx",
+        "digits/1/profile.json",
         "digits/config.pbtxt",
         "digits_unbatched/1/model.onnx",
         "digits_unbatched/config.pbtxt",
         "iris/1/model.onnx",
+        "iris/1/profile.json",
         "iris/2/model.onnx",
+        "iris/2/profile.json",
         "iris/config.pbtxt",
         "species/1/model.onnx",
         "species/config.pbtxt",
@@ -245,7 +249,7 @@ def test_build_is_deterministic(store: Path, tmp_path: Path) -> None:
     bds.build(again)
     assert _files(again) == EXPECTED_FILES
     for name in EXPECTED_FILES:
-        if name.endswith(".pbtxt"):
+        if name.endswith((".pbtxt", ".json")):
             assert (again / name).read_bytes() == (store / name).read_bytes(), name
     for name in MODEL_FILES:
         feeds = _fixed_inputs(name)
@@ -262,6 +266,16 @@ def test_checked_in_store_matches_build(store: Path) -> None:
     for name in EXPECTED_FILES:
         if name.endswith(".pbtxt"):
             assert (CHECKED_IN / name).read_bytes() == (store / name).read_bytes(), name
+        if name.endswith("profile.json"):
+            # Inputs come from the bundled data alone; outputs from a model whose training
+            # differs slightly across CPUs, so only their layout is compared.
+            fresh_profile = json.loads((store / name).read_text(encoding="utf-8"))
+            kept = json.loads((CHECKED_IN / name).read_text(encoding="utf-8"))
+            for ours, theirs in zip(kept["tensors"], fresh_profile["tensors"], strict=True):
+                if ours["role"] == "input":
+                    assert ours == theirs, name
+                assert [f["name"] for f in ours["features"]] == [
+                    f["name"] for f in theirs["features"]], name
     for name in MODEL_FILES:
         feeds = _fixed_inputs(name)
         fresh, checked_in = _run(store / name, feeds), _run(CHECKED_IN / name, feeds)

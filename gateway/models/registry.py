@@ -3,7 +3,7 @@ the resolver picks, and the shadow mirror. The manager (reconciliation) extends 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from gateway.models.resolver import find_model, resolve
 from gateway.models.routing import Router
@@ -13,6 +13,8 @@ from gateway.request.context import RequestRecord
 from gateway.tenancy.tenants import ANONYMOUS, Tenant
 from runtimes.base import InferRequest, Tensor
 
+ShadowObserver = Callable[[ServedVersion, InferRequest, Mapping[str, Tensor]], None]
+
 
 class ModelRegistry:
     """Every served model by name. Resolution never touches the file system."""
@@ -21,6 +23,9 @@ class ModelRegistry:
         self._router = router or Router()
         self._models: dict[str, ServedModel] = {}
         self.shadow = ShadowMirror()
+        # Told of every shadow answer (the drift monitor compares shadow and primary
+        # outputs); they must not block. A failure counts as the shadow's error.
+        self.shadow_observers: list[ShadowObserver] = []
 
     def models(self) -> list[ServedModel]:
         """Every model of the store, sorted by name."""
@@ -81,7 +86,10 @@ class ModelRegistry:
 
         async def run() -> dict[str, Tensor]:
             with self.acquire(primary.name, str(shadow)) as shadow_lease:
-                return await shadow_lease.runtime.infer(copy)
+                answer = await shadow_lease.runtime.infer(copy)
+                for observer in self.shadow_observers:
+                    observer(shadow_lease.version, copy, answer)
+                return answer
 
         parent = (record.tracer, record.span) if record and record.tracer and record.span else None
         self.shadow.mirror(primary.name, primary.version, shadow, run, outputs, parent=parent)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gateway.monitoring import cli as monitoring_cli
 from gateway.process import event_loop
 from gateway.process.config_check import check_config
 from gateway.process.event_loop import EventLoopError
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
             continue
         run.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"))
     tenant_admin.add_parser(commands)
+    monitoring_cli.add_parsers(commands)
     return parser
 
 
@@ -67,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "tenants":
         return tenant_admin.run(args, dict(os.environ))
+    if args.command in ("profile", "drift"):
+        return monitoring_cli.run(args)
     try:
         settings = build_settings(args, dict(os.environ))
         # Checked here too so a supervisor stops at once instead of restarting workers.

@@ -1,5 +1,5 @@
-"""The operator's HTTP port: /metrics (Prometheus text format), /healthz (live) and /readyz
-(ready), served by a small HTTP/1.1 server on the gateway's own event loop."""
+"""The operator's HTTP port: /metrics (Prometheus text format), /healthz (live), /readyz
+(ready) and the drift reports, served by a small HTTP/1.1 server on the gateway's own event loop."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Final
 
 from gateway.models.manager import ModelManager, VersionState
+from gateway.monitoring.endpoint import JSON_TYPE, DriftEndpoint, encode
 from gateway.observability.metrics import CONTENT_TYPE, Metrics
 from gateway.sanitize import strip_paths
 
@@ -31,9 +32,11 @@ class HttpEndpoints:
     """Serves GET/HEAD of the three paths; anything else is 404 or 405. One request per
     connection (Connection: close), which is all scrapers and probes need."""
 
-    def __init__(self, metrics: Metrics, readiness: ReadinessCheck) -> None:
+    def __init__(self, metrics: Metrics, readiness: ReadinessCheck,
+                 drift: DriftEndpoint | None = None) -> None:
         self._metrics = metrics
         self._readiness = readiness
+        self._drift = drift
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -85,6 +88,15 @@ class HttpEndpoints:
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):
             return 400, text, b"bad request\n", False
         method, target = parts[0], parts[1].split("?", 1)[0]
+        if self._drift is not None and target.startswith("/v2/models/"):
+            if method not in ("GET", "HEAD"):
+                return 405, text, b"method not allowed\n", False
+            query = parts[1].split("?", 1)[1] if "?" in parts[1] else ""
+            # A report merges windows of every feature; keep it off the event loop.
+            answer = await asyncio.to_thread(self._drift.answer, target, query)
+            if answer is None:
+                return 404, text, b"not found\n", False
+            return answer[0], JSON_TYPE, encode(answer[1]), method == "HEAD"
         if target not in ("/metrics", "/healthz", "/readyz"):
             return 404, text, b"not found\n", False
         if method not in ("GET", "HEAD"):

@@ -1,8 +1,10 @@
 """The supervisor's metrics port when several workers serve: scrapes every worker's own
-registry over loopback and answers /metrics with the samples merged, plus /healthz, /readyz."""
+registry over loopback and answers /metrics with the samples merged, plus /healthz, /readyz
+and the drift reports (every worker's, merged)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -10,19 +12,24 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.monitoring.endpoint import JSON_TYPE, drift_path, encode, merge_answers
 
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 _SCRAPE_TIMEOUT_S: Final = 2.0
 
-# Samples that do not add up across processes: the earliest start time is the process's.
+# Samples that do not add up across processes: the earliest start time is the process's;
+# a drift score is each worker's on its share of the samples, the highest one is kept.
 _TAKE_MIN: Final = ("process_start_time_seconds",)
+_TAKE_MAX: Final = ("modelgate_drift", "modelgate_drift_max", "modelgate_drift_mean",
+                    "modelgate_drift_comparison")
 _TAKE_FIRST_TYPES: Final = frozenset({"info"})
 
 
@@ -44,6 +51,8 @@ def merge_expositions(texts: Iterable[str]) -> bytes:
                     samples[key] = sample.value
                 elif sample.name in _TAKE_MIN or sample.name.endswith("_created"):
                     samples[key] = min(samples[key], sample.value)
+                elif sample.name in _TAKE_MAX:
+                    samples[key] = max(samples[key], sample.value)
                 elif merged.type not in _TAKE_FIRST_TYPES:
                     samples[key] += sample.value
     registry = CollectorRegistry(auto_describe=False)
@@ -89,7 +98,8 @@ class MetricsFanIn:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                status, content_type, body = fan_in.respond(self.path.split("?", 1)[0])
+                path, _, query = self.path.partition("?")
+                status, content_type, body = fan_in.respond(path, query)
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
@@ -112,10 +122,21 @@ class MetricsFanIn:
             self._server.server_close()
             self._server = None
 
-    def respond(self, path: str) -> tuple[int, str, bytes]:
+    def respond(self, path: str, query: str = "") -> tuple[int, str, bytes]:
         """The answer to GET ``path``: (status, content type, body)."""
         text = "text/plain; charset=utf-8"
         ports = dict(self._ports())
+        if drift_path(path) is not None:
+            # Every worker's report of its share, merged histogram by histogram.
+            suffix = f"{path}?{query}" if query else path
+            answers: list[tuple[int, dict[str, Any]]] = []
+            for worker_port in ports.values():
+                status, body = _get(f"http://127.0.0.1:{worker_port}{suffix}")
+                with contextlib.suppress(ValueError):
+                    if status in (200, 400, 404):
+                        answers.append((status, json.loads(body)))
+            code, merged = merge_answers(answers)
+            return code, JSON_TYPE, encode(merged)
         if path == "/healthz":
             return 200, text, b"ok\n"
         if path == "/metrics":

@@ -24,6 +24,9 @@ from gateway.models.manager import ModelManager, VersionState
 from gateway.models.model_control import ModelControl
 from gateway.models.reloader import Reloader
 from gateway.models.version_metrics import VersionCollector
+from gateway.monitoring.collector import DriftCollector
+from gateway.monitoring.endpoint import DriftEndpoint
+from gateway.monitoring.monitor import Monitor, MonitorConfig
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import build_tracing
@@ -93,6 +96,12 @@ class Gateway:
         # The store's models plus those export=all Triton upstreams serve.
         self.manager = ModelManager(StoreWithUpstreams(settings.store, self.discovery), factory)
         self.metrics.registry.register(VersionCollector(self.manager))
+        # Drift monitoring: a post-inference hook hands samples to a worker thread.
+        self.monitor = Monitor(MonitorConfig.from_settings(settings))
+        if settings.monitoring:
+            self.manager.shadow_observers.append(self.monitor.shadow_observer)
+            self.metrics.registry.register(
+                DriftCollector(self.monitor, self.manager.models, self.manager.shadow.stats))
         self.health = HealthServicer()
         # SettingsError for an open public address or a bad tenants file: exit 2.
         check_exposure(settings)
@@ -104,7 +113,7 @@ class Gateway:
         )
         self.inflight = InflightLimit(settings.max_inflight_requests)
         # What every transport adapter calls: inference, and what a tenant may learn.
-        self.pipeline = InferencePipeline(self.manager, self.quota)
+        self.pipeline = InferencePipeline(self.manager, self.quota, self.monitor.hooks())
         self.catalog = Catalog(self.manager)
         # The KServe V2 REST port (settings.http_port; None: not served) over the same
         # pipeline, catalog, in-flight cap and authenticator as gRPC.
@@ -147,7 +156,8 @@ class Gateway:
         self.edge_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self.draining = False
         self.http = HttpEndpoints(
-            self.metrics, manager_readiness(self.manager, lambda: self.draining)
+            self.metrics, manager_readiness(self.manager, lambda: self.draining),
+            DriftEndpoint(self.monitor, self.manager.models, self.manager.shadow.stats),
         )
         self.metrics_port = 0
         self.reloader = (
@@ -227,6 +237,7 @@ class Gateway:
         await self.upstreams.start()
         if self.discovery.enabled:
             await self.discovery.refresh()
+        self.monitor.start()
         await self.manager.start()
         await self.refresh_health()
         self.manager.add_listener(self.refresh_health)
@@ -291,6 +302,7 @@ class Gateway:
         if self.tenants is not None:
             await self.tenants.stop()
         await self.manager.stop()
+        self.monitor.stop()
         await self.upstreams.close()
         await self.http.stop()
         if self.tracing is not None:
