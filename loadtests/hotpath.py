@@ -136,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trace-ratio", type=float, default=None,
                         help="trace this share of requests, exported to an in-process sink")
     parser.add_argument("--event-loop", default="auto", choices=event_loop.CHOICES)
+    parser.add_argument("--monitoring", action=argparse.BooleanOptionalAction, default=True,
+                        help="drift monitoring at its default sampling (on, as served)")
     parser.add_argument("--profile", type=int, metavar="N", default=0,
                         help="print the N functions with the most own time (cProfile)")
     args = parser.parse_args(argv)
@@ -144,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = dataclasses.replace(
         Settings(), store=args.store or demo_store(), grpc_port=0, metrics_port=0,
         tenants=args.tenants, redis_url=args.redis_url, log_level="WARNING",
+        monitoring=args.monitoring,
     )
     profile = cProfile.Profile() if args.profile else None
     with contextlib.ExitStack() as stack:

@@ -43,6 +43,8 @@ from loadtests.targets import COMPUTE, FRONT_END, UNBATCHED, evaluate, format_ta
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 
+MONITORING = "monitoring on (default sampling)"
+
 
 class Suite:
     def __init__(self, config: Config, progress: Progress | None = None) -> None:
@@ -288,18 +290,22 @@ class Suite:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             tenants, key = tenants_file(folder, [*HIGH, "--concurrent", "100000"])
             endpoint, sink = stack.enter_context(span_sink())
+            # Monitoring is on by default: every run but its own variant turns it off, so
+            # each variant differs from the baseline in one feature.
+            off = ["--no-monitoring"]
             variants: list[tuple[str, list[str], str | None]] = [
-                (BASELINE, [], None),
-                ("in-process quotas", ["--tenants", str(tenants)], key),
+                (BASELINE, off, None),
+                ("in-process quotas", [*off, "--tenants", str(tenants)], key),
             ]
             try:
                 url = stack.enter_context(redis_process())
-                variants.append(("Redis quotas", ["--tenants", str(tenants),
+                variants.append(("Redis quotas", [*off, "--tenants", str(tenants),
                                                   "--redis-url", url], key))
             except RuntimeError as exc:
                 self.m.notes.append(f"Redis quotas not measured: {exc}.")
-            variants.append(("tracing 1 %", ["--otlp-endpoint", endpoint,
+            variants.append(("tracing 1 %", [*off, "--otlp-endpoint", endpoint,
                                              "--trace-sampling-ratio", "0.01"], None))
+            variants.append((MONITORING, [], None))
             # The baseline between every two variants: each variant run is compared with
             # the baseline runs just before and after it, so the machine's drift (other
             # work coming and going on a shared VM) shows in both or neither.
@@ -319,7 +325,9 @@ class Suite:
                 "burst, rows_per_s, requests_per_day and concurrent limits far above the "
                 "load (every request charged, none rejected; with Redis, tokens and "
                 "concurrent slots are leased in blocks). Tracing: 1 % sampling, "
-                "exported over OTLP/gRPC to an in-process sink on loopback."
+                "exported over OTLP/gRPC to an in-process sink on loopback. Monitoring: drift "
+                "sampling at its defaults (1 request in 10, at most 1000 rows/s) against the "
+                "demo store's digits profile; every other run has --no-monitoring."
             )
             for position, (variant, flags, api_key) in enumerate(sequence, 1):
                 spans = sink.spans

@@ -39,7 +39,7 @@ class Config:
                                      + ((6 + len(self.cnn_concurrency)) if self.h2load else 0))
         serving += sum(START_S + 2 * level * drivers for w in self.workers if w > 1)
         ceilings = self.ceiling_s * (2 * len(self.ceiling_rows) + 1)
-        runs = 1 + 2 * 3 * self.cost_rounds  # baseline, then each variant and a baseline
+        runs = 1 + 2 * 4 * self.cost_rounds  # baseline, then each variant and a baseline
         costs = runs * (START_S + drivers * level) if self.costs else 0.0
         return serving + ceilings + costs
 
@@ -75,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also drive with h2load (auto: when installed)")
     p.add_argument("--cost-rounds", type=int, default=1,
                    help="rounds of the variants, each run between two baseline runs")
-    p.add_argument("--no-costs", action="store_true", help="skip the quota and tracing runs")
+    p.add_argument("--no-costs", action="store_true",
+                   help="skip the quota, tracing and monitoring runs")
     p.add_argument("--ceiling-rows", default="1,8,16,32,64",
                    help="ONNX Runtime batch sizes")
     p.add_argument("--ceiling-seconds", type=float, help="per batch size (default 2)")
