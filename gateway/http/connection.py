@@ -10,7 +10,7 @@ import collections
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import httptools
 
@@ -54,6 +54,7 @@ class Connections:
     def __init__(self) -> None:
         self.open: set[HttpConnection] = set()
         self.closed = asyncio.Event()
+        self.draining = False  # set on shutdown: a connection accepted late closes at once
 
     def add(self, connection: HttpConnection) -> None:
         self.open.add(connection)
@@ -95,12 +96,15 @@ class HttpConnection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._peer = f"{peer[0]}:{peer[1]}"
         self._connections.add(self)
+        if self._connections.draining:
+            self._close()
+            return
         self._arm(self._limits.keepalive_s, self._idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:

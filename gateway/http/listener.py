@@ -94,6 +94,7 @@ class HttpListener:
         if self._server is None:
             return
         self._server.close()
+        self._connections.draining = True
         for connection in list(self._connections.open):
             connection.drain()
         if self._connections.open:
