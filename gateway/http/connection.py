@@ -40,6 +40,12 @@ class Limits:
     keepalive_s: float = 60.0  # an idle connection is closed after this long
 
 
+# After refusing a request the server keeps reading (and dropping) up to this much, for up to
+# this long, before closing: a client still sending its body then sees the answer.
+_LINGER_BYTES: Final = 64 * 1024 * 1024
+_LINGER_S: Final = 2.0
+
+
 class _Refused(Exception):
     """A request refused while it is read (too large, malformed): answered, then closed."""
 
@@ -84,6 +90,7 @@ class HttpConnection(asyncio.Protocol):
         self._closing = False
         self._reading = False  # between a request's first byte and its last
         self._refused: _Refused | None = None
+        self._lingering = 0  # bytes still discarded after a refusal (lingering close)
         self._reset()
 
     def _reset(self) -> None:
@@ -122,6 +129,13 @@ class HttpConnection(asyncio.Protocol):
         self._writable.set()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused is not None:
+            # Lingering close: what a refused client still sends is read and dropped, so
+            # it reads our answer instead of a reset; bounded in bytes and time.
+            self._lingering -= len(data)
+            if self._lingering < 0:
+                self._close()
+            return
         if not self._reading and self._task is None:
             self._disarm()
         try:
@@ -242,9 +256,18 @@ class HttpConnection(asyncio.Protocol):
         self._disarm()
         if self._task is None:
             self._write(error_response(refused.status, str(refused)), keep_alive=False)
-            self._close()
+            self._linger()
         else:
             self._closing = True  # the request in progress is answered first
+
+    def _linger(self) -> None:
+        transport = self._transport
+        if transport is None or not transport.can_write_eof():
+            self._close()  # TLS cannot half-close
+            return
+        transport.write_eof()
+        self._lingering = _LINGER_BYTES
+        self._arm(_LINGER_S, self._close)
 
     def _close(self) -> None:
         self._disarm()
