@@ -63,9 +63,10 @@ ENV PATH=/opt/modelgate/bin:$PATH \
     MODELGATE_STORE=/models \
     MODELGATE_HOST=0.0.0.0 \
     MODELGATE_GRPC_PORT=8001 \
-    MODELGATE_METRICS_PORT=8002
-# gRPC, and the metrics / health port (/metrics, /healthz, /readyz).
-EXPOSE 8001 8002
+    MODELGATE_METRICS_PORT=8002 \
+    MODELGATE_HTTP_PORT=8000
+# KServe V2 HTTP/REST, gRPC, and the metrics / health port (/metrics, /healthz, /readyz).
+EXPOSE 8000 8001 8002
 USER 10001:10001
 # Ready: every version the store says to serve is loaded (the metrics port's /readyz).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \

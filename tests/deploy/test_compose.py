@@ -103,6 +103,9 @@ def test_envoy_and_prometheus_point_at_the_gateways_ports() -> None:
                  for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]}
     assert endpoints == {("gateway-1", 8001), ("gateway-2", 8001)}  # the image's gRPC port
     assert "grpc_health_check" in cluster["health_checks"][0]
+    http = envoy["static_resources"]["clusters"][1]
+    assert {e["endpoint"]["address"]["socket_address"]["port_value"]
+            for e in http["load_assignment"]["endpoints"][0]["lb_endpoints"]} == {8000}
     prometheus = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job["static_configs"][0]["targets"]
             for job in prometheus["scrape_configs"]}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.http as th
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.overload import SLOW_WIDTH, slow_store
@@ -44,6 +45,7 @@ class Running:
     name: str
     grpc_port: int
     metrics_port: int
+    http_port: int
     key: str
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -99,8 +101,8 @@ def running(image: str, tmp_path: Path) -> Iterator[Running]:
     os.chown(tenants, UID, UID)
     os.chmod(tenants, 0o400)
     os.chmod(tmp_path, 0o755)
-    gateway = Running(f"modelgate-test-{os.getpid()}", free_port(), free_port(), key,
-                      {"x-api-key": key})
+    gateway = Running(f"modelgate-test-{os.getpid()}", free_port(), free_port(), free_port(),
+                      key, {"x-api-key": key})
     pm.podman(
         "run", "--detach", "--name", gateway.name, "--network", "host",
         "--health-interval", "disable",
@@ -109,6 +111,7 @@ def running(image: str, tmp_path: Path) -> Iterator[Running]:
         "--env", "MODELGATE_TENANTS=/etc/modelgate/tenants.toml",
         "--env", f"MODELGATE_GRPC_PORT={gateway.grpc_port}",
         "--env", f"MODELGATE_METRICS_PORT={gateway.metrics_port}",
+        "--env", f"MODELGATE_HTTP_PORT={gateway.http_port}",
         "--env", "MODELGATE_GRACE_PERIOD_S=120",
         "--env", "MODELGATE_ACCESS_LOG=-",
         image,
@@ -145,6 +148,14 @@ def serves_from_the_host_as_non_root(running: Running) -> None:
         with pytest.raises(tc.InferenceServerException) as refused:
             infer_iris(client, {})
         assert "UNAUTHENTICATED" in str(refused.value.status())
+    # The same over the REST port.
+    with th.InferenceServerClient(f"127.0.0.1:{running.http_port}") as rest:
+        data = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
+        tensor = th.InferInput("features", list(data.shape), "FP32")
+        tensor.set_data_from_numpy(data)
+        # A copy: tritonclient.http adds its own (int-valued) headers to the dict it is given.
+        answer = rest.infer("iris", [tensor], headers=dict(running.headers))
+        assert answer.as_numpy("label").shape[0] == 1
     # The image's HEALTHCHECK passes once ready.
     assert pm.podman("healthcheck", "run", running.name, check=False).returncode == 0
     # The process runs as the image's user, seen from the host's /proc.
@@ -155,12 +166,12 @@ def serves_from_the_host_as_non_root(running: Running) -> None:
 
 
 def inference_codes(access_log: str) -> dict[tuple[str, str], int]:
-    """(model, code) -> ModelInfer calls, from the gateway's JSON access log."""
+    """(model, code) -> gRPC ModelInfer calls, from the gateway's JSON access log."""
     codes: dict[tuple[str, str], int] = {}
     for line in access_log.splitlines():
         if line.startswith("{"):
             entry = json.loads(line)
-            if entry["method"].endswith("ModelInfer"):
+            if entry["method"].endswith("ModelInfer") and entry.get("protocol") == "grpc":
                 key = (entry["model"], entry["code"])
                 codes[key] = codes.get(key, 0) + 1
     return codes
@@ -269,5 +280,5 @@ print(json.dumps({
     config = inspected["Config"]
     assert str(config["User"]) == f"{UID}:{UID}"
     assert config["Entrypoint"] == ["/opt/modelgate/bin/modelgate"]
-    assert {"8001/tcp", "8002/tcp"} <= set(config["ExposedPorts"])
+    assert {"8000/tcp", "8001/tcp", "8002/tcp"} <= set(config["ExposedPorts"])
     assert "/readyz" in " ".join(inspected["Healthcheck"]["Test"])

@@ -143,7 +143,8 @@ def test_probes_ports_workers_and_grace_agree_with_the_settings() -> None:
     settings = settings_of_manifests()
     container = gateway_container()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}
+    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port,
+                     "http": settings.http_port}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert settings.workers == str(int(container["resources"]["limits"]["cpu"]))
@@ -156,4 +157,5 @@ def test_probes_ports_workers_and_grace_agree_with_the_settings() -> None:
     assert services["modelgate-grpc"]["clusterIP"] == "None"  # per-call balancing by clients
     assert services["modelgate-grpc"]["ports"][0]["targetPort"] == "grpc"
     assert services["modelgate-metrics"]["ports"][0]["targetPort"] == "metrics"
+    assert services["modelgate-http"]["ports"][0]["targetPort"] == "http"
     assert settings.host == "0.0.0.0" and settings.redis_url.startswith("redis://modelgate-redis")
