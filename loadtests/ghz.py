@@ -1,8 +1,10 @@
 """Writes ghz configs (JSON) for the V2 ModelInfer call of a served model, with data built
-from its metadata, so `ghz --config FILE` drives the gateway (ghz finds the schema by reflection).
+from its metadata, so `ghz --config FILE` drives the gateway (ghz finds the schema by reflection);
+with --stream N, for ModelStreamInfer: each call is one stream carrying N messages.
 
     python -m loadtests.ghz --target 127.0.0.1:8001 --model digits --out loadtests/ghz/digits.json
     ghz --config loadtests/ghz/digits.json
+    python -m loadtests.ghz --model digits --stream 16 --out loadtests/ghz/digits-stream.json
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 
 CALL = "inference.GRPCInferenceService.ModelInfer"
+STREAM_CALL = "inference.GRPCInferenceService.ModelStreamInfer"
 
 
 def ghz_config(
@@ -48,6 +51,29 @@ def ghz_config(
     return config
 
 
+def ghz_stream_config(
+    target: str,
+    request: pb.ModelInferRequest,
+    messages: int,
+    *,
+    total: int = 2_000,
+    concurrency: int = 32,
+    api_key: str = "",
+) -> dict[str, Any]:
+    """A ghz config for ModelStreamInfer: ``total`` streams (``concurrency`` open at once),
+    each sending ``messages`` requests (ids 0..n-1) and reading an answer for each. ghz
+    counts a stream as one request: messages/s = its requests/s x ``messages``."""
+    config = ghz_config(target, request, total, concurrency, api_key)
+    bodies = []
+    for index in range(messages):
+        body = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        body["id"] = str(index)
+        bodies.append(body)
+    config.update({"call": STREAM_CALL, "data": bodies, "stream-call-count": messages,
+                   "timeout": "30s"})
+    return config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.ghz", description=__doc__)
     parser.add_argument("--target", default="127.0.0.1:8001")
@@ -57,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--total", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--api-key", default="")
+    parser.add_argument("--stream", type=int, default=0, metavar="N",
+                        help="ModelStreamInfer with N messages per stream (0: unary ModelInfer)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     with grpc.insecure_channel(require_loopback(args.target)) as channel:
@@ -66,7 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             pb.ModelMetadataRequest(name=args.model), metadata=metadata, timeout=10
         )
     request = request_for(described, batch=args.batch, version=args.model_version)
-    config = ghz_config(args.target, request, args.total, args.concurrency, args.api_key)
+    if args.stream < 0 or args.stream > 10_000:
+        parser.error("--stream must lie in 0..10000")
+    config = (ghz_stream_config(args.target, request, args.stream, total=args.total,
+                                concurrency=args.concurrency, api_key=args.api_key)
+              if args.stream
+              else ghz_config(args.target, request, args.total, args.concurrency, args.api_key))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}: ghz --config {args.out}")

@@ -21,6 +21,7 @@ from loadtests.results import LevelResult
 from modelgate_pb import grpc_service_pb2 as pb
 
 PATH = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_PATH = "/inference.GRPCInferenceService/ModelStreamInfer"
 GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
 
 
@@ -46,6 +47,21 @@ def parse_frame(frame: bytes) -> bytes:
 
 def body_for(request: pb.ModelInferRequest) -> bytes:
     return grpc_frame(request.SerializeToString())
+
+
+def stream_body_for(request: pb.ModelInferRequest, messages: int) -> bytes:
+    """``messages`` gRPC frames, one ModelInferRequest each (ids "0".."n-1"): posted to
+    ModelStreamInfer, each h2load request is a stream that sends them all, half-closes and
+    reads one answer per message, so a server holds up to ``messages`` in flight per stream."""
+    if messages < 1:
+        raise ValueError(f"a stream body needs at least one message, not {messages}")
+    frames = []
+    for index in range(messages):
+        message = pb.ModelInferRequest()
+        message.CopyFrom(request)
+        message.id = str(index)
+        frames.append(grpc_frame(message.SerializeToString()))
+    return b"".join(frames)
 
 
 @dataclass
@@ -107,6 +123,7 @@ def run_h2load(
     warmup_s: float,
     headers: Sequence[str] = (),
     rate_per_s: float | None = None,
+    path: str = PATH,
 ) -> H2loadRun:
     """``connections`` HTTP/2 connections with ``streams`` concurrent streams each, posting
     ``body`` to ModelInfer for ``warmup_s`` + ``duration_s`` (one client thread, to leave
@@ -115,7 +132,8 @@ def run_h2load(
     Closed loop by default: each stream sends its next request when the last is answered.
     With ``rate_per_s``, at a fixed rate instead (``--rps``, split evenly over the
     connections): arrivals do not wait for answers while a connection has a stream free,
-    so ``streams`` must exceed what the rate keeps in flight."""
+    so ``streams`` must exceed what the rate keeps in flight. ``path`` is the method posted
+    to (STREAM_PATH with a stream_body_for body measures streaming)."""
     executable = binary()
     if executable is None:
         raise RuntimeError("h2load not found (scripts/install_test_deps.sh installs it)")
@@ -135,7 +153,7 @@ def run_h2load(
             command += ["--rps", f"{rate_per_s / connections:.3f}"]
         for header in (*GRPC_HEADERS, *headers):
             command += ["-H", header]
-        command.append(f"http://{target}{PATH}")
+        command.append(f"http://{target}{path}")
         done = subprocess.run(command, capture_output=True, text=True, check=False,
                               timeout=warmup_s + duration_s + 60)
         if done.returncode != 0:

@@ -1,8 +1,11 @@
-"""A locust user for the V2 gRPC protocol: calls ModelInfer on one model with inputs built
-from its metadata, sending a tenant key, version or label; bounded and loopback-only.
+"""Locust users for the V2 gRPC protocol: V2User calls ModelInfer on one model with inputs
+built from its metadata, sending a tenant key, version or label; StreamUser keeps one
+ModelStreamInfer stream with --in-flight messages outstanding. Bounded and loopback-only.
 
     locust -f loadtests/locustfile.py --headless -u 32 -r 8 --run-time 30s \
         --host 127.0.0.1:8001 --model digits --batch 1 [--api-key mg_...] [--model-version 2]
+    locust -f loadtests/locustfile.py StreamUser --headless -u 4 -r 4 --run-time 30s \
+        --host 127.0.0.1:8001 --model digits --in-flight 16
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import time
 from typing import Any
 
 import gevent
+import gevent.lock
+import gevent.queue
 import grpc
 import grpc.experimental.gevent as grpc_gevent
 from locust import User, events, task
@@ -36,6 +41,8 @@ def _options(parser: Any) -> None:
     parser.add_argument("--routing-key", default="", help="x-routing-key for sticky canaries")
     parser.add_argument("--max-requests", type=int, default=100_000,
                         help="stop after this many requests in total")
+    parser.add_argument("--in-flight", type=int, default=16,
+                        help="StreamUser: messages outstanding on each user's stream")
 
 
 @events.test_start.add_listener
@@ -54,6 +61,9 @@ class V2User(User):
     host = "127.0.0.1:8001"
 
     def on_start(self) -> None:
+        self.connect()
+
+    def connect(self) -> None:
         options = self.environment.parsed_options
         self.model = options.model if options else "digits"
         self.channel = grpc.insecure_channel(require_loopback(self.host or "127.0.0.1:8001"))
@@ -98,3 +108,56 @@ class V2User(User):
             exception=error,
             context={},
         )
+
+
+class StreamUser(V2User):
+    """One connection holding one ModelStreamInfer stream with ``--in-flight`` messages
+    outstanding: a message goes out as an answer comes back. One locust request per
+    message, timed send to answer (matched by id)."""
+
+    def on_start(self) -> None:
+        self.connect()
+        options = self.environment.parsed_options
+        in_flight = max(1, options.in_flight if options else 16)
+        self.places = gevent.lock.Semaphore(in_flight)
+        self.outgoing: gevent.queue.Queue[pb.ModelInferRequest | None] = gevent.queue.Queue()
+        self.sent: dict[str, float] = {}
+        self.counter = 0
+        answers = self.stub.ModelStreamInfer(iter(self.outgoing.get, None),
+                                             metadata=self.metadata, timeout=3600)
+        self.reader = gevent.spawn(self._read, answers)
+
+    def _read(self, answers: Any) -> None:
+        try:
+            for answer in answers:
+                began = self.sent.pop(answer.infer_response.id, None)
+                self.places.release()
+                if began is None:
+                    continue
+                error = Exception(answer.error_message) if answer.error_message else None
+                events.request.fire(
+                    request_type="grpc-stream", name=f"ModelStreamInfer {self.model}",
+                    response_time=(time.perf_counter() - began) * 1000,
+                    response_length=answer.ByteSize(), exception=error, context={})
+        except grpc.RpcError as exc:
+            events.request.fire(request_type="grpc-stream", name="stream ended",
+                                response_time=0, response_length=0, exception=exc, context={})
+
+    def on_stop(self) -> None:
+        self.outgoing.put(None)  # half-close: the gateway answers what is in flight
+        self.reader.join(timeout=30)
+        super().on_stop()
+
+    @task
+    def infer(self) -> None:
+        stats = self.environment.stats.total
+        if stats.num_requests >= self.limit and self.environment.runner is not None:
+            self.environment.runner.quit()
+            return
+        self.places.acquire()
+        message = pb.ModelInferRequest()
+        message.CopyFrom(self.request)
+        message.id = str(self.counter)
+        self.counter += 1
+        self.sent[message.id] = time.perf_counter()
+        self.outgoing.put(message)

@@ -1,6 +1,7 @@
 """A no-op V2 inference server on the same grpc.aio stack as the gateway: ModelInfer answers
-fixed bytes and parses nothing, so it measures this machine's ceiling for a Python gRPC front
-(on the same event loop as the gateway: uvloop when installed, as event_loop = auto).
+fixed bytes and parses nothing, and ModelStreamInfer answers each message of a stream with the
+same bytes wrapped as a stream response, so it measures this machine's ceiling for a Python
+gRPC front, unary and streaming (on the gateway's event loop: uvloop when installed).
 
     python -m loadtests.noop_server --port 9001 --answer-file response.bin [--workers 2]
 
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,22 +31,47 @@ from gateway.process import event_loop
 from gateway.process.event_loop import CHOICES
 from loadtests.requests import require_loopback
 from loadtests.servers import stop_process
+from modelgate_pb import grpc_service_pb2 as pb
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def stream_answer(answer: bytes) -> bytes:
+    """``answer`` (a serialized ModelInferResponse, not parsed) wrapped as the
+    ModelStreamInferResponse's infer_response field (2, length-delimited)."""
+    length, size = bytearray(), len(answer)
+    while size > 0x7F:
+        length.append((size & 0x7F) | 0x80)
+        size >>= 7
+    length.append(size)
+    tag = pb.ModelStreamInferResponse.DESCRIPTOR.fields_by_name["infer_response"].number << 3 | 2
+    return bytes([tag]) + bytes(length) + answer
 
 
 class _FixedAnswer(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    """Serves ModelInfer without (de)serializers: request bytes in, fixed bytes out."""
+    """Serves ModelInfer and ModelStreamInfer without (de)serializers: request bytes in,
+    fixed bytes out (one answer per message on a stream, sent as each message is read)."""
 
     def __init__(self, answer: bytes) -> None:
         self._answer = answer
-        self._handler = grpc.unary_unary_rpc_method_handler(self._infer)
+        self._streamed = stream_answer(answer)
+        self._handlers = {
+            METHOD: grpc.unary_unary_rpc_method_handler(self._infer),
+            STREAM_METHOD: grpc.stream_stream_rpc_method_handler(self._stream),
+        }
 
     async def _infer(self, request: bytes, context: Any) -> bytes:
         return self._answer
 
+    async def _stream(self, requests: AsyncIterator[bytes], context: Any
+                      ) -> AsyncIterator[bytes]:
+        answer = self._streamed
+        async for _ in requests:
+            yield answer
+
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        return self._handler if handler_call_details.method == METHOD else None
+        return self._handlers.get(handler_call_details.method)
 
 
 async def _serve(

@@ -6,8 +6,10 @@ module imports none of them, so the arrows run one way."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -155,9 +157,29 @@ def model_file(store: Path, model: str) -> Path:
     return versions[-1][1] / "model.onnx"
 
 
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or "unknown"
+
+
+def _commit() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=False, timeout=10,
+                              cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
 def machine() -> dict[str, object]:
-    """What the figures were measured on."""
+    """What the figures were measured on (and at which commit)."""
     return {
+        "cpu_model": _cpu_model(),
+        "commit": _commit(),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),

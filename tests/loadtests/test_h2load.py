@@ -54,7 +54,8 @@ def test_a_real_h2load_run_against_the_noop_server_is_read_back() -> None:
     assert run.reported_req_per_s == pytest.approx(run.done / 0.5, rel=0.02)
     level = h2load.as_level(run, "no-op server", rows=1, workers=1, connections=2, streams=4)
     assert (level.driver, level.load, level.requests, level.errors) == ("h2load", 8, run.done, {})
-    assert level.summary()["p99.9_ms"] > 0
+    p999 = level.summary()["p99.9_ms"]
+    assert isinstance(p999, float) and p999 > 0
 
 
 def test_the_gateway_answers_h2load_requests_ok() -> None:
@@ -91,3 +92,38 @@ def test_the_noop_server_runs_several_workers_on_one_port() -> None:
             options = [("grpc.use_local_subchannel_pool", 1)]
             with grpc.insecure_channel(noop.target, options=options) as channel:
                 assert channel.unary_unary(METHOD, None, None)(b"", timeout=10) == answer
+
+
+def test_a_stream_body_is_several_frames_each_a_request_with_its_id() -> None:
+    request = _digits_request()
+    body = h2load.stream_body_for(request, 3)
+    frames = []
+    while body:
+        length = int.from_bytes(body[1:5], "big")
+        frames.append(h2load.parse_frame(body[:5 + length]))
+        body = body[5 + length:]
+    ids = [pb.ModelInferRequest.FromString(f).id for f in frames]
+    assert ids == ["0", "1", "2"]
+    with pytest.raises(ValueError):
+        h2load.stream_body_for(request, 0)
+
+
+def test_h2load_streams_answer_every_message_of_the_body() -> None:
+    """h2load posting a body of 8 frames to ModelStreamInfer: the no-op server answers each
+    (its stream run counts as succeeded), and the gateway counts each message OK."""
+    request = _digits_request()
+    body = h2load.stream_body_for(request, 8)
+    answer = pb.ModelInferResponse(model_name="digits").SerializeToString()
+    with start_noop(free_port(), answer) as noop:
+        run = h2load.run_h2load(noop.target, body, connections=1, streams=2, duration_s=0.3,
+                                warmup_s=0, path=h2load.STREAM_PATH)
+    assert run.succeeded > 0 and not run.http_errors
+    with start_gateway(None) as gateway:
+        before = scrape(gateway.metrics_port)
+        run = h2load.run_h2load(gateway.target, body, connections=1, streams=2,
+                                duration_s=0.5, warmup_s=0, path=h2load.STREAM_PATH)
+        after = scrape(gateway.metrics_port)
+    assert before is not None and after is not None and run.succeeded > 0
+    delta = after.since(before)
+    assert delta.answers[("digits", "OK")] >= 8 * run.succeeded
+    assert set(delta.errors("digits")) <= {"CANCELLED"}

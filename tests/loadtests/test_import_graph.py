@@ -35,7 +35,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(name)
         for nxt in sorted(graph.get(name, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return [*path[path.index(nxt):], nxt]
             if nxt not in state and (found := visit(nxt)) is not None:
                 return found
         path.pop()
