@@ -63,6 +63,11 @@ class Settings:
                               "connection; a client's further calls wait in the client "
                               "(0: gRPC's default, unlimited)"}
     )
+    stream_max_inflight: int = field(
+        default=128, metadata={"help": "ModelStreamInfer messages one stream may have read "
+                               "and not yet answered; at the bound the stream is not read "
+                               "(HTTP/2 flow control pushes back on the client)"}
+    )
     max_connections: int = field(
         default=0, metadata={"help": "client connections held at once; further ones are "
                              "closed as they are accepted (0: unlimited)"}
@@ -196,6 +201,7 @@ _CHECKS: Final[Mapping[str, Callable[[Any], str | None]]] = {
     "grace_period_s": lambda s: None if 0 <= s <= 3600 else "must lie in 0..3600",
     "max_message_bytes": lambda n: None if 1024 <= n <= 2**31 - 1 else
     "must lie in 1024..2147483647",
+    "stream_max_inflight": lambda n: None if 1 <= n <= 65536 else "must lie in 1..65536",
     "max_inflight_requests": lambda n: None if 0 <= n <= 1_000_000 else
     "must lie in 0..1000000 (0: unlimited)",
     "max_concurrent_streams": lambda n: None if 0 <= n <= 1_000_000 else

@@ -39,9 +39,12 @@ from gateway.quota.redis_store import build_quota_store
 from gateway.settings import Settings, check_exposure, upstream_configs
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.tenants import TenantRegistry
+from gateway.wire.codec import Codecs
 from gateway.wire.edge import INFERENCE_SERVICE, Edge
 from gateway.wire.rpc_observer import RpcObserver
 from gateway.wire.servicer import InferenceServicer, add_inference_service
+from gateway.wire.stream import StreamInfer, stream_handler
+from gateway.wire.stream_observer import StreamObserver
 from runtimes.onnx_runtime import OnnxOptions
 from runtimes.triton_discovery import StoreWithUpstreams, TritonDiscovery
 from runtimes.upstreams import UpstreamPool
@@ -128,6 +131,12 @@ class Gateway:
             RpcObserver(self.metrics, self.tracing, self.access_log), self.inflight,
             self.authenticator,
         )
+        # ModelStreamInfer: the same pipeline, a message at a time (gateway/wire/stream.py).
+        self.streams = StreamInfer(
+            self.pipeline, Codecs(),
+            StreamObserver(self.metrics, self.tracing, self.access_log),
+            self.authenticator, settings.stream_max_inflight,
+        )
         streams, connections = settings.max_concurrent_streams, settings.max_connections
         self.server = grpc.aio.server(
             options=[
@@ -192,6 +201,8 @@ class Gateway:
             ),
             self.edge,
         )
+        self.edge.add_registered_method_handlers(
+            INFERENCE_SERVICE, {"ModelStreamInfer": stream_handler(self.streams)})
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.edge)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             ReflectionServicer(
@@ -295,6 +306,8 @@ class Gateway:
         grace_s = self.settings.grace_period_s if grace is None else grace
         # Both transports drain at once: in-flight requests of each finish within the grace.
         await asyncio.gather(
+            # Open streams get the grace period, then end UNAVAILABLE (not CANCELLED).
+            self.streams.close_after(grace_s),
             self.server.stop(grace_s),
             *([self.rest.stop(grace_s)] if self.rest is not None else []),
         )

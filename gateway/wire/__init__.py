@@ -1,2 +1,2 @@
-"""The gRPC adapter: the edge that wraps every handler, the servicer, the wire codec and
-the RPC observer. May import the pipeline and every wing below it."""
+"""The gRPC adapter: the edge that wraps every handler, the servicer, ModelStreamInfer (stream),
+the wire codec and the RPC and stream observers. May import the pipeline and every wing below it."""

@@ -363,3 +363,32 @@ def test_killed_upstream_costs_only_its_in_flight_requests_and_comes_back(
         list(workers_pool.map(lambda _: infer_add(gateway.target, "remote_add"), range(20)))
     assert add_count(b) > 0  # the restarted process took a share
     infer_add(gateway.target, "remote_b_only")
+
+
+def test_a_stream_reaches_models_served_from_triton_upstreams(
+    gateway: RunningGateway, servers: tuple[TritonServer, TritonServer]
+) -> None:
+    """ModelStreamInfer messages for upstream models run through the runtime as unary calls
+    do (spread over both upstreams); one naming a model the upstream lacks is answered with
+    an error in the stream, and the stream goes on."""
+    before = sum(add_count(s) for s in servers)
+    messages = []
+    for i in range(10):
+        message = pb.ModelInferRequest(model_name="remote_add", id=str(i))
+        message.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+        message.raw_input_contents.append(np.full((1, 4), float(i), np.float32).tobytes())
+        messages.append(message)
+    missing = pb.ModelInferRequest()
+    missing.CopyFrom(messages[0])
+    missing.model_name, missing.id = "remote_missing", "missing"
+    messages.insert(5, missing)
+    answers = list(gateway.stub().ModelStreamInfer(iter(messages), timeout=60))
+    assert len(answers) == 11
+    failed = [a for a in answers if a.error_message]
+    assert [a.infer_response.id for a in failed] == ["missing"]
+    for answer in answers:
+        if answer.error_message:
+            continue
+        y = np.frombuffer(answer.infer_response.raw_output_contents[0], np.float32)
+        np.testing.assert_array_equal(y, np.full(4, float(answer.infer_response.id) + 1))
+    assert sum(add_count(s) for s in servers) - before == 10
