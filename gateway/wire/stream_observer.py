@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
@@ -112,7 +113,7 @@ class StreamObserver:
         span = record.span
         if span is not None:
             if span.is_recording():
-                span.set_attribute("rpc.grpc.status_code", code)
+                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
                 if record.model is not None:
                     span.set_attribute(ATTR_MODEL, record.model.name)
                     span.set_attribute(ATTR_VERSION, record.model.version)
