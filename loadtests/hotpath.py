@@ -1,7 +1,8 @@
 """The gateway's own request path, measured without gRPC: the real Gateway's edge-wrapped
-ModelInfer handler called in-process by closed-loop callers; prints the event loop thread's
-CPU time per request (robust to a busy machine, unlike throughput) and, with --profile, a
-cProfile of it. What gRPC itself costs per call is the no-op server's business.
+ModelInfer (or, with --stream, ModelStreamInfer) handler called in-process by closed-loop
+callers; prints the event loop thread's CPU time per request (robust to a busy machine, unlike
+throughput) and, with --profile, a cProfile of it. What gRPC itself costs per call is the no-op
+server's business.
 
     .venv/bin/python -m loadtests.hotpath --model digits --concurrency 32 --requests 20000
 """
@@ -31,6 +32,7 @@ from loadtests.tracing_bench import span_sink
 from modelgate_pb import grpc_service_pb2 as pb
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 class _Context:
@@ -82,7 +84,7 @@ class Round:
 
 async def measure(settings: Settings, model: str, *, concurrency: int, requests: int,
                   rounds: int, rows: int, key: str | None,
-                  profile: cProfile.Profile | None) -> list[Round]:
+                  profile: cProfile.Profile | None, stream: bool = False) -> list[Round]:
     gateway = Gateway(settings)
     await gateway.start()
     try:
@@ -102,6 +104,17 @@ async def measure(settings: Settings, model: str, *, concurrency: int, requests:
         async def caller(count: int) -> None:
             for _ in range(count):
                 encode(await behavior(decode(wire), _Context(metadata)))
+
+        if stream:  # each caller is one stream carrying its share of the messages
+            streamed: Any = gateway.edge_handlers[STREAM_METHOD].stream_stream
+
+            async def messages(count: int) -> Any:
+                for _ in range(count):
+                    yield wire
+
+            async def caller(count: int) -> None:
+                async for answer in streamed(messages(count), _Context(metadata)):
+                    assert answer.__class__ is bytes
 
         results = []
         for _ in range(rounds):
@@ -138,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--event-loop", default="auto", choices=event_loop.CHOICES)
     parser.add_argument("--monitoring", action=argparse.BooleanOptionalAction, default=True,
                         help="drift monitoring at its default sampling (on, as served)")
+    parser.add_argument("--stream", action="store_true",
+                        help="ModelStreamInfer: --concurrency streams, each carrying its share "
+                        "of --requests (stream_max_inflight in flight per stream)")
     parser.add_argument("--profile", type=int, metavar="N", default=0,
                         help="print the N functions with the most own time (cProfile)")
     args = parser.parse_args(argv)
@@ -157,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds = event_loop.run(
             measure(settings, args.model, concurrency=args.concurrency,
                     requests=args.requests, rounds=args.rounds, rows=args.rows, key=args.key,
-                    profile=profile),
+                    profile=profile, stream=args.stream),
             args.event_loop,
         )
     for result in rounds:

@@ -289,40 +289,46 @@ class _Stream:
     async def _one(self, raw: bytes) -> None:
         """One message: parse, run through the pipeline, queue its answer."""
         owner = self.owner
-        self._recheck()
+        if self.tenants_seen is not None:
+            self._recheck()
         if self.outbox.ended:
             return
-        request: pb.ModelInferRequest | None = None
-        traceparent = None
-        with contextlib.suppress(Exception):  # any parse failure is the client's bytes
+        request: pb.ModelInferRequest | None
+        try:
             request = pb.ModelInferRequest.FromString(raw)
-        if request is not None:
-            traceparent = _parameter(request, TRACEPARENT)
-        record = owner._observer.open_message(self.trace, self.tenant.id, traceparent)
+        except Exception:  # any parse failure is the client's bytes
+            request = None
+        # Most messages carry no parameters: one test instead of three map lookups.
+        parameters = request is not None and len(request.parameters) > 0
+        traceparent = (_parameter(request, TRACEPARENT)
+                       if parameters and request is not None else None)
+        observer = owner._observer
+        record = observer.open_message(self.trace, self.tenant.id, traceparent)
         error: BaseException | None = None
         code = "OK"
         try:
             if request is None:
                 raise InvalidRequestError("the message is not a valid ModelInferRequest")
-            answer = await self._infer(request, record, traceparent)
+            answer = await self._infer(request, record, traceparent, parameters)
         except asyncio.CancelledError as exc:
             # The stream went away: nothing to answer, but the message is still counted.
-            owner._observer.close_message(record, "CANCELLED", exc, self._peer(),
-                                          _asked(request))
+            observer.close_message(record, "CANCELLED", exc, self._peer(), _asked(request))
             raise
         except Exception as exc:
             error = exc
             answer, code = error_answer(exc, request)
-        owner._observer.close_message(record, code, error, self._peer(), _asked(request))
+        observer.close_message(record, code, error, self.peer or self._peer(),
+                               _asked(request))
         self.outbox.put(answer)
 
     async def _infer(self, request: pb.ModelInferRequest, record: Any,
-                     traceparent: str | None) -> bytes:
-        label = _parameter(request, LABEL_KEY) or self.label
-        routing_key = _parameter(request, ROUTING_KEY) or self.routing_key
-        trace_headers = self.trace_headers
-        if traceparent:
-            trace_headers = {**trace_headers, TRACEPARENT: traceparent}
+                     traceparent: str | None, parameters: bool) -> bytes:
+        label, routing_key, trace_headers = self.label, self.routing_key, self.trace_headers
+        if parameters:  # a message's own label, routing key and trace context come first
+            label = _parameter(request, LABEL_KEY) or label
+            routing_key = _parameter(request, ROUTING_KEY) or routing_key
+            if traceparent:
+                trace_headers = {**trace_headers, TRACEPARENT: traceparent}
         context = RequestContext(self.tenant, "grpc_stream", label, routing_key,
                                  self.deadline, trace_headers=trace_headers, record=record)
         codecs = self.owner._codecs
