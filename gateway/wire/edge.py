@@ -179,8 +179,10 @@ class Edge:
         streaming = handler.unary_stream or handler.stream_stream
         make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
                 else grpc.stream_stream_rpc_method_handler)
-        return make(self._stream(streaming, capped, guarded, handler.stream_stream is not None),
-                    deserializer, serializer)
+        # A handler that takes raw bytes (ModelStreamInfer parses each message itself) has
+        # nothing undecodable to check: its messages skip the checking generator.
+        checked = handler.stream_stream is not None and deserializer is not None
+        return make(self._stream(streaming, capped, guarded, checked), deserializer, serializer)
 
     def _unary(
         self, method: str, behavior: Unary, observed: bool, capped: bool, guarded: bool, *,
