@@ -55,12 +55,13 @@ def test_the_suite_writes_markdown_json_and_png(report: Path) -> None:
     variants = [c["variant"] for c in data["costs"] if c["driver"] == "python"]
     # A/B/A: a baseline run before, between and after the variants.
     assert set(variants[::2]) == {BASELINE}
-    assert variants[1::2] == ["in-process quotas", "Redis quotas", "tracing 1 %"]
+    assert variants[1::2] == ["in-process quotas", "Redis quotas", "tracing 1 %",
+                             "monitoring on (default sampling)"]
     names = [t["name"] for t in data["targets"]]
     assert any("vs the no-op server, 2 workers, h2load" in n for n in names)
     assert any(n.startswith("cnn rows/s") for n in names)
     assert any("p50 - ONNX Runtime call p50" in n for n in names)
-    assert sum("throughput vs none" in n for n in names) == 6  # 3 variants, 2 drivers
+    assert sum("throughput vs none" in n for n in names) == 8  # 4 variants, 2 drivers
     assert all(t["met"] in (True, False, None) for t in data["targets"])
 
 
