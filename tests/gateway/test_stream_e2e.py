@@ -383,3 +383,36 @@ def test_shutdown_ends_open_streams_unavailable_after_the_grace_period(store: Pa
                 return code_of(await call.code())
 
         assert asyncio.run(run()) is grpc.StatusCode.UNAVAILABLE
+
+
+def test_labels_and_routing_keys_apply_per_message(tmp_path: Path) -> None:
+    """x-model-label and x-routing-key from the stream's metadata, overridden by a message's
+    own parameter: each message lands where the unary rules put it."""
+    from gateway.models.routing import choose_weighted, split_point
+    from model_store.labels import parse_routing
+    from tests.gateway.test_routing import ROUTING
+
+    config = models.add_model_config("adder", extra="version_policy: { all {} }\n")
+    for version in (1, 2):
+        models.write_model(tmp_path, "adder", version, models.add_constant(float(version)),
+                           config)
+    (tmp_path / "adder" / "routing.toml").write_text(ROUTING, encoding="utf-8")
+    weights = tuple((1 if t == "stable" else 2, w) for t, w in parse_routing(ROUTING).weights)
+    keys = [f"customer-{i}" for i in range(40)]
+    with running_gateway(tmp_path) as gw:
+        requests = [message("adder", request_id=f"key-{k}", **{"x-routing-key": k})
+                    for k in keys]
+        labelled = [*requests, message("adder", request_id="label-stream"),
+                    message("adder", request_id="label-canary", **{"x-model-label": "canary"})]
+        answers = list(gw.stub().ModelStreamInfer(
+            iter(labelled), metadata=(("x-model-label", "stable"),), timeout=30))
+        assert not [a.error_message for a in answers if a.error_message]
+        versions = {a.infer_response.id: int(a.infer_response.model_version) for a in answers}
+        # The stream's label pins the version for messages with only a routing key, as a
+        # label does for a unary call with both; a message's own label comes first.
+        assert {versions[f"key-{k}"] for k in keys} == {1}
+        assert versions["label-canary"] == 2 and versions["label-stream"] == 1
+        answers = list(gw.stub().ModelStreamInfer(iter(requests), timeout=30))
+    versions = {a.infer_response.id: int(a.infer_response.model_version) for a in answers}
+    expected = {f"key-{k}": choose_weighted(weights, split_point("adder", k)) for k in keys}
+    assert versions == expected and set(expected.values()) == {1, 2}
