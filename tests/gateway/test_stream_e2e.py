@@ -84,11 +84,11 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
 
 
 def message(model: str = "add", rows: int = 1, request_id: str = "", width: int = 4,
-            **parameters: str) -> pb.ModelInferRequest:
+            parameters: dict[str, str] | None = None) -> pb.ModelInferRequest:
     req = pb.ModelInferRequest(model_name=model, id=request_id)
     req.inputs.add(name="x", datatype="FP32", shape=[rows, width])
     req.raw_input_contents.append(np.full((rows, width), 2.0, dtype=np.float32).tobytes())
-    for name, value in parameters.items():
+    for name, value in (parameters or {}).items():
         req.parameters[name].string_param = value
     return req
 
@@ -400,10 +400,11 @@ def test_labels_and_routing_keys_apply_per_message(tmp_path: Path) -> None:
     weights = tuple((1 if t == "stable" else 2, w) for t, w in parse_routing(ROUTING).weights)
     keys = [f"customer-{i}" for i in range(40)]
     with running_gateway(tmp_path) as gw:
-        requests = [message("adder", request_id=f"key-{k}", **{"x-routing-key": k})
+        requests = [message("adder", request_id=f"key-{k}", parameters={"x-routing-key": k})
                     for k in keys]
         labelled = [*requests, message("adder", request_id="label-stream"),
-                    message("adder", request_id="label-canary", **{"x-model-label": "canary"})]
+                    message("adder", request_id="label-canary",
+                            parameters={"x-model-label": "canary"})]
         answers = list(gw.stub().ModelStreamInfer(
             iter(labelled), metadata=(("x-model-label", "stable"),), timeout=30))
         assert not [a.error_message for a in answers if a.error_message]
