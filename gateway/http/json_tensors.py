@@ -14,9 +14,8 @@ from gateway.pipeline.tensors import MAX_RANK, element_bytes
 from model_store.datatypes import DataType
 from runtimes.base import Tensor
 
-# numpy's inferred kind for each family of V2 datatypes: integers take JSON integers only,
-# floats take any JSON number, BOOL takes true/false only.
-_INTEGER: Final = frozenset("iu")
+# numpy's inferred kinds that the float datatypes take (any JSON number); integers take JSON
+# integers only, BOOL true/false only.
 _NUMBER: Final = frozenset("iuf")
 _FLOATS: Final = frozenset({DataType.FP16, DataType.FP32, DataType.FP64, DataType.BF16})
 
@@ -63,26 +62,26 @@ def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) 
         return array.reshape(shape)
     if not flat:
         return np.empty(shape, dtype=datatype.numpy_dtype)
-    inferred = np.asarray(flat)
-    kind = inferred.dtype.kind
-    if datatype is DataType.BOOL:
-        allowed: frozenset[str] = frozenset("b")
-    elif datatype in _FLOATS:
-        allowed = _NUMBER
-    else:
-        allowed = _INTEGER
-    if kind not in allowed:
+    if datatype in _FLOATS:
+        inferred = np.asarray(flat)
+        if inferred.dtype.kind not in _NUMBER:
+            raise InvalidRequestError(
+                f"input '{name}': {datatype.value} data must be {_wanted(datatype)}; "
+                f"{_offender(flat, datatype)}"
+            )
+        if datatype is DataType.BF16:
+            return _to_bf16(inferred.astype(np.float32)).reshape(shape)
+        return inferred.astype(datatype.numpy_dtype).reshape(shape)
+    # Exact types, element by element: numpy would parse strings and truncate fractions.
+    wanted = bool if datatype is DataType.BOOL else int
+    if not all(type(element) is wanted for element in flat):
         raise InvalidRequestError(
             f"input '{name}': {datatype.value} data must be {_wanted(datatype)}; "
             f"{_offender(flat, datatype)}"
         )
-    if datatype is DataType.BF16:
-        return _to_bf16(inferred.astype(np.float32)).reshape(shape)
-    if datatype in _FLOATS or datatype is DataType.BOOL:
-        return inferred.astype(datatype.numpy_dtype).reshape(shape)
     try:
-        # From the Python ints, not the inferred array: numpy refuses out-of-range ints here
-        # where a cast from int64 would wrap them silently.
+        # From the Python values: numpy refuses out-of-range ints here where a cast from
+        # an inferred int64 array would wrap them silently.
         return np.array(flat, dtype=datatype.numpy_dtype).reshape(shape)
     except OverflowError:
         raise InvalidRequestError(
