@@ -32,7 +32,6 @@ _WIDTH: Final = 16
 
 
 def _session() -> Any:
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
