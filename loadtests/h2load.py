@@ -124,6 +124,7 @@ def run_h2load(
     headers: Sequence[str] = (),
     rate_per_s: float | None = None,
     path: str = PATH,
+    requests: int | None = None,
 ) -> H2loadRun:
     """``connections`` HTTP/2 connections with ``streams`` concurrent streams each, posting
     ``body`` to ModelInfer for ``warmup_s`` + ``duration_s`` (one client thread, to leave
@@ -133,7 +134,10 @@ def run_h2load(
     With ``rate_per_s``, at a fixed rate instead (``--rps``, split evenly over the
     connections): arrivals do not wait for answers while a connection has a stream free,
     so ``streams`` must exceed what the rate keeps in flight. ``path`` is the method posted
-    to (STREAM_PATH with a stream_body_for body measures streaming)."""
+    to (STREAM_PATH with a stream_body_for body measures streaming). With ``requests``,
+    h2load sends that many and waits for every answer instead of stopping after
+    ``duration_s`` (``-n``, no warm-up): no stream is cut off mid-flight, and the run's
+    duration is the time it took."""
     executable = binary()
     if executable is None:
         raise RuntimeError("h2load not found (scripts/install_test_deps.sh installs it)")
@@ -143,9 +147,15 @@ def run_h2load(
         body_file.write_bytes(body)
         # Durations in ms: h2load takes no fractional seconds.
         command = [executable, "-t", "1", "-c", str(connections), "-m", str(streams),
-                   "-D", f"{round(duration_s * 1000)}ms", "-d", str(body_file),
-                   "--log-file", str(log_file)]
-        if warmup_s > 0:
+                   "-d", str(body_file), "--log-file", str(log_file)]
+        if requests is not None:
+            if requests < connections * streams:
+                raise ValueError(f"{requests} requests cannot fill {connections * streams} "
+                                 "streams")
+            command += ["-n", str(requests)]
+        else:
+            command += ["-D", f"{round(duration_s * 1000)}ms"]
+        if warmup_s > 0 and requests is None:
             command += ["--warm-up-time", f"{round(warmup_s * 1000)}ms"]
         if rate_per_s is not None:
             if rate_per_s <= 0:
@@ -159,6 +169,8 @@ def run_h2load(
         if done.returncode != 0:
             raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr[-2000:]}")
         run = parse_output(done.stdout, duration_s)
+        if requests is not None:  # the time it took: requests / h2load's own rate
+            run.duration_s = run.done / run.reported_req_per_s if run.reported_req_per_s else 0
         run.command = command
         return read_log(run, log_file.read_text() if log_file.exists() else "")
 

@@ -58,7 +58,10 @@ class Plan:
     warmup_s: float = 1.0
     connections: int = 4
     streams: int = 8  # per connection
-    messages: int = 16  # gRPC frames per h2load stream body (messages in flight per stream)
+    # gRPC frames per h2load stream body (messages in flight per stream). With 16, Triton
+    # 2.51 crashed (SIGSEGV in TRITONSERVER_InferenceRequestDelete) in some runs; with 4,
+    # never in ours.
+    messages: int = 4
 
 
 class Bench:
@@ -81,15 +84,24 @@ class Bench:
             body, path, per = h2load.body_for(request), h2load.PATH, 1
         before = scrape(metrics_port) if metrics_port else None
         cpu0 = cpu_seconds(cpu_pid) if cpu_pid else 0.0
-        warmup = p.warmup_s
-        if kind == "stream" and warmup:
-            # h2load's --warm-up-time counts no stream with a multi-frame body: a separate
-            # unmeasured run warms up instead.
-            h2load.run_h2load(target, body, connections=connections, streams=streams,
-                              duration_s=warmup, warmup_s=0, path=path)
-            warmup = 0.0
-        run = h2load.run_h2load(target, body, connections=connections, streams=streams,
-                                duration_s=p.duration_s, warmup_s=warmup, path=path)
+        fill = connections * streams
+        if kind == "stream":
+            # Streams run to completion (-n, a count sized from a warm-up run): h2load's
+            # duration limit resets streams mid-flight, which crashes Triton 2.51
+            # (SIGSEGV in TRITONSERVER_InferenceRequestDelete), and its --warm-up-time
+            # counts no stream with a multi-frame body.
+            warm = h2load.run_h2load(target, body, connections=connections, streams=streams,
+                                     duration_s=max(p.warmup_s, 1.0), warmup_s=0, path=path,
+                                     requests=fill * 8)
+            count = max(fill, int(warm.reported_req_per_s * p.duration_s))
+            warm_messages = warm.done * per
+            run = h2load.run_h2load(target, body, connections=connections, streams=streams,
+                                    duration_s=p.duration_s, warmup_s=0, path=path,
+                                    requests=count)
+        else:
+            run = h2load.run_h2load(target, body, connections=connections, streams=streams,
+                                    duration_s=p.duration_s, warmup_s=p.warmup_s, path=path)
+            warm_messages = int(run.reported_req_per_s * p.warmup_s)
         cpu = cpu_seconds(cpu_pid) - cpu0 if cpu_pid else 0.0
         errors = dict(run.http_errors)
         if run.errored or run.timed_out:
@@ -104,10 +116,11 @@ class Bench:
                     errors.pop("CANCELLED", None)
         lat = run.latencies_s
         messages = len(lat) * per
-        # CPU over warm-up and measurement: the messages of both, at h2load's rate.
-        total = run.reported_req_per_s * (p.warmup_s + p.duration_s) * per
+        # CPU over warm-up and measurement: the messages of both.
+        total = warm_messages + run.done * per
         figure = Figure(
-            at.server, model, kind, connections * streams, messages / p.duration_s,
+            at.server, model, kind, fill,
+            messages / run.duration_s if run.duration_s else 0.0,
             sum(lat) / len(lat) * 1000 if lat else float("nan"),
             percentile(lat, 50) * 1000 if lat else float("nan"),
             cpu / total * 1e6 if cpu_pid and total else None, errors)
@@ -221,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per level")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
-    parser.add_argument("--messages", type=int, default=16,
+    parser.add_argument("--messages", type=int, default=4,
                         help="messages per h2load stream body (in flight per stream)")
     args = parser.parse_args(argv)
     if not 0 < args.duration <= 120 or not 0 <= args.warmup <= 30:
