@@ -203,7 +203,9 @@ class _Stream:
     async def run(self, requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         self.trace = self.owner._observer.open_stream(self.metadata, self.tenant.id)
         reader = asyncio.create_task(self._read(requests))
-        watcher = asyncio.create_task(self._watch())
+        # Only a gateway with a tenants file has keys to revoke.
+        watcher = (asyncio.create_task(self._watch()) if self.tenants_seen is not None
+                   else None)
         code = "OK"
         outbox, places = self.outbox, self.places
         try:
@@ -228,7 +230,8 @@ class _Stream:
         finally:
             # Cancel or disconnect: queued messages leave the batcher unrun (their futures
             # are cancelled), running ones finish in their instance and are dropped.
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             reader.cancel()
             for task in list(self.tasks):
                 task.cancel()
