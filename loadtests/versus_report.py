@@ -136,6 +136,9 @@ def markdown(figures: Sequence[Figure], machine: dict[str, object]) -> str:
     for v in judged:
         met = "not measured" if v.met is None else ("yes" if v.met else "no")
         lines.append(f"| {v.target} | {v.measured} | {met} |")
+    notes = machine.get("notes")
+    if isinstance(notes, list) and notes:
+        lines += ["", "Notes:", *(f"- {n}" for n in notes)]
     lines += ["", "## Figures", "", HEADER, *(row(f) for f in figures), "",
               "h2load is the client throughout (one thread). A unary level is `-c 4 -m 8` "
               "(concurrency 32) or `-c 1 -m 1`; a stream level posts a body of several gRPC "
