@@ -9,6 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import numpy as np
+import orjson
+
 from gateway.errors import InvalidRequestError
 from gateway.http.json_tensors import from_json, to_json
 from gateway.pipeline.tensors import (
@@ -28,6 +31,10 @@ from runtimes.base import InferRequest, Tensor
 HEADER_LENGTH: Final = "inference-header-content-length"
 JSON_TYPE: Final = "application/json"
 BINARY_TYPE: Final = "application/octet-stream"
+_NUMPY: Final = orjson.OPT_SERIALIZE_NUMPY
+
+# Each binary input's datatype, shape, and (start, end) in the bytes after the JSON header.
+BinaryLayout = dict[str, tuple[DataType, tuple[int, ...], int, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +47,8 @@ class InferBody:
     binary_default: bool
 
 
-def split_header(body: bytes, header_length: str | None) -> tuple[Mapping[str, Any], int]:
-    """The parsed JSON header and where the binary data after it starts."""
+def header_end(body: bytes, header_length: str | None) -> int:
+    """Where the JSON header ends and the binary data after it starts."""
     if header_length is None:
         end = len(body)
     else:
@@ -55,20 +62,37 @@ def split_header(body: bytes, header_length: str | None) -> tuple[Mapping[str, A
             raise InvalidRequestError(
                 f"Inference-Header-Content-Length is {end} but the body holds {len(body)} bytes"
             )
+    return end
+
+
+def parse_header(text: bytes | memoryview, exact: bool = False) -> Mapping[str, Any]:
+    """The JSON header as an object. orjson parses it unless ``exact``; what orjson refuses
+    (NaN and Infinity, which Python clients send for such floats) or bends (an integer past
+    64 bits becomes a float) the standard library parses as it always has."""
+    if not exact:
+        try:
+            header = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if not isinstance(header, dict):
+                raise InvalidRequestError("the request body must be a JSON object")
+            return header
     try:
-        header = json.loads(memoryview(body)[:end].tobytes() if end < len(body) else body)
+        header = json.loads(bytes(text))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {_reason(exc)}") from None
     if not isinstance(header, dict):
         raise InvalidRequestError("the request body must be a JSON object")
-    return header, end
+    return header
 
 
 def decode_infer(
     header: Mapping[str, Any], body: bytes, binary_start: int, spec: ModelSpec
-) -> tuple[InferRequest, InferBody]:
+) -> tuple[InferRequest, InferBody, BinaryLayout | None]:
     """Check an infer request against the model and turn it into plain tensors. Every
-    binary_data_size is checked against the bytes present before any tensor is built."""
+    binary_data_size is checked against the bytes present before any tensor is built.
+    The layout is None when an input came as JSON data."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequestError("'inputs' must be a non-empty list")
@@ -99,6 +123,7 @@ def decode_infer(
     # that check is integer arithmetic only, so a huge claimed shape costs nothing yet.
     rows = spec.check_inputs(declared)
     arrays: dict[str, Tensor] = {}
+    layout: BinaryLayout | None = {}
     view = memoryview(body)
     for name, (datatype, shape) in declared.items():
         check_size(name, shape)
@@ -106,8 +131,11 @@ def decode_infer(
         if isinstance(source, tuple):
             start, end = source
             arrays[name] = from_raw(name, datatype, shape, view[start:end])
+            if layout is not None:
+                layout[name] = (datatype, shape, start - binary_start, end - binary_start)
         else:
             arrays[name] = from_json(name, datatype, shape, source)
+            layout = None
     names = tuple(binary_outputs)
     spec.check_outputs(names)
     request = InferRequest(
@@ -115,7 +143,7 @@ def decode_infer(
         priority=_int_parameter(parameters, "priority") or 0,
         timeout_us=_int_parameter(parameters, "timeout"),
     )
-    return request, InferBody(request_id, binary_outputs, _binary_default(parameters))
+    return request, InferBody(request_id, binary_outputs, _binary_default(parameters)), layout
 
 
 def _input(
@@ -180,6 +208,7 @@ def encode_infer(
     declared = {t.name: t.datatype for t in spec.outputs}
     described: list[dict[str, Any]] = []
     raw: list[bytes] = []
+    plain = False  # a float output that is not all finite: written as NaN/Infinity
     for name, array in outputs.items():
         datatype = declared[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatype.value,
@@ -189,13 +218,22 @@ def encode_infer(
             entry["parameters"] = {"binary_data_size": len(data)}
             raw.append(data)
         else:
-            entry["data"] = to_json(name, datatype, array)
+            entry["data"] = values = to_json(name, datatype, array)
+            plain = plain or (isinstance(values, list) and datatype is not DataType.BYTES)
         described.append(entry)
     response: dict[str, Any] = {"model_name": spec.name, "model_version": str(version)}
     if body.request_id:
         response["id"] = body.request_id
     response["outputs"] = described
-    head = json.dumps(response, separators=(",", ":")).encode()
+    try:
+        if plain:  # orjson writes null for NaN and infinities; Python clients read these
+            raise TypeError("non-finite floats")
+        head = orjson.dumps(response, option=_NUMPY)
+    except TypeError:  # that, or a dtype orjson does not write: lists, the standard way
+        for entry in described:
+            if "data" in entry:
+                entry["data"] = np.asarray(entry["data"]).tolist()
+        head = json.dumps(response, separators=(",", ":")).encode()
     if not raw:
         return head, None
     return b"".join((head, *raw)), len(head)

@@ -24,7 +24,7 @@ def flatten(name: str, data: Any) -> list[Any]:
     """The elements of a (possibly nested) list in row-major order."""
     if not isinstance(data, list):
         raise InvalidRequestError(f"input '{name}': 'data' must be a list")
-    if not any(isinstance(item, list) for item in data):
+    if list not in set(map(type, data)):
         return data
     out: list[Any] = []
     _extend(name, data, out, 1)
@@ -43,8 +43,14 @@ def _extend(name: str, items: list[Any], out: list[Any], depth: int) -> None:
 
 def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) -> Tensor:
     """An array of ``datatype`` and ``shape`` from the JSON ``data`` of one input."""
-    flat = flatten(name, data)
     count = math.prod(shape)
+    if datatype in _FLOATS and isinstance(data, list):
+        fast = _numbers(data, count)
+        if fast is not None:
+            if datatype is DataType.BF16:
+                return _to_bf16(fast.astype(np.float32)).reshape(shape)
+            return fast.astype(datatype.numpy_dtype).reshape(shape)
+    flat = flatten(name, data)
     if len(flat) != count:
         raise InvalidRequestError(
             f"input '{name}': shape {list(shape)} needs {count} elements, 'data' holds "
@@ -74,7 +80,7 @@ def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) 
         return inferred.astype(datatype.numpy_dtype).reshape(shape)
     # Exact types, element by element: numpy would parse strings and truncate fractions.
     wanted = bool if datatype is DataType.BOOL else int
-    if not all(type(element) is wanted for element in flat):
+    if not set(map(type, flat)) <= {wanted}:
         raise InvalidRequestError(
             f"input '{name}': {datatype.value} data must be {_wanted(datatype)}; "
             f"{_offender(flat, datatype)}"
@@ -89,8 +95,23 @@ def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) 
         ) from None
 
 
-def to_json(name: str, datatype: DataType, array: Tensor) -> list[Any]:
-    """An output's elements as a flat JSON list (BYTES as UTF-8 strings)."""
+def _numbers(data: list[Any], count: int) -> np.ndarray[Any, Any] | None:
+    """``data`` (flat, or nested evenly within MAX_RANK) as numpy infers it, when that is
+    ``count`` numbers; else None, and the element-wise path says what is wrong."""
+    try:
+        inferred = np.asarray(data)
+    except (ValueError, TypeError, RecursionError):  # ragged nesting, too deep for numpy
+        return None
+    if (inferred.dtype.kind not in _NUMBER or inferred.size != count
+            or inferred.ndim > MAX_RANK):
+        return None
+    return inferred
+
+
+def to_json(name: str, datatype: DataType, array: Tensor) -> list[Any] | Tensor:
+    """An output's elements, flat, as what orjson writes as a JSON list: a contiguous
+    array of a numeric datatype, else a list (BYTES as UTF-8 strings, and floats that are
+    not all finite, which the standard library writes as NaN and Infinity)."""
     flat = np.asarray(array).reshape(-1)
     if datatype is DataType.BYTES:
         out: list[Any] = []
@@ -104,8 +125,12 @@ def to_json(name: str, datatype: DataType, array: Tensor) -> list[Any]:
                 ) from None
         return out
     if datatype is DataType.BF16:
-        return _from_bf16(flat).tolist()  # type: ignore[no-any-return]
-    return flat.astype(datatype.numpy_dtype, copy=False).tolist()  # type: ignore[no-any-return]
+        values = _from_bf16(flat)
+    else:
+        values = np.ascontiguousarray(flat, dtype=datatype.numpy_dtype)
+    if datatype in _FLOATS and not np.isfinite(values).all():
+        return values.tolist()  # type: ignore[no-any-return]
+    return values
 
 
 def _to_bf16(values: np.ndarray[Any, Any]) -> Tensor:

@@ -85,6 +85,11 @@ class HttpListener:
         return self.port
 
     @property
+    def handler(self) -> Handler:
+        """What each connection calls with a complete request (loadtests drive it)."""
+        return self._handler
+
+    @property
     def open_connections(self) -> int:
         return len(self._connections.open)
 

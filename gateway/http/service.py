@@ -13,13 +13,15 @@ from typing import Any, Final
 
 from gateway.errors import InvalidRequestError
 from gateway.http.content_coding import inflate
+from gateway.http.header_plans import MAX_HEADER_BYTES, HeaderPlans
 from gateway.http.infer_body import (
     BINARY_TYPE,
     HEADER_LENGTH,
     InferBody,
     decode_infer,
     encode_infer,
-    split_header,
+    header_end,
+    parse_header,
 )
 from gateway.http.messages import HttpRequest, HttpResponse, json_response
 from gateway.http.routes import Route
@@ -72,6 +74,7 @@ class RestService:
         self._control = control
         self._server_ready = server_ready
         self._max_body = max_body_bytes
+        self._plans = HeaderPlans()
         self._metadata = json.dumps({
             "name": "modelgate", "version": _server_version(), "extensions": list(EXTENSIONS),
         }).encode()
@@ -166,24 +169,49 @@ class RestService:
         timeout = headers.get(TIMEOUT_HEADER)
         if timeout is not None:
             context.deadline = time.monotonic() + _milliseconds(timeout) / 1000
-        body = inflate(request.body, headers.get("content-encoding", ""), self._max_body)
-        header, binary_start = split_header(body, headers.get(HEADER_LENGTH))
+        coding = headers.get("content-encoding")
+        body = request.body if coding is None else inflate(request.body, coding, self._max_body)
+        header_length = headers.get(HEADER_LENGTH)
+        binary_start = header_end(body, header_length)
         decoded: list[InferBody] = []
+        # A binary request's header seen before is not parsed again (header_plans.py).
+        key = (body[:binary_start]
+               if header_length is not None and binary_start <= MAX_HEADER_BYTES else b"")
+        plan = self._plans.get(key) if key else None
+        if plan is not None and plan.binary_size == len(body) - binary_start:
+            data = memoryview(body)[binary_start:]
+            decoded.append(plan.body)
 
-        def decode(version: ServedVersion) -> InferRequest:
-            infer, shape = decode_infer(header, body, binary_start, version.spec)
-            decoded.append(shape)
-            return infer
+            def decode(version: ServedVersion) -> InferRequest:
+                return plan.decode(data, version.spec)
+        else:
+            view = memoryview(body)
+            header = parse_header(view[:binary_start] if header_length is not None else body)
+
+            def decode(version: ServedVersion) -> InferRequest:
+                try:
+                    infer, shape, layout = decode_infer(header, body, binary_start,
+                                                        version.spec)
+                except InvalidRequestError:
+                    # orjson turned an integer past 64 bits into a float: the standard
+                    # library's parse names what is wrong exactly (or raises the same).
+                    decode_infer(parse_header(view[:binary_start], exact=True), body,
+                                 binary_start, version.spec)
+                    raise
+                decoded.append(shape)
+                if key and layout is not None:
+                    self._plans.learn(key, layout, infer, shape, version.spec)
+                return infer
 
         inference = await self._pipeline.infer(context, route.model, route.version, decode)
         served = inference.version
-        payload, header_length = encode_infer(
+        payload, head_length = encode_infer(
             served.spec, served.id.version, inference.outputs, decoded[-1]
         )
-        if header_length is None:
+        if head_length is None:
             return HttpResponse(200, payload)
         return HttpResponse(200, payload, BINARY_TYPE,
-                            (("Inference-Header-Content-Length", str(header_length)),))
+                            (("Inference-Header-Content-Length", str(head_length)),))
 
 
 def _json_body(body: bytes) -> Mapping[str, Any]:

@@ -1,0 +1,104 @@
+"""Decode plans of binary infer requests, keyed by the exact bytes of their JSON header: a
+client sending tensors of one layout sends the same header every time, so a header that was
+fully checked once is not parsed again; only its tensors' bytes are viewed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from gateway.http.infer_body import BinaryLayout, InferBody
+from gateway.pipeline.tensors import from_raw
+from model_store.datatypes import DataType
+from model_store.spec import ModelSpec
+from runtimes.base import InferRequest, Tensor
+
+# Headers longer than this are parsed every time (real ones are a few hundred bytes).
+MAX_HEADER_BYTES: Final = 4096
+# Distinct headers remembered; when full the table starts over (a bound against hostile
+# variety, e.g. a fresh request id in every header, which then just parses each time).
+MAX_PLANS: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Input:
+    name: str
+    datatype: DataType
+    dtype: np.dtype[np.generic]
+    shape: tuple[int, ...]
+    start: int  # offsets into the binary data after the header
+    end: int
+
+
+class HeaderPlan:
+    """What the full checks found in one header: the inputs' layout in the binary data,
+    the requested outputs and parameters; and the last model spec it was checked against
+    (with the row count that check returned)."""
+
+    __slots__ = ("_checked", "_inputs", "_outputs", "_priority", "_rows", "_size",
+                 "_timeout_us", "body")
+
+    def __init__(self, inputs: tuple[_Input, ...], request: InferRequest, body: InferBody,
+                 spec: ModelSpec) -> None:
+        self._inputs = inputs
+        self._size = max((i.end for i in inputs), default=0)
+        self._outputs = request.outputs
+        self._priority = request.priority
+        self._timeout_us = request.timeout_us
+        self._checked: ModelSpec | None = spec
+        self._rows = request.rows
+        self.body = body
+
+    @property
+    def binary_size(self) -> int:
+        """The bytes of tensor data the header claims (they must follow it exactly)."""
+        return self._size
+
+    def decode(self, data: memoryview, spec: ModelSpec) -> InferRequest:
+        """The request's tensors from ``data`` (the bytes after the header, already checked
+        to be binary_size long); the spec's checks run again only for another spec."""
+        if spec is not self._checked:
+            declared = {i.name: (i.datatype, i.shape) for i in self._inputs}
+            self._rows = spec.check_inputs(declared)
+            spec.check_outputs(self._outputs)
+            self._checked = spec
+        arrays: dict[str, Tensor] = {}
+        for item in self._inputs:
+            if item.datatype is DataType.BYTES:  # lengths inside: parsed every time
+                arrays[item.name] = from_raw(item.name, item.datatype, item.shape,
+                                             data[item.start:item.end])
+            else:
+                # Zero-copy view of the request's bytes; read-only, which runtimes respect.
+                arrays[item.name] = np.frombuffer(
+                    data[item.start:item.end], dtype=item.dtype
+                ).reshape(item.shape)
+        return InferRequest(arrays, self._outputs, self._rows, self._priority,
+                            self._timeout_us)
+
+
+class HeaderPlans:
+    """The plans of the headers seen, by header bytes."""
+
+    __slots__ = ("_plans",)
+
+    def __init__(self) -> None:
+        self._plans: dict[bytes, HeaderPlan] = {}
+
+    def get(self, header: bytes) -> HeaderPlan | None:
+        return self._plans.get(header)
+
+    def learn(self, header: bytes, layout: BinaryLayout, request: InferRequest,
+              body: InferBody, spec: ModelSpec) -> None:
+        """Remember a header whose request decoded without error; ``layout`` gives each
+        input's datatype, shape and place in the binary data after the header."""
+        if len(header) > MAX_HEADER_BYTES:
+            return
+        planned = tuple(
+            _Input(name, datatype, request.inputs[name].dtype, shape, start, end)
+            for name, (datatype, shape, start, end) in layout.items()
+        )
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[header] = HeaderPlan(planned, request, body, spec)
