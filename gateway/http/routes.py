@@ -12,8 +12,10 @@ from urllib.parse import unquote
 ANONYMOUS: Final = frozenset({"ServerLive", "ServerReady"})
 CAPPED: Final = frozenset({"ModelInfer"})
 # A model's sub-resources: GET .../ready|config|stats, POST .../infer.
+# ModelDrift has no gRPC twin: the drift report (docs/monitoring.md), as on the metrics port.
 _MODEL_ACTIONS: Final = {"ready": ("GET", "ModelReady"), "config": ("GET", "ModelConfig"),
-                         "stats": ("GET", "ModelStatistics"), "infer": ("POST", "ModelInfer")}
+                         "stats": ("GET", "ModelStatistics"), "infer": ("POST", "ModelInfer"),
+                         "drift": ("GET", "ModelDrift")}
 _CONTROL: Final = {"load": "RepositoryModelLoad", "unload": "RepositoryModelUnload"}
 
 # Every route, as (method, path template): what the auth-surface test walks.
@@ -25,6 +27,7 @@ ROUTES: Final = (
     ("GET", "/v2/models/stats"), ("GET", "/v2/models/{m}/stats"),
     ("GET", "/v2/models/{m}/versions/{v}/stats"),
     ("POST", "/v2/models/{m}/infer"), ("POST", "/v2/models/{m}/versions/{v}/infer"),
+    ("GET", "/v2/models/{m}/drift"), ("GET", "/v2/models/{m}/versions/{v}/drift"),
     ("POST", "/v2/repository/index"),
     ("POST", "/v2/repository/models/{m}/load"), ("POST", "/v2/repository/models/{m}/unload"),
 )

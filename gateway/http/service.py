@@ -4,6 +4,7 @@ the domain's exceptions; gateway/http/edge.py answers them through the status ta
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Final
 
-from gateway.errors import InvalidRequestError
+from gateway.errors import InvalidRequestError, ModelNotFoundError
 from gateway.http.content_coding import inflate
 from gateway.http.header_plans import MAX_HEADER_BYTES, HeaderPlans
 from gateway.http.infer_body import (
@@ -28,6 +29,7 @@ from gateway.http.routes import Route
 from gateway.models.model_control import ModelControl
 from gateway.models.routing import request_metadata
 from gateway.models.served import ServedVersion
+from gateway.monitoring.endpoint import DriftEndpoint, encode, window_of
 from gateway.observability.statistics import Duration, StatisticsSnapshot
 from gateway.pipeline.catalog import Catalog
 from gateway.pipeline.pipeline import InferencePipeline
@@ -67,7 +69,8 @@ class RestService:
 
     def __init__(
         self, pipeline: InferencePipeline, catalog: Catalog, control: ModelControl,
-        server_ready: Callable[[], bool], max_body_bytes: int,
+        server_ready: Callable[[], bool], max_body_bytes: int, *,
+        drift: DriftEndpoint | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._catalog = catalog
@@ -75,6 +78,7 @@ class RestService:
         self._server_ready = server_ready
         self._max_body = max_body_bytes
         self._plans = HeaderPlans()
+        self._drift = drift
         self._metadata = json.dumps({
             "name": "modelgate", "version": _server_version(), "extensions": list(EXTENSIONS),
         }).encode()
@@ -88,6 +92,7 @@ class RestService:
             "ModelStatistics": self.model_statistics, "ModelInfer": self.model_infer,
             "RepositoryIndex": self.repository_index,
             "RepositoryModelLoad": self.model_load, "RepositoryModelUnload": self.model_unload,
+            "ModelDrift": self.model_drift,
         }
 
     def server_live(self) -> HttpResponse:
@@ -130,6 +135,32 @@ class RestService:
                                context: RequestContext) -> HttpResponse:
         snapshots = self._catalog.statistics(context.tenant, route.model, route.version)
         return json_response(200, {"model_stats": [_statistics(s) for s in snapshots]})
+
+    async def model_drift(self, route: Route, request: HttpRequest,
+                          context: RequestContext) -> HttpResponse:
+        """The drift report of the versions of the model this tenant may see (the metrics
+        port's JSON; this process's samples only, where the metrics port of a supervisor
+        merges its workers')."""
+        # Unknown or invisible: 404, the same message as for every other model route.
+        info = self._catalog.metadata(context.tenant, route.model, "")
+        visible = {int(v) for v in info.versions}
+        number: int | None = None
+        if route.version:
+            if not route.version.isdigit() or len(route.version) > 18:
+                raise InvalidRequestError("a drift report names its version by number")
+            number = int(route.version)
+            if number not in visible:
+                raise ModelNotFoundError(
+                    f"model '{route.model}' has no version {number} for this caller"
+                )
+        if self._drift is None:
+            raise ModelNotFoundError("drift monitoring is not served here")
+        drift = self._drift
+        # A report merges windows of every feature; kept off the event loop.
+        status, body = await asyncio.to_thread(
+            drift.report, route.model, number, window_of(request.query), visible
+        )
+        return HttpResponse(status, encode(body))
 
     async def repository_index(self, route: Route, request: HttpRequest,
                                context: RequestContext) -> HttpResponse:

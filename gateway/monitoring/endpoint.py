@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote
 
@@ -63,9 +63,15 @@ class DriftEndpoint:
         if target is None:
             return None
         model, number = target
-        window = window_of(query)
+        return self.report(model, number, window_of(query))
+
+    def report(self, model: str, number: int | None, window: str,
+               visible: Container[int] | None = None) -> Answer:
+        """The report of one version, or of every monitored version of ``model`` (those in
+        ``visible`` when given: a tenant's view, as the REST port answers it)."""
         numbers = ([number] if number is not None else
-                   [s.number for s in self._monitor.states() if s.model == model])
+                   [s.number for s in self._monitor.states() if s.model == model
+                    and (visible is None or s.number in visible)])
         try:
             reports = [r for n in numbers if (r := version_report(
                 self._monitor, model, n, window, models=self._models,

@@ -179,6 +179,7 @@ class Gateway:
             self.pipeline, self.catalog,
             ModelControl(self.manager, settings.enable_model_control), self.manager.ready,
             settings.max_message_bytes,
+            drift=DriftEndpoint(self.monitor, self.manager.models, self.manager.shadow.stats),
         )
         edge = RestEdge(service, self.inflight, self.authenticator, self.metrics,
                         tracing=self.tracing, access_log=self.access_log)

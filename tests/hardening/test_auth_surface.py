@@ -216,10 +216,12 @@ def rest_routes() -> list[tuple[str, str, str]]:
 
 def test_every_rest_route_is_listed_and_served() -> None:
     names = {name for _, _, name in rest_routes()}
-    # Every gRPC method the REST port mirrors has a route, and only those.
+    # Every gRPC method the REST port mirrors has a route, and only those; plus the drift
+    # report (no gRPC twin).
     assert names == {"ServerLive", "ServerReady", "ServerMetadata", "ModelMetadata",
                      "ModelReady", "ModelConfig", "ModelStatistics", "ModelInfer",
-                     "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"}
+                     "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+                     "ModelDrift"}
 
 
 def test_no_rest_route_outside_the_allow_list_answers_without_a_valid_key(

@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper
 
 from tests.gateway.test_tenants import admin, issue
-from tests.http.conftest import Keys, rest
+from tests.http.conftest import Answer, Keys, rest
 from tests.support import models
 from tests.support.certs import CertificateAuthority
 from tests.support.gateway import RunningGateway, running_gateway
@@ -64,7 +64,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def error(answer: object, status: int) -> str:
+def error(answer: Answer, status: int) -> str:
     assert answer.status == status, (answer, status)
     message = json.loads(answer.body)["error"]
     assert isinstance(message, str) and message
