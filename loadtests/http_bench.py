@@ -27,7 +27,23 @@ from loadtests.servers import free_port, start_gateway
 DEMO: Final = Path(__file__).resolve().parents[1] / "gateway" / "demo_store"
 # The request each model gets: input name, shape of one row.
 INPUTS: Final = {"digits": ("pixels", (64,)), "digits_unbatched": ("pixels", (64,)),
-                 "cnn": ("image", (3, 32, 32))}
+                 "cnn": ("image", (3, 32, 32)), "cnn_unbatched": ("image", (3, 32, 32))}
+# Models made here from a demo model without its dynamic batching (each request runs alone).
+UNBATCHED: Final = {"cnn_unbatched": "cnn"}
+
+
+def config_of(model: str) -> str:
+    """The model's config.pbtxt (for an UNBATCHED variant: renamed, no dynamic_batching)."""
+    source = UNBATCHED.get(model, model)
+    config = (DEMO / source / "config.pbtxt").read_text(encoding="utf-8")
+    if model in UNBATCHED:
+        config = config.replace(f'name: "{source}"', f'name: "{model}"')
+        config = re.sub(r"dynamic_batching \{[^}]*\}\n?", "", config)
+    return config
+
+
+def onnx_of(model: str) -> Path:
+    return DEMO / UNBATCHED.get(model, model) / "1" / "model.onnx"
 
 
 def body(model: str, binary: bool) -> tuple[bytes, int | None]:
@@ -76,7 +92,12 @@ def modelgate(models: Sequence[str], extra: Sequence[str]) -> Iterator[int]:
     with tempfile.TemporaryDirectory(prefix="modelgate-http-bench-") as tmp:
         store = Path(tmp)
         for model in models:
-            (store / model).symlink_to(DEMO / model)
+            if model in UNBATCHED:
+                (store / model / "1").mkdir(parents=True)
+                (store / model / "config.pbtxt").write_text(config_of(model), encoding="utf-8")
+                (store / model / "1" / "model.onnx").symlink_to(onnx_of(model))
+            else:
+                (store / model).symlink_to(DEMO / model)
         port = free_port()
         with start_gateway(store, ["--http-port", str(port), *extra]):
             yield port
@@ -92,11 +113,9 @@ def triton(models: Sequence[str]) -> Iterator[int]:
         workdir = Path(tmp)
         repo = workdir / "repo"
         for model in models:
-            config = (DEMO / model / "config.pbtxt").read_text(encoding="utf-8")
             # write_python_model adds its own instance group (one CPU instance, like ours).
-            config = re.sub(r"instance_group \[[^\]]*\]\n?", "", config)
-            write_python_model(repo, model, (DEMO / model / "1" / "model.onnx").read_bytes(),
-                               config)
+            config = re.sub(r"instance_group \[[^\]]*\]\n?", "", config_of(model))
+            write_python_model(repo, model, onnx_of(model).read_bytes(), config)
         port = free_port()
         server = TritonServer(triton_install(), repo, workdir, extra_args=(
             "--allow-http=true", "--http-address=127.0.0.1", f"--http-port={port}"))
