@@ -1,10 +1,12 @@
 """The project's benchmark runner: drives a gateway on loopback closed-loop (fixed
-concurrency) or open-loop (fixed arrival rate) with our own grpc.aio stubs, measures
-throughput and latency percentiles, and the in-process ONNX Runtime ceiling of each model.
+concurrency), open-loop (fixed arrival rate) or, with --stream N, over ModelStreamInfer
+streams holding N messages in flight each, with our own grpc.aio stubs; measures throughput
+and latency percentiles, and the in-process ONNX Runtime ceiling of each model.
 
     .venv/bin/python -m loadtests.benchmark --models digits,digits_unbatched \
         --concurrency 1,8,32,128 --duration 5 --json benchmark.json
     .venv/bin/python -m loadtests.benchmark --suite targets --out docs/benchmark
+    .venv/bin/python -m loadtests.benchmark --models digits --concurrency 4 --stream 16
 
 Without --target it starts ``modelgate serve`` on a free loopback port (the demo store).
 ``--suite targets`` runs the issue's performance targets in one go (loadtests/suite.py)."""
@@ -24,6 +26,7 @@ from loadtests.noop_server import noop_process
 from loadtests.progress import Progress
 from loadtests.requests import require_loopback
 from loadtests.runner import (
+    NOOP,
     format_table,
     ints,
     machine,
@@ -31,6 +34,7 @@ from loadtests.runner import (
     one_answer,
     run_levels,
     run_noop_levels,
+    run_stream_levels,
 )
 from loadtests.servers import free_port, start_gateway
 from loadtests.suite import main as run_suite
@@ -61,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", default="digits,digits_unbatched")
     parser.add_argument("--concurrency", default="1,8,32,128", help="closed-loop levels")
     parser.add_argument("--rates", default="", help="open-loop levels, requests per second")
+    parser.add_argument("--stream", type=int, default=0, metavar="N",
+                        help="ModelStreamInfer instead of ModelInfer: each --concurrency level "
+                        "is a number of streams, each keeping N messages in flight")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per level")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--rows", type=int, default=1, help="rows per request")
@@ -95,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1 or args.channels < 1:
         parser.error("--workers and --channels must be at least 1")
     rates = [float(r) for r in args.rates.split(",") if r]
+    if args.stream < 0 or args.stream > 10_000 or (args.stream and rates):
+        parser.error("--stream takes 1..10000 messages in flight and no --rates")
     levels = len(models) * (len(ints(args.concurrency)) + len(rates))
     levels += len(ints(args.concurrency)) if args.noop else 0
     progress = Progress(levels * (args.warmup + args.duration))
@@ -104,31 +113,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.target
             else stack.enter_context(start_gateway(store, workers=args.workers)).target
         )
-        results = asyncio.run(
-            run_levels(
-                target,
-                models,
-                ints(args.concurrency),
-                rates,
-                duration_s=args.duration,
-                warmup_s=args.warmup,
-                rows=args.rows,
-                channels=args.channels,
-                workers=args.workers,
-                progress=progress,
-            )
-        )
+        if args.stream:
+            results = asyncio.run(run_stream_levels(
+                target, models, ints(args.concurrency), args.stream, duration_s=args.duration,
+                warmup_s=args.warmup, rows=args.rows, channels=args.channels,
+                workers=args.workers, progress=progress))
+        else:
+            results = asyncio.run(run_levels(
+                target, models, ints(args.concurrency), rates, duration_s=args.duration,
+                warmup_s=args.warmup, rows=args.rows, channels=args.channels,
+                workers=args.workers, progress=progress))
         if args.noop:
             request, answer = asyncio.run(one_answer(target, models[0], args.rows))
     if args.noop:
         # After the gateway stopped: the no-op server gets the machine the gateway had.
         with noop_process(free_port(), answer, workers=args.workers) as noop:
-            results += asyncio.run(
-                run_noop_levels(noop, request, ints(args.concurrency),
-                                duration_s=args.duration, warmup_s=args.warmup, rows=args.rows,
-                                channels=args.channels, workers=args.workers,
-                                progress=progress)
-            )
+            if args.stream:
+                results += asyncio.run(run_stream_levels(
+                    noop, [NOOP], ints(args.concurrency), args.stream,
+                    duration_s=args.duration, warmup_s=args.warmup, rows=args.rows,
+                    channels=args.channels, workers=args.workers, progress=progress,
+                    label=NOOP, request=request))
+            else:
+                results += asyncio.run(run_noop_levels(
+                    noop, request, ints(args.concurrency), duration_s=args.duration,
+                    warmup_s=args.warmup, rows=args.rows, channels=args.channels,
+                    workers=args.workers, progress=progress))
     # Measured with the gateway stopped, so the ceiling has the machine to itself.
     ceilings: dict[str, dict[int, float]] = {}
     files: dict[Path, str] = {}

@@ -16,8 +16,10 @@ class LevelResult:
     """One measured load level of one model (or of the no-op server)."""
 
     model: str
-    mode: str  # "closed" (fixed concurrency) or "open" (fixed arrival rate)
-    load: float  # concurrency, or requests per second offered
+    # "closed" (fixed concurrency), "open" (fixed arrival rate) or "stream" (ModelStreamInfer
+    # streams, each keeping a number of messages in flight; a request is one message)
+    mode: str
+    load: float  # concurrency, requests per second offered, or streams
     rows_per_request: int
     duration_s: float
     latencies_s: list[float] = field(default_factory=list, repr=False)
@@ -83,6 +85,8 @@ def format_errors(errors: Mapping[str, int]) -> str:
 
 
 def load_text(r: LevelResult) -> str:
+    if r.mode == "stream":  # load: streams; the label says how many messages each holds
+        return f"{int(r.load)} streams{f' x {r.label}' if r.label else ''}"
     return f"{int(r.load)} conc" if r.mode == "closed" else f"{r.load:,.0f} req/s offered"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import onnxruntime as ort
 
-from loadtests.drivers import Metadata, closed_loop, open_loop, stubs_on
+from loadtests.drivers import Metadata, channels_on, closed_loop, open_loop, stream_loop, stubs_on
 from loadtests.progress import Progress
 from loadtests.requests import request_for
 from loadtests.results import HEADER, LevelResult, format_row
@@ -98,6 +98,48 @@ async def run_levels(
                         warmup_s=warmup_s, statistics=workers == 1,
                     )
                 result.workers = workers
+                results.append(result)
+                print(format_row(result), flush=True)
+    return results
+
+
+async def run_stream_levels(
+    target: str,
+    models: Sequence[str],
+    streams: Sequence[int],
+    in_flight: int,
+    *,
+    duration_s: float,
+    warmup_s: float,
+    rows: int = 1,
+    channels: int = 4,
+    workers: int = 1,
+    progress: Progress | None = None,
+    label: str | None = None,
+    request: pb.ModelInferRequest | None = None,
+) -> list[LevelResult]:
+    """ModelStreamInfer: every model at every number of streams, each stream keeping
+    ``in_flight`` messages unanswered (drivers.stream_loop); latency is per message. With
+    ``request`` (and ``label``, its name in the table) that request is sent instead of one
+    built from each model's metadata: the no-op server has none."""
+    results: list[LevelResult] = []
+    async with channels_on(target, channels) as opened:
+        for model in models:
+            if request is None:
+                async with stubs_on(target, 1) as (stub,):
+                    metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model))
+                sent = request_for(metadata, batch=rows)
+            else:
+                sent = request
+            for count in streams:
+                name = label or model
+                with Progress.step_of(progress, f"{name} {count} streams x {in_flight}",
+                                      warmup_s + duration_s):
+                    window = await stream_loop(opened, sent, count, in_flight,
+                                               duration_s=duration_s, warmup_s=warmup_s)
+                result = LevelResult(name, "stream", float(count), rows, window.span,
+                                     window.latencies, dict(window.errors),
+                                     workers=workers, label=f"{in_flight} in flight")
                 results.append(result)
                 print(format_row(result), flush=True)
     return results

@@ -90,3 +90,18 @@ def test_the_command_line_writes_levels_with_every_percentile(tmp_path: Path) ->
     for level in data["levels"]:
         assert level["requests"] > 0 and level["errors"] == {} and level["p99.9_ms"] > 0
     assert data["ceiling_rows_per_s"]["digits"]["1"] > 0
+
+
+def test_the_command_line_streams_with_messages_in_flight(tmp_path: Path) -> None:
+    from loadtests import benchmark
+
+    out = tmp_path / "streams.json"
+    assert benchmark.main(["--models", "digits", "--concurrency", "2", "--stream", "4",
+                           "--duration", "0.3", "--warmup", "0.1", "--ceiling-rows", "1",
+                           "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    levels = data["levels"]
+    assert [(level["model"], level["mode"]) for level in levels] == [
+        ("digits", "stream"), ("no-op server", "stream")]
+    for level in levels:
+        assert level["requests"] > 0 and level["errors"] == {} and level["p99.9_ms"] > 0
