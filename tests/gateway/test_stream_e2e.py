@@ -417,3 +417,27 @@ def test_labels_and_routing_keys_apply_per_message(tmp_path: Path) -> None:
     versions = {a.infer_response.id: int(a.infer_response.model_version) for a in answers}
     expected = {f"key-{k}": choose_weighted(weights, split_point("adder", k)) for k in keys}
     assert versions == expected and set(expected.values()) == {1, 2}
+
+
+def test_the_stream_deadline_bounds_its_messages(gateway: RunningGateway, key: str) -> None:
+    """A message that cannot run before the stream's deadline (it waits for a batch of four
+    that never fills) is never run: the stream ends DEADLINE_EXCEEDED and the gateway lets
+    the message go."""
+    streams = gateway.gateway.streams
+    before = statistics(gateway, key, "gather4")
+
+    async def run() -> grpc.StatusCode:
+        async with grpc.aio.insecure_channel(gateway.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            call = stub.ModelStreamInfer(metadata=bearer(key), timeout=1.0)
+            await call.write(message("gather4", request_id="late"))
+            try:
+                while await call.read() is not cygrpc_eof():
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                return code_of(exc)
+            return code_of(await call.code())
+
+    assert asyncio.run(run()) is grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: streams.open_streams == 0, "the stream to close")
+    assert statistics(gateway, key, "gather4") == before
