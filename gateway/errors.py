@@ -75,3 +75,9 @@ def unknown_model(name: str) -> ModelNotFoundError:
     """The one NOT_FOUND for a model that does not exist and for one the caller may not see:
     both must read alike, so a tenant learns nothing of other tenants' models."""
     return ModelNotFoundError(f"unknown model '{echoed(name)}'")
+
+
+def limit_of(error: BaseException | None) -> str | None:
+    """The ``modelgate-limit`` trailer ``error`` carries: the limit that refused it (None
+    when it names none, as overload that is no tenant's limit)."""
+    return error.trailers.get(LIMIT_KEY) if isinstance(error, GatewayError) else None

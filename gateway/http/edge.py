@@ -13,7 +13,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.errors import LIMIT_KEY, RETRY_AFTER_KEY, AuthenticationError, QuotaExceededError
+from gateway.errors import (
+    LIMIT_KEY,
+    RETRY_AFTER_KEY,
+    AuthenticationError,
+    QuotaExceededError,
+    limit_of,
+)
 from gateway.http.content_coding import accepted, compress
 from gateway.http.messages import HttpRequest, HttpResponse, error_response
 from gateway.http.routes import ANONYMOUS, CAPPED, Route, match
@@ -146,7 +152,7 @@ class RestEdge:
         if route.name == "ModelInfer":
             self._metrics.count_request(record.model, record.tenant, code, elapsed, "http")
             if record.rejected_by == QUOTA or isinstance(error, QuotaExceededError):
-                self._metrics.count_quota_rejection(record.tenant)
+                self._metrics.count_quota_rejection(record.tenant, limit_of(error))
         span = record.span
         if span is not None:
             if span.is_recording():

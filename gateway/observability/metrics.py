@@ -13,6 +13,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from gateway.observability.loop_metrics import Buckets, Count, Level, LoopMetrics
+from gateway.quota.store import LIMIT_NAMES
 from model_store.spec import ModelId
 
 NAMESPACE: Final = "modelgate"
@@ -32,6 +33,8 @@ OTHER_TENANT: Final = "_other"
 # Bound on the cache of per-answer children (models x tenants x codes seen).
 _MAX_ANSWERED: Final = 65536
 NO_TENANT: Final = "_anonymous"
+# A quota rejection whose limit is none of LIMIT_NAMES (the label set stays fixed).
+OTHER_LIMIT: Final = "_other"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +111,8 @@ class Metrics:
             ("tenant", "code"),
         )
         self.quota_rejections = Counter(
-            "tenant_quota_rejections", "Requests rejected by the tenant's quota",
-            ("tenant",), namespace=ns, registry=r,
+            "tenant_quota_rejections", "Requests rejected by the tenant's quota, by tenant "
+            "and the limit that refused them", ("tenant", "limit"), namespace=ns, registry=r,
         )
         self.redis_outages = Counter(
             "redis_outages", "Times the shared quota store (Redis) was found unreachable",
@@ -179,8 +182,10 @@ class Metrics:
         if model is not None and duration_s is not None:
             self.model(model).request_duration.observe(duration_s)
 
-    def count_quota_rejection(self, tenant: str | None) -> None:
-        self.quota_rejections.labels(self.tenant_label(tenant)).inc()
+    def count_quota_rejection(self, tenant: str | None, limit: str | None) -> None:
+        """Count one quota rejection; ``limit`` is its ``modelgate-limit`` trailer
+        (``requests_per_s;model=iris`` counts as ``requests_per_s``)."""
+        self.quota_rejections.labels(self.tenant_label(tenant), limit_label(limit)).inc()
 
     def count_redis_outage(self) -> None:
         self.redis_outages.inc()
@@ -191,3 +196,10 @@ class Metrics:
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def limit_label(limit: str | None) -> str:
+    """The bounded label of a ``modelgate-limit`` trailer: the limit's name without the
+    scope it applies to (a per-model limit counts under its limit's name)."""
+    name = (limit or "").partition(";")[0]
+    return name if name in LIMIT_NAMES else OTHER_LIMIT

@@ -33,6 +33,11 @@ REFUNDABLE: Final[tuple[type[BaseException], ...]] = (
 )
 # A full concurrency slot frees as soon as any request of the tenant finishes.
 CONCURRENCY_RETRY_MS: Final = 50
+# Every limit a rejection can name (the ``modelgate-limit`` trailer up to its ';'): a
+# fixed set, so rejections can be labelled by limit in metrics.
+LIMIT_NAMES: Final = frozenset({
+    "requests_per_s", "rows_per_s", "rows_burst", "concurrent", "requests_per_day",
+})
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from gateway.errors import LIMIT_KEY, QuotaExceededError
+from gateway.errors import LIMIT_KEY, QuotaExceededError, limit_of
 from gateway.observability.access_log import AccessEntry, AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import (
@@ -115,10 +115,12 @@ class RpcObserver:
         code_name = code.name
         if record.method == "ModelInfer":
             self._metrics.count_request(record.model, record.tenant, code_name, elapsed)
-            if record.rejected_by == QUOTA or isinstance(error, QuotaExceededError) or (
-                code is grpc.StatusCode.RESOURCE_EXHAUSTED and _names_limit(context)
-            ):
-                self._metrics.count_quota_rejection(record.tenant)
+            if record.rejected_by == QUOTA or isinstance(error, QuotaExceededError):
+                self._metrics.count_quota_rejection(record.tenant, limit_of(error))
+            elif code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                limit = _named_limit(context)
+                if limit is not None:
+                    self._metrics.count_quota_rejection(record.tenant, limit)
         span = record.span
         if span is None and self._access_log is None:
             return
@@ -158,10 +160,13 @@ def _detach(record: RequestRecord) -> None:
         otel_context.detach(token)  # type: ignore[arg-type]
 
 
-def _names_limit(context: Context) -> bool:
-    """Whether the answer carries the quota's trailer (a quota rejection, not a full
-    queue): the modelgate-limit trailer is part of the wire contract."""
-    return any(key == LIMIT_KEY for key, _ in context.trailing_metadata() or ())
+def _named_limit(context: Context) -> str | None:
+    """The quota's trailer the answer carries (a quota rejection, not a full queue): the
+    modelgate-limit trailer is part of the wire contract."""
+    for key, value in context.trailing_metadata() or ():
+        if key == LIMIT_KEY:
+            return str(value)
+    return None
 
 
 def _entry(

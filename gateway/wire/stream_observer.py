@@ -13,7 +13,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from gateway.errors import QuotaExceededError
+from gateway.errors import QuotaExceededError, limit_of
 from gateway.observability.access_log import AccessEntry, AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import (
@@ -109,7 +109,7 @@ class StreamObserver:
         elapsed = time.perf_counter() - record.start
         self._metrics.count_request(record.model, record.tenant, code, elapsed, PROTOCOL)
         if record.rejected_by == QUOTA or isinstance(error, QuotaExceededError):
-            self._metrics.count_quota_rejection(record.tenant)
+            self._metrics.count_quota_rejection(record.tenant, limit_of(error))
         span = record.span
         if span is not None:
             if span.is_recording():

@@ -185,12 +185,20 @@ def test_tenant_label_is_bounded() -> None:
 
 def test_quota_rejections_redis_outages_and_span_drops_count() -> None:
     metrics = Metrics(process_metrics=False)
-    metrics.count_quota_rejection("acme")
-    metrics.count_quota_rejection("acme")
+    metrics.count_quota_rejection("acme", "requests_per_s")
+    metrics.count_quota_rejection("acme", "requests_per_s;model=iris")
+    metrics.count_quota_rejection("acme", "concurrent")
+    metrics.count_quota_rejection("acme", "no_such_limit")
+    metrics.count_quota_rejection("acme", None)
     metrics.count_redis_outage()
     metrics.count_dropped_spans(5, "queue_full")
     body = metrics.exposition().decode()
-    assert 'modelgate_tenant_quota_rejections_total{tenant="acme"} 2.0' in body
+    # A per-model limit counts under its limit's name; what is no known limit, as _other.
+    rejections = "modelgate_tenant_quota_rejections_total"
+    assert f'{rejections}{{limit="requests_per_s",tenant="acme"}} 2.0' in body
+    assert f'{rejections}{{limit="concurrent",tenant="acme"}} 1.0' in body
+    assert f'{rejections}{{limit="_other",tenant="acme"}} 2.0' in body
+    assert "no_such_limit" not in body
     assert "modelgate_redis_outages_total 1.0" in body
     assert 'modelgate_spans_dropped_total{reason="queue_full"} 5.0' in body
 
@@ -199,13 +207,15 @@ def test_tenants_and_quota_rejections_are_counted(tmp_path: Path) -> None:
     path = tmp_path / "tenants.toml"
     keys = {}
     for tenant_id, flags in (("rate", ["--requests-per-s", "0.01", "--burst", "3"]),
+                             ("daily", ["--requests-per-day", "1", "--rows-per-s", "0.01",
+                                        "--rows-burst", "4"]),
                              ("free", [])):
         assert admin(path, "create", tenant_id, *flags)[0] == 0
         keys[tenant_id] = issue(path, tenant_id)
 
-    def send(key: str) -> grpc.StatusCode:
+    def send(key: str, rows: int = 1) -> grpc.StatusCode:
         try:
-            stub.ModelInfer(infer_request("plain"),
+            stub.ModelInfer(infer_request("plain", rows),
                             metadata=(("authorization", f"Bearer {key}"),), timeout=30)
         except grpc.RpcError as exc:
             return exc.code()  # type: ignore[no-any-return]
@@ -216,16 +226,23 @@ def test_tenants_and_quota_rejections_are_counted(tmp_path: Path) -> None:
         stub = gw.stub()
         codes = [send(keys["rate"]) for _ in range(4)] + [send(keys["free"]) for _ in range(2)]
         codes.append(send("mg_rate_" + "x" * 40))
+        # More rows than the row bucket holds, then past the day's single request.
+        daily = [send(keys["daily"], rows=5), send(keys["daily"]), send(keys["daily"])]
         samples = scrape(gw)
     ok, exhausted = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
     assert codes == [ok, ok, ok, exhausted, ok, ok, grpc.StatusCode.UNAUTHENTICATED]
+    assert daily == [exhausted, ok, exhausted]
     tenant = "modelgate_tenant_requests_total"
     assert value(samples, tenant, tenant="rate", code="OK") == 3
     assert value(samples, tenant, tenant="rate", code="RESOURCE_EXHAUSTED") == 1
     assert value(samples, tenant, tenant="free", code="OK") == 2
     assert value(samples, tenant, tenant="_anonymous", code="UNAUTHENTICATED") == 1
+    # Each rejection counts under its tenant and the limit that refused it.
     rejections = "modelgate_tenant_quota_rejections_total"
-    assert value(samples, rejections, tenant="rate") == 1
-    assert value(samples, rejections, tenant="free") == 0
+    assert {labels: v for (name, labels), v in samples.items() if name == rejections} == {
+        frozenset({("tenant", "rate"), ("limit", "requests_per_s")}): 1,
+        frozenset({("tenant", "daily"), ("limit", "rows_burst")}): 1,
+        frozenset({("tenant", "daily"), ("limit", "requests_per_day")}): 1,
+    }
     total = "modelgate_inference_requests_total"
-    assert value(samples, total, model="plain", version="1", code="RESOURCE_EXHAUSTED") == 1
+    assert value(samples, total, model="plain", version="1", code="RESOURCE_EXHAUSTED") == 3
