@@ -28,6 +28,7 @@ from gateway.monitoring.collector import DriftCollector
 from gateway.monitoring.endpoint import DriftEndpoint
 from gateway.monitoring.monitor import Monitor, MonitorConfig
 from gateway.observability.access_log import AccessLog
+from gateway.observability.dependency_health import DependencyCollector
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import build_tracing
 from gateway.pipeline.catalog import Catalog
@@ -114,6 +115,7 @@ class Gateway:
             settings.redis_url, settings.redis_failure_mode, self.metrics.count_redis_outage,
             table=settings.quota_table, worker_index=worker_index,
         )
+        self.metrics.registry.register(DependencyCollector(self.upstreams, self.quota))
         self.inflight = InflightLimit(settings.max_inflight_requests)
         # What every transport adapter calls: inference, and what a tenant may learn.
         self.pipeline = InferencePipeline(self.manager, self.quota, self.monitor.hooks())
