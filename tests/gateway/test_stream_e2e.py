@@ -204,12 +204,18 @@ def test_quota_hit_on_a_stream_names_the_limit_with_the_retry_hint(
     rate_key = issue(tenants_file, "rate")
     wait_until(lambda: _works(gateway, rate_key), "the tenants file reload", timeout=15)
     stub = gateway.stub()
+    registry = gateway.gateway.metrics.registry
+    counted = {"tenant": "rate", "limit": "requests_per_s"}
+    before = registry.get_sample_value("modelgate_tenant_quota_rejections_total", counted)
     answers = list(stub.ModelStreamInfer(
         iter([message(request_id=str(i)) for i in range(4)]), metadata=bearer(rate_key),
         timeout=30))
     assert len(answers) == 4
     refused = [a for a in answers if a.error_message]
     assert refused, "a burst of 2 (one spent by the reload probe) cannot pass 4 messages"
+    # Each refused message counts under its tenant and the limit that refused it.
+    after = registry.get_sample_value("modelgate_tenant_quota_rejections_total", counted)
+    assert (after or 0) - (before or 0) == len(refused)
     for answer in refused:
         params = answer.infer_response.parameters
         assert params["modelgate-code"].string_param == "RESOURCE_EXHAUSTED"

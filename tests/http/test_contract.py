@@ -147,6 +147,10 @@ def test_quota_is_shared_with_grpc_and_named_in_429(
         assert "RESOURCE_EXHAUSTED" in str(grpc_refused.value)
     finally:
         client.close()
+    # Both refusals, REST and gRPC, count under the tenant and the limit that refused them.
+    assert gateway.gateway.metrics.registry.get_sample_value(
+        "modelgate_tenant_quota_rejections_total",
+        {"tenant": "metered", "limit": "requests_per_s"}) == 2
 
 
 def test_metrics_and_access_log_name_the_protocol(
