@@ -17,17 +17,21 @@ class CallContext:
     pipeline takes; trailing metadata the servicer sets is added to the edge's own (the
     trace id) instead of replacing it. Everything else goes to the real context."""
 
-    __slots__ = ("_context", "_ours", "caller")
+    __slots__ = ("_context", "_metadata", "_ours", "caller")
 
     def __init__(
-        self, context: Context, caller: RequestContext, ours: tuple[tuple[str, str], ...] = ()
+        self, context: Context, caller: RequestContext, ours: tuple[tuple[str, str], ...] = (),
+        metadata: tuple[tuple[str, Any], ...] | None = None,
     ) -> None:
         self._context = context
         self._ours = ours
+        self._metadata = metadata  # as the edge read it: grpc.aio builds it anew per call
         self.caller = caller
 
     def invocation_metadata(self) -> Any:
-        return self._context.invocation_metadata()
+        if self._metadata is None:
+            self._metadata = tuple(self._context.invocation_metadata() or ())
+        return self._metadata
 
     def time_remaining(self) -> float | None:
         return self._context.time_remaining()

@@ -78,15 +78,17 @@ class RpcObserver:
         self._access_log = access_log
 
     def open(
-        self, method: str, context: Context
+        self, method: str, context: Context, metadata: tuple[tuple[str, Any], ...] | None = None
     ) -> tuple[RequestRecord, tuple[tuple[str, str], ...]]:
         """Start the record (and span) of one RPC; returns it with the trailers every
-        answer of the RPC carries (the trace id when tracing is on)."""
+        answer of the RPC carries (the trace id when tracing is on). ``metadata``: the
+        call's, if the caller has read it already."""
         service, name = _split(method)
         record = RequestRecord(method=name, start=time.perf_counter())
         if self._tracing is None:
             return record, ()
-        metadata = tuple(context.invocation_metadata() or ())
+        if metadata is None:
+            metadata = tuple(context.invocation_metadata() or ())
         span_name = method.lstrip("/")
         trace_id = self._tracing.sampled_out_root(metadata, span_name)
         if trace_id is None:
