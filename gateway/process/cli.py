@@ -31,9 +31,15 @@ from gateway.tenancy.tenants import load_tenants
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelgate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="modelgate",
+        # Plain text: the module docstring is written for readers of the code (RST markup).
+        description="Serve versioned models over the KServe V2 / Triton protocol, gRPC and "
+                    "HTTP (modelgate serve); manage the tenants file (modelgate tenants); "
+                    "build or read drift profiles (modelgate profile, modelgate drift).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("serve", help="serve the models of a model store over gRPC")
+    run = commands.add_parser("serve", help="serve a model store over gRPC (and HTTP)")
     run.add_argument("--config", type=Path, help="TOML file with the same settings")
     run.add_argument("--check-config", action="store_true",
                      help="check the settings, model store, tenants and TLS files, then exit "
