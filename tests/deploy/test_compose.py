@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.deploy import podman as pm
+from tests.deploy.test_observability import dashboard_queries
 from tests.gateway.test_tenants import admin
 from tests.support.certs import CertificateAuthority
 from tests.support.gateway import REPO_ROOT
@@ -110,6 +111,9 @@ def test_envoy_and_prometheus_point_at_the_gateways_ports() -> None:
     jobs = {job["job_name"]: job["static_configs"][0]["targets"]
             for job in prometheus["scrape_configs"]}
     assert jobs["modelgate"] == ["gateway-1:8002", "gateway-2:8002"]  # the metrics port
+    assert "triton" in jobs
     # The alert rules' and dashboard's job names are these.
     alerts = (REPO_ROOT / "deploy" / "observability" / "alerts.yaml").read_text()
-    assert 'up{job="modelgate"}' in alerts and 'up{job="triton"}' in alerts
+    assert 'up{job="modelgate"}' in alerts
+    queries = dashboard_queries()
+    assert {'up{job="modelgate"}', 'up{job="triton"}'} <= set(queries)
