@@ -148,9 +148,14 @@ def test_quota_is_shared_with_grpc_and_named_in_429(
     finally:
         client.close()
     # Both refusals, REST and gRPC, count under the tenant and the limit that refused them.
-    assert gateway.gateway.metrics.registry.get_sample_value(
-        "modelgate_tenant_quota_rejections_total",
-        {"tenant": "metered", "limit": "requests_per_s"}) == 2
+    # The gRPC client has its status before the edge's observer has counted it: wait for it.
+    def rejections() -> float | None:
+        return gateway.gateway.metrics.registry.get_sample_value(
+            "modelgate_tenant_quota_rejections_total",
+            {"tenant": "metered", "limit": "requests_per_s"})
+
+    wait_until(lambda: (rejections() or 0) >= 2, "both quota rejections counted")
+    assert rejections() == 2
 
 
 def test_metrics_and_access_log_name_the_protocol(
