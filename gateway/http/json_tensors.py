@@ -64,7 +64,12 @@ def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) 
                     f"input '{name}': BYTES data must be strings; element {index} is "
                     f"{_json_kind(element)}"
                 )
-            array[index] = element.encode("utf-8")
+            try:
+                array[index] = element.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
+                raise InvalidRequestError(
+                    f"input '{name}': BYTES element {index} is not valid Unicode ({exc.reason})"
+                ) from exc
         return array.reshape(shape)
     if not flat:
         return np.empty(shape, dtype=datatype.numpy_dtype)
