@@ -27,6 +27,7 @@ from loadtests.progress import Progress
 from loadtests.requests import require_loopback
 from loadtests.runner import (
     NOOP,
+    LevelPlan,
     format_table,
     ints,
     machine,
@@ -107,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     levels = len(models) * (len(ints(args.concurrency)) + len(rates))
     levels += len(ints(args.concurrency)) if args.noop else 0
     progress = Progress(levels * (args.warmup + args.duration))
+    plan = LevelPlan(args.duration, args.warmup, rows=args.rows, channels=args.channels,
+                     workers=args.workers, progress=progress)
     with contextlib.ExitStack() as stack:
         target = (
             require_loopback(args.target)
@@ -115,14 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.stream:
             results = asyncio.run(run_stream_levels(
-                target, models, ints(args.concurrency), args.stream, duration_s=args.duration,
-                warmup_s=args.warmup, rows=args.rows, channels=args.channels,
-                workers=args.workers, progress=progress))
+                target, models, ints(args.concurrency), args.stream, plan))
         else:
             results = asyncio.run(run_levels(
-                target, models, ints(args.concurrency), rates, duration_s=args.duration,
-                warmup_s=args.warmup, rows=args.rows, channels=args.channels,
-                workers=args.workers, progress=progress))
+                target, models, ints(args.concurrency), rates, plan))
         if args.noop:
             request, answer = asyncio.run(one_answer(target, models[0], args.rows))
     if args.noop:
@@ -130,15 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with noop_process(free_port(), answer, workers=args.workers) as noop:
             if args.stream:
                 results += asyncio.run(run_stream_levels(
-                    noop, [NOOP], ints(args.concurrency), args.stream,
-                    duration_s=args.duration, warmup_s=args.warmup, rows=args.rows,
-                    channels=args.channels, workers=args.workers, progress=progress,
+                    noop, [NOOP], ints(args.concurrency), args.stream, plan,
                     label=NOOP, request=request))
             else:
                 results += asyncio.run(run_noop_levels(
-                    noop, request, ints(args.concurrency), duration_s=args.duration,
-                    warmup_s=args.warmup, rows=args.rows, channels=args.channels,
-                    workers=args.workers, progress=progress))
+                    noop, request, ints(args.concurrency), plan))
     # Measured with the gateway stopped, so the ceiling has the machine to itself.
     ceilings: dict[str, dict[int, float]] = {}
     files: dict[Path, str] = {}

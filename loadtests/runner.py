@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,26 @@ from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 
 NOOP = "no-op server"
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """How each level of a run is measured: its seconds (measured, and unmeasured before),
+    the rows a request carries, the client's channels, the server's workers (recorded with
+    the results; with more than one, ModelStatistics sees one worker only) and the progress
+    shown."""
+
+    duration_s: float
+    warmup_s: float
+    rows: int = 1
+    channels: int = 4
+    workers: int = 1
+    progress: Progress | None = None
+
+    @property
+    def level_s(self) -> float:
+        """The seconds one level takes, warm-up included."""
+        return self.warmup_s + self.duration_s
 
 
 async def _counts(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> tuple[int, int] | None:
@@ -75,29 +96,23 @@ async def run_levels(
     models: Sequence[str],
     concurrencies: Sequence[int],
     rates: Sequence[float],
-    *,
-    duration_s: float,
-    warmup_s: float,
-    rows: int = 1,
-    channels: int = 4,
-    workers: int = 1,
-    progress: Progress | None = None,
+    plan: LevelPlan,
 ) -> list[LevelResult]:
     """Every model at every closed-loop concurrency, then every open-loop rate."""
     results: list[LevelResult] = []
-    async with stubs_on(target, channels) as stubs:
+    async with stubs_on(target, plan.channels) as stubs:
         for model in models:
             metadata = await stubs[0].ModelMetadata(pb.ModelMetadataRequest(name=model))
-            request = request_for(metadata, batch=rows)
+            request = request_for(metadata, batch=plan.rows)
             levels = [("closed", float(c)) for c in concurrencies]
             levels += [("open", float(r)) for r in rates]
             for mode, load in levels:
-                with Progress.step_of(progress, f"{model} {mode} {load:g}", warmup_s + duration_s):
+                with Progress.step_of(plan.progress, f"{model} {mode} {load:g}", plan.level_s):
                     result = await measure_level(
-                        stubs, request, model, mode, load, duration_s=duration_s,
-                        warmup_s=warmup_s, statistics=workers == 1,
+                        stubs, request, model, mode, load, duration_s=plan.duration_s,
+                        warmup_s=plan.warmup_s, statistics=plan.workers == 1,
                     )
-                result.workers = workers
+                result.workers = plan.workers
                 results.append(result)
                 print(format_row(result), flush=True)
     return results
@@ -108,13 +123,8 @@ async def run_stream_levels(
     models: Sequence[str],
     streams: Sequence[int],
     in_flight: int,
+    plan: LevelPlan,
     *,
-    duration_s: float,
-    warmup_s: float,
-    rows: int = 1,
-    channels: int = 4,
-    workers: int = 1,
-    progress: Progress | None = None,
     label: str | None = None,
     request: pb.ModelInferRequest | None = None,
 ) -> list[LevelResult]:
@@ -123,23 +133,24 @@ async def run_stream_levels(
     ``request`` (and ``label``, its name in the table) that request is sent instead of one
     built from each model's metadata: the no-op server has none."""
     results: list[LevelResult] = []
-    async with channels_on(target, channels) as opened:
+    async with channels_on(target, plan.channels) as opened:
         for model in models:
             if request is None:
                 async with stubs_on(target, 1) as (stub,):
                     metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=model))
-                sent = request_for(metadata, batch=rows)
+                sent = request_for(metadata, batch=plan.rows)
             else:
                 sent = request
             for count in streams:
                 name = label or model
-                with Progress.step_of(progress, f"{name} {count} streams x {in_flight}",
-                                      warmup_s + duration_s):
+                with Progress.step_of(plan.progress, f"{name} {count} streams x {in_flight}",
+                                      plan.level_s):
                     window = await stream_loop(opened, sent, count, in_flight,
-                                               duration_s=duration_s, warmup_s=warmup_s)
-                result = LevelResult(name, "stream", float(count), rows, window.span,
+                                               duration_s=plan.duration_s,
+                                               warmup_s=plan.warmup_s)
+                result = LevelResult(name, "stream", float(count), plan.rows, window.span,
                                      window.latencies, dict(window.errors),
-                                     workers=workers, label=f"{in_flight} in flight")
+                                     workers=plan.workers, label=f"{in_flight} in flight")
                 results.append(result)
                 print(format_row(result), flush=True)
     return results
@@ -159,25 +170,19 @@ async def run_noop_levels(
     target: str,
     request: pb.ModelInferRequest,
     concurrencies: Sequence[int],
-    *,
-    duration_s: float,
-    warmup_s: float,
-    rows: int = 1,
-    channels: int = 4,
-    workers: int = 1,
-    progress: Progress | None = None,
+    plan: LevelPlan,
 ) -> list[LevelResult]:
     """The no-op server (loadtests.noop_server) at every closed-loop concurrency: the same
     client, request and answer size as the gateway runs, with nothing done in between."""
     results: list[LevelResult] = []
-    async with stubs_on(target, channels) as stubs:
+    async with stubs_on(target, plan.channels) as stubs:
         for concurrency in concurrencies:
-            with Progress.step_of(progress, f"{NOOP} {concurrency}", warmup_s + duration_s):
+            with Progress.step_of(plan.progress, f"{NOOP} {concurrency}", plan.level_s):
                 result = await measure_level(
-                    stubs, request, NOOP, "closed", concurrency, duration_s=duration_s,
-                    warmup_s=warmup_s, statistics=False,
+                    stubs, request, NOOP, "closed", concurrency, duration_s=plan.duration_s,
+                    warmup_s=plan.warmup_s, statistics=False,
                 )
-            result.rows_per_request, result.workers = rows, workers
+            result.rows_per_request, result.workers = plan.rows, plan.workers
             results.append(result)
             print(format_row(result), flush=True)
     return results

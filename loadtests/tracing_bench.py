@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.settings import demo_store
 from loadtests.results import LevelResult
-from loadtests.runner import run_levels
+from loadtests.runner import LevelPlan, run_levels
 from loadtests.servers import start_gateway
 
 # (label, extra serve flags without the endpoint; None ratio = tracing off)
@@ -83,8 +83,8 @@ def run(
             with start_gateway(store, extra) as served:
                 cpu0, answered0 = _cpu_and_requests(served.metrics_port)
                 results: list[LevelResult] = asyncio.run(run_levels(
-                    served.target, models, [concurrency], [], duration_s=duration_s,
-                    warmup_s=warmup_s,
+                    served.target, models, [concurrency], [],
+                    LevelPlan(duration_s, warmup_s),
                 ))
                 cpu1, answered1 = _cpu_and_requests(served.metrics_port)
             for result in results:

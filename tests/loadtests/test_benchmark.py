@@ -15,7 +15,7 @@ from gateway.settings import demo_store
 from loadtests.ceilings import ort_ceiling
 from loadtests.drivers import percentile
 from loadtests.results import LevelResult
-from loadtests.runner import format_table, run_levels
+from loadtests.runner import LevelPlan, format_table, run_levels
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support.gateway import running_gateway
@@ -40,9 +40,7 @@ def test_levels_against_the_real_gateway() -> None:
                 ["digits"],
                 [4],
                 [200.0],
-                duration_s=0.3,
-                warmup_s=0.1,
-                channels=2,
+                LevelPlan(duration_s=0.3, warmup_s=0.1, channels=2),
             )
         )
     closed, opened = results
