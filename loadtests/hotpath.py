@@ -9,17 +9,11 @@ server's business.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import cProfile
 import dataclasses
-import io
-import pstats
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,6 +21,8 @@ import grpc
 from gateway.process import event_loop
 from gateway.process.server import Gateway
 from gateway.settings import Settings, demo_store
+from loadtests import loop_cpu
+from loadtests.loop_cpu import Round, timed_round
 from loadtests.requests import request_for
 from loadtests.tracing_bench import span_sink
 from modelgate_pb import grpc_service_pb2 as pb
@@ -69,19 +65,6 @@ class _Context:
         raise RuntimeError(f"{code.name}: {details}")
 
 
-@dataclasses.dataclass
-class Round:
-    requests: int
-    cpu_s: float
-    wall_s: float
-    batches: int
-
-    def line(self, model: str, concurrency: int) -> str:
-        return (f"{model}, {concurrency} callers: {1e6 * self.cpu_s / self.requests:.1f} µs of "
-                f"loop CPU a request, {1e6 * self.wall_s / self.requests:.1f} µs wall, "
-                f"mean batch {self.requests / max(1, self.batches):.1f}")
-
-
 async def measure(settings: Settings, model: str, *, concurrency: int, requests: int,
                   rounds: int, rows: int, key: str | None,
                   profile: cProfile.Profile | None, stream: bool = False) -> list[Round]:
@@ -120,42 +103,26 @@ async def measure(settings: Settings, model: str, *, concurrency: int, requests:
         for _ in range(rounds):
             served = gateway.manager.version(model, "").id
             counted = gateway.metrics.exec_count.labels(model, str(served.version))
-            before, cpu, wall = counted.value, time.thread_time(), time.perf_counter()
-            if profile is not None:
-                profile.enable()
-            await asyncio.gather(*(caller(requests // concurrency) for _ in range(concurrency)))
-            if profile is not None:
-                profile.disable()
-            done = requests // concurrency * concurrency
-            results.append(Round(done, time.thread_time() - cpu, time.perf_counter() - wall,
-                                 int(counted.value - before)))
+            before = counted.value
+            result = await timed_round(caller, concurrency=concurrency, requests=requests,
+                                       profile=profile)
+            result.batches = int(counted.value - before)
+            results.append(result)
         return results
     finally:
         await gateway.stop(grace=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.hotpath", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", type=Path, default=None, help="default: the demo store")
-    parser.add_argument("--model", default="digits")
+    parser = loop_cpu.parser("python -m loadtests.hotpath", __doc__, model_help=None,
+                             concurrency=32, requests=20000)
     parser.add_argument("--rows", type=int, default=1)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tenants", type=Path, help="a tenants file (then --key is sent)")
-    parser.add_argument("--key", help="the API key to send")
     parser.add_argument("--redis-url", default="", help="charge the tenants' quotas in Redis")
     parser.add_argument("--trace-ratio", type=float, default=None,
                         help="trace this share of requests, exported to an in-process sink")
-    parser.add_argument("--event-loop", default="auto", choices=event_loop.CHOICES)
-    parser.add_argument("--monitoring", action=argparse.BooleanOptionalAction, default=True,
-                        help="drift monitoring at its default sampling (on, as served)")
     parser.add_argument("--stream", action="store_true",
                         help="ModelStreamInfer: --concurrency streams, each carrying its share "
                         "of --requests (stream_max_inflight in flight per stream)")
-    parser.add_argument("--profile", type=int, metavar="N", default=0,
-                        help="print the N functions with the most own time (cProfile)")
     args = parser.parse_args(argv)
     if min(args.concurrency, args.requests, args.rounds, args.rows) < 1:
         parser.error("--concurrency, --requests, --rounds and --rows must be positive")
@@ -178,10 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     for result in rounds:
         print(result.line(args.model, args.concurrency))
-    if profile is not None:
-        out = io.StringIO()
-        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.profile)
-        print(out.getvalue())
+    loop_cpu.print_profile(profile, args.profile)
     return 0
 
 

@@ -8,23 +8,20 @@ in-memory transport by closed-loop callers; prints the loop thread's CPU time pe
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import cProfile
 import dataclasses
-import io
-import pstats
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from gateway.http.connection import Connections, HttpConnection, Limits
 from gateway.process import event_loop
 from gateway.process.server import Gateway
 from gateway.settings import Settings, demo_store
+from loadtests import loop_cpu
 from loadtests.http_bench import body as infer_body
+from loadtests.loop_cpu import Round, timed_round
 
 
 class _Transport:
@@ -78,18 +75,6 @@ def request_bytes(model: str, binary: bool, key: str | None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
 
 
-@dataclasses.dataclass
-class Round:
-    requests: int
-    cpu_s: float
-    wall_s: float
-
-    def line(self, model: str, body: str, concurrency: int) -> str:
-        return (f"{model} {body}, {concurrency} callers: "
-                f"{1e6 * self.cpu_s / self.requests:.1f} µs of loop CPU a request, "
-                f"{1e6 * self.wall_s / self.requests:.1f} µs wall")
-
-
 async def measure(settings: Settings, model: str, binary: bool, *, concurrency: int,
                   requests: int, rounds: int, key: str | None,
                   profile: cProfile.Profile | None) -> list[Round]:
@@ -115,38 +100,17 @@ async def measure(settings: Settings, model: str, binary: bool, *, concurrency: 
             connection.connection_lost(None)
 
         await caller(50)  # warm-up: plans, sessions, first batches
-        results = []
-        for _ in range(rounds):
-            cpu, wall = time.thread_time(), time.perf_counter()
-            if profile is not None:
-                profile.enable()
-            await asyncio.gather(*(caller(requests // concurrency) for _ in range(concurrency)))
-            if profile is not None:
-                profile.disable()
-            done = requests // concurrency * concurrency
-            results.append(Round(done, time.thread_time() - cpu, time.perf_counter() - wall))
-        return results
+        return [await timed_round(caller, concurrency=concurrency, requests=requests,
+                                  profile=profile) for _ in range(rounds)]
     finally:
         await gateway.stop(grace=0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.http_hotpath",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", type=Path, default=None, help="default: the demo store")
-    parser.add_argument("--model", default="digits", help="digits, digits_unbatched or cnn")
+    parser = loop_cpu.parser("python -m loadtests.http_hotpath", __doc__,
+                             model_help="digits, digits_unbatched or cnn",
+                             concurrency=1, requests=5000)
     parser.add_argument("--body", default="binary", choices=("binary", "json"))
-    parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tenants", type=Path, help="a tenants file (then --key is sent)")
-    parser.add_argument("--key", help="the API key to send")
-    parser.add_argument("--event-loop", default="auto", choices=event_loop.CHOICES)
-    parser.add_argument("--monitoring", action=argparse.BooleanOptionalAction, default=True,
-                        help="drift monitoring at its default sampling (on, as served)")
-    parser.add_argument("--profile", type=int, metavar="N", default=0,
-                        help="print the N functions with the most own time (cProfile)")
     args = parser.parse_args(argv)
     if min(args.concurrency, args.requests, args.rounds) < 1:
         parser.error("--concurrency, --requests and --rounds must be positive")
@@ -162,11 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.event_loop,
     )
     for result in rounds:
-        print(result.line(args.model, args.body, args.concurrency))
-    if profile is not None:
-        out = io.StringIO()
-        pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(args.profile)
-        print(out.getvalue())
+        print(result.line(f"{args.model} {args.body}", args.concurrency))
+    loop_cpu.print_profile(profile, args.profile)
     return 0
 
 
