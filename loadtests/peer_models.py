@@ -87,10 +87,12 @@ def write_store(root: Path, models: list[PeerModel]) -> Path:
     return root
 
 
-# Triton's Python backend hands execute() every request of a dynamic batch; this runner joins
-# their inputs along the batch axis, runs ONNX Runtime once and splits the outputs, as
-# modelgate's batcher does (running each request alone would forfeit batching).
-BATCHED_RUNNER: Final = '''
+# The opening of a Triton Python-backend model.py that runs <version>/model.onnx with ONNX
+# Runtime on one thread; the runner here and the tests' (tests/support/triton_server.py) start
+# with it. The backend runs model.py in a stub process that embeds the system libpython with
+# an isolated configuration: PYTHONPATH is in its environment but not on sys.path, so the
+# model puts it there itself before anything imports numpy.
+RUNNER_HEAD: Final = '''
 import os, sys
 sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 import numpy as np
@@ -98,16 +100,26 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
+def open_session(args):
+    """The version's model.onnx in ONNX Runtime (one thread), its input and output names."""
+    folder = os.path.join(args["model_repository"], args["model_version"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    return (session, [i.name for i in session.get_inputs()],
+            [o.name for o in session.get_outputs()])
+'''
+
+# Triton's Python backend hands execute() every request of a dynamic batch; this runner joins
+# their inputs along the batch axis, runs ONNX Runtime once and splits the outputs, as
+# modelgate's batcher does (running each request alone would forfeit batching).
+BATCHED_RUNNER: Final = RUNNER_HEAD + '''
+
 class TritonPythonModel:
     def initialize(self, args):
-        folder = os.path.join(args["model_repository"], args["model_version"])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.session, self.inputs, self.outputs = open_session(args)
 
     def execute(self, requests):
         parts = {name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy()

@@ -18,6 +18,7 @@ from typing import Final
 
 import grpc
 
+from loadtests.peer_models import RUNNER_HEAD
 from loadtests.servers import children
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
@@ -35,16 +36,8 @@ TRITON_VENV: Final = REPO_ROOT / ".triton-venv"
 INSTALL_SCRIPT: Final = REPO_ROOT / "scripts" / "install_test_deps.sh"
 STUB: Final = "triton_python_backend_stub"
 
-# The Python backend runs model.py in a stub process that embeds the system libpython with an
-# isolated configuration: PYTHONPATH is in its environment but not on sys.path, so the model
-# puts it there itself before anything imports numpy.
-ONNX_RUNNER: Final = '''
-import os, sys
-sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-import json, time
-import numpy as np
-import onnxruntime as ort
-import triton_python_backend_utils as pb_utils
+# Runs every request alone; parameter delay_ms slows each (a slow upstream on demand).
+ONNX_RUNNER: Final = RUNNER_HEAD + '''import json, time
 
 
 class TritonPythonModel:
@@ -52,14 +45,7 @@ class TritonPythonModel:
 
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        folder = os.path.join(args["model_repository"], args["model_version"])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options,
-                                            providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.session, self.inputs, self.outputs = open_session(args)
         delay = config.get("parameters", {}).get("delay_ms", {}).get("string_value", "0")
         self.delay = float(delay) / 1000.0
 
