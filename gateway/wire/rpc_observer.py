@@ -131,7 +131,8 @@ class RpcObserver:
         if span is not None:
             self._end_span(record, span, code, peer)
         if self._access_log is not None:
-            self._access_log.write(_entry(record, code_name, request, peer, elapsed))
+            self._access_log.write(
+                access_entry(record, code_name, peer, elapsed, _asked(request)))
 
     def _end_span(
         self, record: RequestRecord, span: trace.Span, code: grpc.StatusCode, peer: str
@@ -171,17 +172,24 @@ def _named_limit(context: Context) -> str | None:
     return None
 
 
-def _entry(
-    record: RequestRecord, code: str, request: Any, peer: str, elapsed: float
+def _asked(request: Any) -> tuple[str | None, str | None]:
+    """The model and version the request named, if it names any."""
+    if request is None:
+        return None, None
+    model = getattr(request, "model_name", None) or getattr(request, "name", None)
+    version = getattr(request, "model_version", None) or getattr(request, "version", None)
+    return model, version
+
+
+def access_entry(
+    record: RequestRecord, code: str, peer: str, elapsed: float,
+    asked: tuple[str | None, str | None], *, protocol: str = "grpc",
 ) -> AccessEntry:
-    model: str | None = None
-    version: str | None = None
+    """The access-log line of one answered call (an RPC or a stream's message): the model
+    and version it ran, else those it ``asked`` for (escaped and cut by the log's formatter)."""
+    model, version = asked
     if record.model is not None:
         model, version = record.model.name, str(record.model.version)
-    elif request is not None:
-        # What the client asked for; escaped and cut by the log's formatter.
-        model = getattr(request, "model_name", None) or getattr(request, "name", None)
-        version = getattr(request, "model_version", None) or getattr(request, "version", None)
     return AccessEntry(
         method=record.method,
         code=code,
@@ -195,4 +203,5 @@ def _entry(
         compute_us=None if record.compute_s is None else int(record.compute_s * 1e6),
         total_us=int(elapsed * 1e6),
         trace_id=record.trace_id or None,
+        protocol=protocol,
     )

@@ -14,7 +14,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from gateway.errors import QuotaExceededError, limit_of
-from gateway.observability.access_log import AccessEntry, AccessLog
+from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import (
     ATTR_MODEL,
@@ -25,6 +25,7 @@ from gateway.observability.tracing import (
     trace_id_hex,
 )
 from gateway.request.context import QUOTA, RequestRecord
+from gateway.wire.rpc_observer import access_entry
 
 METHOD: Final = "ModelStreamInfer"
 STREAM_SPAN: Final = "inference.GRPCInferenceService/ModelStreamInfer"
@@ -126,14 +127,5 @@ class StreamObserver:
             if token is not None:
                 otel_context.detach(token)  # type: ignore[arg-type]
         if self._access_log is not None:
-            model, version = asked
-            if record.model is not None:
-                model, version = record.model.name, str(record.model.version)
-            self._access_log.write(AccessEntry(
-                method=METHOD, code=code, peer=peer, tenant=record.tenant,
-                model=model or None, version=version or None, rows=record.rows,
-                batch_rows=record.batch_rows,
-                queue_us=None if record.queue_s is None else int(record.queue_s * 1e6),
-                compute_us=None if record.compute_s is None else int(record.compute_s * 1e6),
-                total_us=int(elapsed * 1e6), trace_id=record.trace_id or None,
-                protocol=PROTOCOL))
+            self._access_log.write(access_entry(record, code, peer, elapsed, asked,
+                                                protocol=PROTOCOL))
