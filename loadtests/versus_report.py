@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,6 +70,28 @@ def _ratio(a: Figure | None, b: Figure | None) -> float | None:
     return a.messages_per_s / b.messages_per_s
 
 
+def _as_fast(ours: Figure, theirs: Figure) -> tuple[str, bool]:
+    return (f"mean {ours.mean_ms * 1000:.0f} vs {theirs.mean_ms * 1000:.0f} µs, "
+            f"p50 {ours.p50_ms * 1000:.0f} vs {theirs.p50_ms * 1000:.0f} µs",
+            ours.mean_ms <= theirs.mean_ms and ours.p50_ms <= theirs.p50_ms)
+
+
+def _forwarding_adds(through: Figure, direct: Figure) -> tuple[str, bool]:
+    added = (through.mean_ms - direct.mean_ms) * 1000
+    added50 = (through.p50_ms - direct.p50_ms) * 1000
+    return f"mean +{added:.0f} µs, p50 +{added50:.0f} µs", added <= 300
+
+
+def _compared(figures: Sequence[Figure], model: str, servers: tuple[str, str], target: str,
+              judge: Callable[[Figure, Figure], tuple[str, bool]]) -> Verdict:
+    """The two servers' unary figures for ``model`` at concurrency 1 judged (what was measured,
+    whether the target is met), or "not measured" where either is missing."""
+    first, second = (_find(figures, s, model, "unary", 1) for s in servers)
+    if first is None or second is None:
+        return Verdict(target, "not measured", None)
+    return Verdict(target, *judge(first, second))
+
+
 def verdicts(figures: Sequence[Figure], concurrency: int = 32) -> list[Verdict]:
     out: list[Verdict] = []
     stream = {s: _find(figures, s, "mlp", "stream", concurrency)
@@ -83,16 +105,8 @@ def verdicts(figures: Sequence[Figure], concurrency: int = 32) -> list[Verdict]:
                        f"{vs_noop:.0%}" if vs_noop is not None else "not measured",
                        None if vs_noop is None else vs_noop >= 0.6))
     for model in ("mlp", "cnn"):
-        ours, theirs = (_find(figures, s, model, "unary", 1) for s in (MODELGATE, TRITON))
-        if ours is None or theirs is None:
-            out.append(Verdict(f"concurrency 1, {model}: mean and p50 <= Triton's",
-                               "not measured", None))
-            continue
-        out.append(Verdict(
-            f"concurrency 1, {model}: mean and p50 <= Triton's",
-            f"mean {ours.mean_ms * 1000:.0f} vs {theirs.mean_ms * 1000:.0f} µs, "
-            f"p50 {ours.p50_ms * 1000:.0f} vs {theirs.p50_ms * 1000:.0f} µs",
-            ours.mean_ms <= theirs.mean_ms and ours.p50_ms <= theirs.p50_ms))
+        out.append(_compared(figures, model, (MODELGATE, TRITON),
+                             f"concurrency 1, {model}: mean and p50 <= Triton's", _as_fast))
     two = _ratio(_find(figures, MODELGATE_2, "mlp", "unary", concurrency),
                  _find(figures, TRITON, "mlp", "unary", concurrency))
     ceiling = _ratio(_find(figures, NOOP_2, "mlp", "unary", concurrency),
@@ -103,15 +117,9 @@ def verdicts(figures: Sequence[Figure], concurrency: int = 32) -> list[Verdict]:
         + (f" (no-op server, 2 processes: {ceiling:.2f}x)" if ceiling is not None else ""),
         None if two is None else two >= 0.6))
     for model in ("mlp", "cnn"):
-        through, direct = (_find(figures, s, model, "unary", 1) for s in (FORWARD, TRITON))
-        if through is None or direct is None:
-            out.append(Verdict(f"through the gateway to Triton, c=1, {model}: <= 300 µs added",
-                               "not measured", None))
-            continue
-        added = (through.mean_ms - direct.mean_ms) * 1000
-        added50 = (through.p50_ms - direct.p50_ms) * 1000
-        out.append(Verdict(f"through the gateway to Triton, c=1, {model}: <= 300 µs added",
-                           f"mean +{added:.0f} µs, p50 +{added50:.0f} µs", added <= 300))
+        out.append(_compared(figures, model, (FORWARD, TRITON),
+                             f"through the gateway to Triton, c=1, {model}: <= 300 µs added",
+                             _forwarding_adds))
     fwd = _find(figures, FORWARD, "mlp", "unary", concurrency)
     own = _find(figures, MODELGATE, "mlp", "unary", concurrency)
     if fwd is None or own is None or fwd.cpu_us_per_message is None or \
