@@ -17,7 +17,7 @@ from tests.gateway.test_metrics import Samples, infer_request, scrape, value
 from tests.gateway.test_tenants import admin, issue
 from tests.support.gateway import free_port, running_gateway
 from tests.support.models import add_constant, add_model_config, write_model
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, fresh_redis
 from tests.support.triton_server import triton_servers
 from tests.support.waiting import wait_until
 
@@ -73,12 +73,7 @@ def tenants(tmp_path: Path) -> tuple[Path, str]:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from fresh_redis()
 
 
 @pytest.mark.parametrize("mode", ["fail-open", "fail-closed"])
