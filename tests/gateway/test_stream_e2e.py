@@ -79,6 +79,16 @@ def code_of(value: object) -> grpc.StatusCode:
     return code
 
 
+async def final_code(call: Any) -> grpc.StatusCode:
+    """Reads the stream's answers to its end; the status it ended with."""
+    try:
+        while await call.read() is not cygrpc_eof():
+            pass
+    except grpc.aio.AioRpcError as exc:
+        return code_of(exc)
+    return code_of(await call.code())
+
+
 def bearer(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
@@ -278,12 +288,7 @@ def test_a_revoked_key_ends_an_open_stream(
             first = await call.read()
             assert not first.error_message and first.infer_response.id == "first"
             assert admin(tenants_file, "revoke", "leaving")[0] == 0
-            try:
-                while await call.read() is not cygrpc_eof():
-                    pass
-            except grpc.aio.AioRpcError as exc:
-                return code_of(exc)
-            return code_of(await call.code())
+            return await final_code(call)
 
     assert asyncio.run(run()) is grpc.StatusCode.UNAUTHENTICATED
 
@@ -437,12 +442,7 @@ def test_the_stream_deadline_bounds_its_messages(gateway: RunningGateway, key: s
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             call = stub.ModelStreamInfer(metadata=bearer(key), timeout=1.0)
             await call.write(message("gather4", request_id="late"))
-            try:
-                while await call.read() is not cygrpc_eof():
-                    pass
-            except grpc.aio.AioRpcError as exc:
-                return code_of(exc)
-            return code_of(await call.code())
+            return await final_code(call)
 
     assert asyncio.run(run()) is grpc.StatusCode.DEADLINE_EXCEEDED
     wait_until(lambda: streams.open_streams == 0, "the stream to close")
