@@ -86,11 +86,17 @@ class V2User(User):
     def on_stop(self) -> None:
         self.channel.close()
 
+    def limit_reached(self) -> bool:
+        """Whether the run has made --max-requests requests; if so, it is told to stop."""
+        runner = self.environment.runner
+        if self.environment.stats.total.num_requests < self.limit or runner is None:
+            return False
+        runner.quit()
+        return True
+
     @task
     def infer(self) -> None:
-        stats = self.environment.stats.total
-        if stats.num_requests >= self.limit and self.environment.runner is not None:
-            self.environment.runner.quit()
+        if self.limit_reached():
             return
         started = time.perf_counter()
         error: Exception | None = None
@@ -150,9 +156,7 @@ class StreamUser(V2User):
 
     @task
     def infer(self) -> None:
-        stats = self.environment.stats.total
-        if stats.num_requests >= self.limit and self.environment.runner is not None:
-            self.environment.runner.quit()
+        if self.limit_reached():
             return
         self.places.acquire()
         message = pb.ModelInferRequest()
