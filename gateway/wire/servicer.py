@@ -34,9 +34,11 @@ EXTENSIONS = (
 )
 REASON_KEY = "modelgate-reason"
 
+# ModelStreamInfer is served by gateway/wire/stream.py's bytes handler, which the server
+# registers in place of this class's method.
 IMPLEMENTED = frozenset({
     "ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata",
-    "ModelInfer", "ModelConfig", "RepositoryIndex", "RepositoryModelLoad",
+    "ModelInfer", "ModelStreamInfer", "ModelConfig", "RepositoryIndex", "RepositoryModelLoad",
     "RepositoryModelUnload", "ModelStatistics",
 })
 
