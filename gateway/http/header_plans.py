@@ -1,6 +1,7 @@
 """Decode plans of binary infer requests, keyed by the exact bytes of their JSON header: a
 client sending tensors of one layout sends the same header every time, so a header that was
-fully checked once is not parsed again; only its tensors' bytes are viewed."""
+fully decoded once is not parsed again; only its tensors' bytes are viewed. No model's spec
+is involved: the pipeline checks the request's layout against the version that runs it."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from typing import Final
 
 import numpy as np
 
+from gateway.errors import InvalidRequestError
 from gateway.http.infer_body import BinaryLayout, InferBody
-from gateway.pipeline.tensors import from_raw
+from gateway.pipeline.tensors import DecodedRequest, from_raw
 from model_store.datatypes import DataType
-from model_store.spec import ModelSpec
 from runtimes.base import InferRequest, Tensor
 
 # Headers longer than this are parsed every time (real ones are a few hundred bytes).
@@ -33,22 +34,19 @@ class _Input:
 
 
 class HeaderPlan:
-    """What the full checks found in one header: the inputs' layout in the binary data,
-    the requested outputs and parameters; and the last model spec it was checked against
-    (with the row count that check returned)."""
+    """What the full decode found in one header: the inputs' layout in the binary data, the
+    request's own tensor layout (which the pipeline checks against a spec), the requested
+    outputs and parameters."""
 
-    __slots__ = ("_checked", "_inputs", "_outputs", "_priority", "_rows", "_size",
-                 "_timeout_us", "body")
+    __slots__ = ("_inputs", "_layout", "_priority", "_size", "_timeout_us", "body")
 
-    def __init__(self, inputs: tuple[_Input, ...], request: InferRequest, body: InferBody,
-                 spec: ModelSpec) -> None:
+    def __init__(self, inputs: tuple[_Input, ...], decoded: DecodedRequest,
+                 body: InferBody) -> None:
         self._inputs = inputs
         self._size = max((i.end for i in inputs), default=0)
-        self._outputs = request.outputs
-        self._priority = request.priority
-        self._timeout_us = request.timeout_us
-        self._checked: ModelSpec | None = spec
-        self._rows = request.rows
+        self._layout = decoded.layout
+        self._priority = decoded.request.priority
+        self._timeout_us = decoded.request.timeout_us
         self.body = body
 
     @property
@@ -56,26 +54,27 @@ class HeaderPlan:
         """The bytes of tensor data the header claims (they must follow it exactly)."""
         return self._size
 
-    def decode(self, data: memoryview, spec: ModelSpec) -> InferRequest:
+    def decode(self, data: memoryview) -> DecodedRequest:
         """The request's tensors from ``data`` (the bytes after the header, already checked
-        to be binary_size long); the spec's checks run again only for another spec."""
-        if spec is not self._checked:
-            declared = {i.name: (i.datatype, i.shape) for i in self._inputs}
-            self._rows = spec.check_inputs(declared)
-            spec.check_outputs(self._outputs)
-            self._checked = spec
+        to be binary_size long)."""
         arrays: dict[str, Tensor] = {}
         for item in self._inputs:
             if item.datatype is DataType.BYTES:  # lengths inside: parsed every time
-                arrays[item.name] = from_raw(item.name, item.datatype, item.shape,
-                                             data[item.start:item.end])
+                try:
+                    arrays[item.name] = from_raw(item.name, item.datatype, item.shape,
+                                                 data[item.start:item.end])
+                except InvalidRequestError as exc:  # answered after the spec check
+                    return DecodedRequest(InferRequest({}, self._layout.outputs),
+                                          self._layout, exc)
             else:
                 # Zero-copy view of the request's bytes; read-only, which runtimes respect.
                 arrays[item.name] = np.frombuffer(
                     data[item.start:item.end], dtype=item.dtype
                 ).reshape(item.shape)
-        return InferRequest(arrays, self._outputs, self._rows, self._priority,
-                            self._timeout_us)
+        return DecodedRequest(
+            InferRequest(arrays, self._layout.outputs, 1, self._priority, self._timeout_us),
+            self._layout,
+        )
 
 
 class HeaderPlans:
@@ -89,16 +88,17 @@ class HeaderPlans:
     def get(self, header: bytes) -> HeaderPlan | None:
         return self._plans.get(header)
 
-    def learn(self, header: bytes, layout: BinaryLayout, request: InferRequest,
-              body: InferBody, spec: ModelSpec) -> None:
+    def learn(self, header: bytes, layout: BinaryLayout, decoded: DecodedRequest,
+              body: InferBody) -> None:
         """Remember a header whose request decoded without error; ``layout`` gives each
         input's datatype, shape and place in the binary data after the header."""
-        if len(header) > MAX_HEADER_BYTES:
+        if len(header) > MAX_HEADER_BYTES or decoded.invalid is not None:
             return
+        inputs = decoded.request.inputs
         planned = tuple(
-            _Input(name, datatype, request.inputs[name].dtype, shape, start, end)
+            _Input(name, datatype, inputs[name].dtype, shape, start, end)
             for name, (datatype, shape, start, end) in layout.items()
         )
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
-        self._plans[header] = HeaderPlan(planned, request, body, spec)
+        self._plans[header] = HeaderPlan(planned, decoded, body)

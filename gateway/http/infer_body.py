@@ -1,6 +1,7 @@
 """The V2 REST infer body: its JSON header (inputs, outputs, parameters) with tensors as
 JSON ``data`` or, with Triton's binary tensor extension, as raw bytes after the header
-(Inference-Header-Content-Length); decoded against a model's spec, answered the same way."""
+(Inference-Header-Content-Length); decoded without a model's spec, answered with the spec of
+the version that ran."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from gateway.errors import InvalidRequestError
 from gateway.http.json_tensors import from_json, to_json
 from gateway.pipeline.tensors import (
     MAX_TENSORS,
+    DecodedRequest,
+    InputLayout,
+    RequestLayout,
     check_name,
     check_shape,
     check_size,
@@ -88,11 +92,13 @@ def parse_header(text: bytes | memoryview, exact: bool = False) -> Mapping[str, 
 
 
 def decode_infer(
-    header: Mapping[str, Any], body: bytes, binary_start: int, spec: ModelSpec
-) -> tuple[InferRequest, InferBody, BinaryLayout | None]:
-    """Check an infer request against the model and turn it into plain tensors. Every
-    binary_data_size is checked against the bytes present before any tensor is built.
-    The layout is None when an input came as JSON data."""
+    header: Mapping[str, Any], body: bytes, binary_start: int
+) -> tuple[DecodedRequest, InferBody, BinaryLayout | None]:
+    """Turn an infer request into plain tensors in its own datatypes and shapes (the spec
+    check is the pipeline's). Every binary_data_size is checked against the bytes present
+    before any tensor is built. What is wrong with the header's structure raises here; what
+    is wrong with its tensors' data travels as ``invalid`` (see DecodedRequest). The layout
+    is None when an input came as JSON data."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequestError("'inputs' must be a non-empty list")
@@ -105,45 +111,46 @@ def decode_infer(
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequestError("'id' must be a string")
     parameters = _object(header.get("parameters"), "'parameters'")
-    declared: dict[str, tuple[DataType, tuple[int, ...]]] = {}
+    declared: dict[str, InputLayout] = {}
     sources: dict[str, Any] = {}  # an input's JSON data, or its (start, end) in the body
     offset = binary_start
     for entry in inputs:
         name, datatype, shape, source, offset = _input(entry, body, offset)
         if name in declared:
             raise InvalidRequestError(f"input '{name}' appears more than once")
-        declared[name] = (datatype, shape)
+        declared[name] = (name, datatype, shape)
         sources[name] = source
     if offset != len(body):
         raise InvalidRequestError(
             f"{len(body) - offset} bytes of binary data follow the inputs that claim theirs"
         )
     binary_outputs = _requested_outputs(outputs, _binary_default(parameters))
-    # The model's own signature speaks first (its message names the dimension it wants);
-    # that check is integer arithmetic only, so a huge claimed shape costs nothing yet.
-    rows = spec.check_inputs(declared)
+    answer = InferBody(request_id, binary_outputs, _binary_default(parameters))
+    names = tuple(binary_outputs)
+    requested = RequestLayout(tuple(declared.values()), names)
     arrays: dict[str, Tensor] = {}
     layout: BinaryLayout | None = {}
     view = memoryview(body)
-    for name, (datatype, shape) in declared.items():
-        check_size(name, shape)
-        source = sources[name]
-        if isinstance(source, tuple):
-            start, end = source
-            arrays[name] = from_raw(name, datatype, shape, view[start:end])
-            if layout is not None:
-                layout[name] = (datatype, shape, start - binary_start, end - binary_start)
-        else:
-            arrays[name] = from_json(name, datatype, shape, source)
-            layout = None
-    names = tuple(binary_outputs)
-    spec.check_outputs(names)
-    request = InferRequest(
-        inputs=arrays, outputs=names, rows=rows,
-        priority=_int_parameter(parameters, "priority") or 0,
-        timeout_us=_int_parameter(parameters, "timeout"),
-    )
-    return request, InferBody(request_id, binary_outputs, _binary_default(parameters)), layout
+    try:
+        # Answered after the model's signature check (the pipeline's), which names the
+        # dimension it wants: that check is integer arithmetic only, as is this one.
+        for name, datatype, shape in requested.inputs:
+            check_size(name, shape)
+            source = sources[name]
+            if isinstance(source, tuple):
+                start, end = source
+                arrays[name] = from_raw(name, datatype, shape, view[start:end])
+                if layout is not None:
+                    layout[name] = (datatype, shape, start - binary_start, end - binary_start)
+            else:
+                arrays[name] = from_json(name, datatype, shape, source)
+                layout = None
+        priority = _int_parameter(parameters, "priority") or 0
+        timeout_us = _int_parameter(parameters, "timeout")
+    except InvalidRequestError as exc:
+        return DecodedRequest(InferRequest(inputs={}, outputs=names), requested, exc), answer, None
+    request = InferRequest(inputs=arrays, outputs=names, priority=priority, timeout_us=timeout_us)
+    return DecodedRequest(request, requested), answer, layout
 
 
 def _input(

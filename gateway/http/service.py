@@ -28,14 +28,13 @@ from gateway.http.messages import HttpRequest, HttpResponse, json_response
 from gateway.http.routes import Route
 from gateway.models.model_control import ModelControl
 from gateway.models.routing import request_metadata
-from gateway.models.served import ServedVersion
 from gateway.monitoring.endpoint import DriftEndpoint, encode, window_of
 from gateway.observability.statistics import Duration, StatisticsSnapshot
 from gateway.pipeline.catalog import Catalog
 from gateway.pipeline.pipeline import InferencePipeline
+from gateway.pipeline.tensors import DecodedRequest
 from gateway.request.context import RequestContext
 from model_store.config import config_document
-from runtimes.base import InferRequest
 
 # Triton extensions the REST port implements (answered by GET /v2).
 EXTENSIONS: Final = (
@@ -204,45 +203,45 @@ class RestService:
         body = request.body if coding is None else inflate(request.body, coding, self._max_body)
         header_length = headers.get(HEADER_LENGTH)
         binary_start = header_end(body, header_length)
-        decoded: list[InferBody] = []
         # A binary request's header seen before is not parsed again (header_plans.py).
         key = (body[:binary_start]
                if header_length is not None and binary_start <= MAX_HEADER_BYTES else b"")
         plan = self._plans.get(key) if key else None
         if plan is not None and plan.binary_size == len(body) - binary_start:
-            data = memoryview(body)[binary_start:]
-            decoded.append(plan.body)
-
-            def decode(version: ServedVersion) -> InferRequest:
-                return plan.decode(data, version.spec)
+            decoded = plan.decode(memoryview(body)[binary_start:])
+            answer = plan.body
         else:
             view = memoryview(body)
             header = parse_header(view[:binary_start] if header_length is not None else body)
-
-            def decode(version: ServedVersion) -> InferRequest:
-                try:
-                    infer, shape, layout = decode_infer(header, body, binary_start,
-                                                        version.spec)
-                except InvalidRequestError:
-                    # orjson turned an integer past 64 bits into a float: the standard
-                    # library's parse names what is wrong exactly (or raises the same).
-                    decode_infer(parse_header(view[:binary_start], exact=True), body,
-                                 binary_start, version.spec)
-                    raise
-                decoded.append(shape)
-                if key and layout is not None:
-                    self._plans.learn(key, layout, infer, shape, version.spec)
-                return infer
-
-        inference = await self._pipeline.infer(context, route.model, route.version, decode)
+            decoded, answer = self._decode(header, view, body, binary_start, key)
+        inference = await self._pipeline.infer(context, route.model, route.version, decoded)
         served = inference.version
         payload, head_length = encode_infer(
-            served.spec, served.id.version, inference.outputs, decoded[-1]
+            served.spec, served.id.version, inference.outputs, answer
         )
         if head_length is None:
             return HttpResponse(200, payload)
         return HttpResponse(200, payload, BINARY_TYPE,
                             (("Inference-Header-Content-Length", str(head_length)),))
+
+    def _decode(self, header: Mapping[str, Any], view: memoryview, body: bytes,
+                binary_start: int, key: bytes) -> tuple[DecodedRequest, InferBody]:
+        """The full decode of a request whose header has no plan (learning one for it)."""
+        try:
+            decoded, answer, layout = decode_infer(header, body, binary_start)
+        except InvalidRequestError:
+            # orjson turned an integer past 64 bits into a float: the standard library's
+            # parse names what is wrong exactly (or raises the same).
+            decode_infer(parse_header(view[:binary_start], exact=True), body, binary_start)
+            raise
+        if decoded.invalid is not None:
+            exact, exact_answer, _ = decode_infer(
+                parse_header(view[:binary_start], exact=True), body, binary_start)
+            if exact.invalid is not None:
+                return exact, exact_answer
+        elif key and layout is not None:
+            self._plans.learn(key, layout, decoded, answer)
+        return decoded, answer
 
 
 def _json_body(body: bytes) -> Mapping[str, Any]:

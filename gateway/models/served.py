@@ -58,13 +58,17 @@ class ServedModel:
 
 class Lease:
     """A request's hold on a ready version; release it (or leave the ``with`` block) when
-    the request is done so a replaced version can finish draining."""
+    the request is done so a replaced version can finish draining. ``model`` is the served
+    model the version belongs to (its routing and versions: what the shadow mirror reads)."""
 
-    __slots__ = ("_released", "runtime", "version")
+    __slots__ = ("_released", "model", "runtime", "version")
 
-    def __init__(self, version: ServedVersion, runtime: Runtime) -> None:
+    def __init__(
+        self, version: ServedVersion, runtime: Runtime, model: ServedModel | None = None
+    ) -> None:
         self.version = version
         self.runtime = runtime
+        self.model = model
         self._released = False
         version.inflight += 1
 

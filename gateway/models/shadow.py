@@ -1,5 +1,6 @@
-"""Shadow traffic: mirrors a request to another version after the primary answered,
-fire-and-forget, and records the shadow's latency, errors and agreement with the primary."""
+"""Shadow traffic: mirrors a request to another version after the primary answered (from
+the primary's lease, which names its model's routing), fire-and-forget, and records the
+shadow's latency, errors and agreement with the primary."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from typing import Final
 import numpy as np
 from opentelemetry import trace
 
+from gateway.errors import ModelNotReadyError
+from gateway.models.routing import RoutingTable
+from gateway.models.served import Lease, ServedVersion, VersionState
 from gateway.observability.tracing import ATTR_MODEL, ATTR_VERSION
-from runtimes.base import Tensor
+from gateway.request.context import RequestRecord
+from runtimes.base import InferRequest, Tensor
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +28,10 @@ ShadowRun = Callable[[], Awaitable[dict[str, Tensor]]]
 ShadowKey = tuple[str, int, int]  # model, primary version, shadow version
 # The tracer and the primary request's span: the shadow's span becomes its child.
 TraceParent = tuple[trace.Tracer, trace.Span]
+# Whether this request is sampled for its model's shadow (the router's coin).
+ShadowDue = Callable[[RoutingTable], bool]
+# Told of every shadow answer (the drift monitor compares shadow and primary outputs).
+ShadowObserver = Callable[[ServedVersion, InferRequest, Mapping[str, Tensor]], None]
 
 # Shadows beyond this many in flight are skipped: mirroring must never pile up work that
 # competes with the callers.
@@ -65,12 +74,60 @@ class ShadowMirror:
     """Runs shadows in background tasks and keeps their counters; readers (metrics, tests)
     take ``stats()`` snapshots or subscribe with ``add_listener``."""
 
-    def __init__(self, max_in_flight: int = MAX_IN_FLIGHT, tolerance: float = TOLERANCE) -> None:
+    def __init__(
+        self, max_in_flight: int = MAX_IN_FLIGHT, tolerance: float = TOLERANCE, *,
+        due: ShadowDue | None = None,
+    ) -> None:
         self._max_in_flight = max_in_flight
         self._tolerance = tolerance
+        self._due = due
         self._tasks: set[asyncio.Task[None]] = set()
         self._stats: dict[ShadowKey, ShadowStats] = {}
         self._listeners: list[Callable[[ShadowResult], None]] = []
+        # Told of every shadow answer; they must not block. A failure counts as the
+        # shadow's error.
+        self.observers: list[ShadowObserver] = []
+
+    def offer(
+        self, lease: Lease, request: InferRequest, outputs: Mapping[str, Tensor],
+        record: RequestRecord | None = None,
+    ) -> None:
+        """Mirror a request the primary (``lease``) answered to its model's shadow version,
+        if the model's routing names one and this request is sampled. Never raises, never
+        waits; the shadow's span is a child of ``record``'s when that request is traced."""
+        model = lease.model
+        if model is None:
+            return
+        table = model.routing
+        shadow = table.shadow
+        primary = lease.version.id
+        if (shadow is None or shadow == primary.version or self._due is None
+                or not self._due(table)):
+            return
+        target = model.versions.get(shadow)
+        if target is None or target.state is not VersionState.READY:
+            self.skip(primary.name, primary.version, shadow)
+            return
+        copy = InferRequest(
+            inputs=request.inputs, outputs=request.outputs, rows=request.rows,
+            priority=request.priority, trace_headers=request.trace_headers,
+        )
+        observers = self.observers
+
+        async def run() -> dict[str, Tensor]:
+            runtime = target.runtime
+            if target.state is not VersionState.READY or runtime is None:  # it went since
+                raise ModelNotReadyError(
+                    f"model '{primary.name}' version {shadow} is {target.state.value.lower()}"
+                )
+            with Lease(target, runtime, model) as shadow_lease:
+                answer = await runtime.infer(copy)
+                for observer in observers:
+                    observer(shadow_lease.version, copy, answer)
+                return answer
+
+        parent = (record.tracer, record.span) if record and record.tracer and record.span else None
+        self.mirror(primary.name, primary.version, shadow, run, outputs, parent=parent)
 
     def add_listener(self, listener: Callable[[ShadowResult], None]) -> None:
         """Call ``listener`` with every ShadowResult (on the event loop; it must not block)."""

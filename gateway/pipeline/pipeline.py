@@ -1,9 +1,10 @@
 """The transport-free inference pipeline: a decoded request plus its caller context in,
 output tensors (or a domain error) out. Every adapter (gRPC unary, streaming, HTTP) calls it.
 
-Steps, each a call to the module that owns it: visibility and version resolution
-(models.resolver), decode (the adapter's callback), priority and deadline from the context,
-quota admission, lease, run, shadow mirror, post-inference hooks, release."""
+Steps, each a call to the module that owns it, each visited once: visibility, version
+resolution and lease (models.registry, which asks models.resolver), the request against the
+version's spec (pipeline.tensors), priority and deadline from the context, quota admission,
+run, shadow mirror (models.shadow), post-inference hooks, release."""
 
 from __future__ import annotations
 
@@ -15,19 +16,19 @@ from gateway.errors import QuotaExceededError
 from gateway.models.registry import ModelRegistry
 from gateway.models.served import ServedVersion
 from gateway.observability.observe import stage
+from gateway.pipeline.tensors import DecodedRequest, LayoutChecks
 from gateway.quota.store import Admission, LocalQuotaStore, QuotaStore, Scope
 from gateway.request.context import QUOTA, RequestContext
 from runtimes.base import InferRequest, Tensor
 
 log = logging.getLogger(__name__)
 
-Decode = Callable[[ServedVersion], InferRequest]
-
 
 @dataclass(slots=True)
 class Inference:
-    """One completed inference: the version that ran, the request as decoded against that
-    version's spec, and the outputs it produced."""
+    """One completed inference: the version that ran (its spec is what an adapter encodes
+    the answer with), the request as checked against that version's spec, and the outputs
+    it produced."""
 
     version: ServedVersion
     request: InferRequest
@@ -43,21 +44,24 @@ class InferencePipeline:
     """Runs one inference for any transport. Raises the domain errors of gateway/errors.py
     (and runtimes'/model_store's), which each adapter maps through gateway/status.py."""
 
-    __slots__ = ("_hooks", "_manager", "_quota")
+    __slots__ = ("_checks", "_hooks", "_manager", "_quota", "_shadow")
 
     def __init__(
         self, manager: ModelRegistry, quota: QuotaStore | None = None,
         hooks: Sequence[Hook] = (),
     ) -> None:
         self._manager = manager
+        self._shadow = manager.shadow
         self._quota = quota or LocalQuotaStore()
         self._hooks = tuple(hooks)
+        self._checks = LayoutChecks()
 
     async def infer(
-        self, context: RequestContext, model: str, version: str, decode: Decode
+        self, context: RequestContext, model: str, version: str, decoded: DecodedRequest
     ) -> Inference:
-        """Resolve ``model``/``version`` for the context's tenant, decode the request
-        against the chosen version, admit it against the tenant's quotas and run it."""
+        """Resolve and lease ``model``/``version`` for the context's tenant, check the
+        decoded request against the chosen version's spec, admit it against the tenant's
+        quotas, run it and mirror it to the model's shadow."""
         tenant = context.tenant
         # The lease keeps a replaced version from unloading under this request.
         lease = self._manager.lease(tenant, model, version, context.label,
@@ -67,7 +71,7 @@ class InferencePipeline:
             record = context.record
             if record is not None:
                 record.model = served.id  # labels metrics, spans and the access log
-            request = decode(served)
+            request = self._checks.check(served, decoded)
             request.context = context
             self._schedule(context, served, request)
             scopes = tenant.scopes(model)
@@ -78,7 +82,7 @@ class InferencePipeline:
             else:
                 outputs = await lease.runtime.infer(request)
             inference = Inference(served, request, outputs)
-            self._manager.mirror(lease, request, outputs, record)
+            self._shadow.offer(lease, request, outputs, record)
         finally:
             lease.release()
         for hook in self._hooks:

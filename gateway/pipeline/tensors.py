@@ -1,5 +1,7 @@
-"""The transport-free tensor checks every adapter shares: names, datatypes, shapes and sizes
-checked before anything is allocated, raw (row-major, no padding) bytes to arrays and back."""
+"""The transport-free tensors: the checks every adapter runs where the bytes are (names,
+datatypes, shapes and sizes, before anything is allocated), raw (row-major, no padding) bytes to
+arrays and back, the DecodedRequest an adapter hands the pipeline, and the pipeline's check of
+it against the version's spec (LayoutChecks, with a bounded cache of layouts checked)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,17 @@ import math
 import re
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 
 from gateway.errors import InvalidRequestError
+from gateway.models.served import ServedVersion
 from gateway.sanitize import echoed
 from model_store.datatypes import DataType
-from runtimes.base import Tensor
+from model_store.spec import ModelSpec
+from runtimes.base import InferRequest, Tensor
 
 MAX_RANK: Final = 16
 MAX_TENSORS: Final = 128
@@ -23,6 +28,11 @@ MAX_TENSORS: Final = 128
 MAX_ELEMENTS: Final = 2**31 - 1
 MAX_NAME: Final = 256
 LENGTH_PREFIX: Final = struct.Struct("<I")
+# Layouts whose check against a version's spec is remembered, per version; and versions
+# remembered. Enough for every batch size and output subset of real clients, bounded against
+# hostile variety (a full table starts over).
+MAX_LAYOUTS: Final = 256
+MAX_VERSIONS: Final = 256
 # C0/C1 controls, DEL and the Unicode line/paragraph separators: never in a tensor name.
 _UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
@@ -140,3 +150,104 @@ def element_bytes(element: object) -> bytes:
     if isinstance(element, (bytearray, memoryview, np.bytes_)):
         return bytes(element)
     return str(element).encode("utf-8")
+
+
+# One input as its request declares it: name, V2 datatype, shape.
+InputLayout = tuple[str, DataType, tuple[int, ...]]
+
+
+class RequestLayout:
+    """What a request declares of its tensors, independent of any model: each input's name,
+    V2 datatype and shape (in request order) and the requested output names. Its hash is
+    computed once, so an adapter that reuses one per decode plan makes the pipeline's cache
+    lookup an identity check."""
+
+    __slots__ = ("_hash", "inputs", "outputs")
+
+    def __init__(self, inputs: tuple[InputLayout, ...], outputs: tuple[str, ...]) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self._hash = hash((inputs, outputs))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        return (isinstance(other, RequestLayout) and self._hash == other._hash
+                and self.inputs == other.inputs and self.outputs == other.outputs)
+
+    def __repr__(self) -> str:
+        return f"RequestLayout({self.inputs!r}, {self.outputs!r})"
+
+
+@dataclass(slots=True)
+class DecodedRequest:
+    """A request as its transport decoded it, before any model's spec is consulted.
+
+    ``request``: the arrays by name (in the request's own datatypes and shapes, every claimed
+    size checked against the bytes present), the requested outputs and the request's own
+    priority and timeout; ``rows`` is the spec check's to set. ``layout``: what each input
+    declared, the V2 datatype included (an array's numpy dtype cannot tell BYTES, BF16 or
+    FP16-as-bits apart). ``invalid``: what was wrong with the tensors' data once the layout
+    was read (a size the bytes do not hold, a bad value, a bad parameter); ``request.inputs``
+    is then empty and the pipeline raises it after the model's own signature check, so a
+    client hears first what the model wants, as the signature check's messages name it."""
+
+    request: InferRequest
+    layout: RequestLayout
+    invalid: InvalidRequestError | None = None
+
+
+def check_request(spec: ModelSpec, decoded: DecodedRequest) -> int:
+    """Check a decoded request against ``spec``: each input's name, datatype and shape
+    against the declared dims, rows within max_batch_size, every declared input present,
+    the requested outputs declared. Returns the row count (1 for unbatched models)."""
+    layout = decoded.layout
+    rows = spec.check_inputs({name: (datatype, shape)
+                              for name, datatype, shape in layout.inputs})
+    if decoded.invalid is not None:
+        raise decoded.invalid
+    spec.check_outputs(layout.outputs)
+    return rows
+
+
+class LayoutChecks:
+    """The pipeline's spec check with memory: the row count of each layout a version
+    accepted is kept, so a request of a known layout costs a dict lookup. Only accepted
+    layouts are kept; a rejected one is checked (and rejected) every time. When the table
+    of versions is full, those that have gone (runtime unloaded) are dropped first."""
+
+    __slots__ = ("_limit", "_versions")
+
+    def __init__(self, limit: int = MAX_VERSIONS) -> None:
+        self._versions: dict[ServedVersion, dict[RequestLayout, int]] = {}
+        self._limit = limit
+
+    def check(self, version: ServedVersion, decoded: DecodedRequest) -> InferRequest:
+        """The decoded request, its rows set, once it fits ``version``'s spec; raises
+        InputMismatchError (the spec's verdict) or the adapter's deferred InvalidRequestError."""
+        layouts = self._versions.get(version)
+        if layouts is None:
+            layouts = self._table(version)
+        rows = layouts.get(decoded.layout)
+        if rows is None:
+            rows = check_request(version.spec, decoded)
+            if len(layouts) >= MAX_LAYOUTS:
+                layouts.clear()
+            layouts[decoded.layout] = rows
+        elif decoded.invalid is not None:
+            raise decoded.invalid
+        request = decoded.request
+        request.rows = rows
+        return request
+
+    def _table(self, version: ServedVersion) -> dict[RequestLayout, int]:
+        if len(self._versions) >= self._limit:
+            gone = [v for v in self._versions if v.runtime is None]
+            for old in gone or list(self._versions)[: self._limit // 2]:
+                del self._versions[old]
+        layouts: dict[RequestLayout, int] = {}
+        self._versions[version] = layouts
+        return layouts

@@ -103,7 +103,7 @@ class Gateway:
         # Drift monitoring: a post-inference hook hands samples to a worker thread.
         self.monitor = Monitor(MonitorConfig.from_settings(settings))
         if settings.monitoring:
-            self.manager.shadow_observers.append(self.monitor.shadow_observer)
+            self.manager.shadow.observers.append(self.monitor.shadow_observer)
             self.metrics.registry.register(
                 DriftCollector(self.monitor, self.manager.models, self.manager.shadow.stats))
         self.health = HealthServicer()

@@ -1,5 +1,5 @@
-"""The inference hot path's codec for one served model version: a request whose tensor
-metadata was checked before is decoded from a cached plan, and answers are written straight
+"""The gRPC inference hot path's codec: a request of a layout decoded before is decoded
+from a cached plan (no model's spec involved), and a version's answers are written straight
 to wire bytes. Everything else goes through gateway/wire/conversion.py, which checks it all."""
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ from typing import Final
 
 import numpy as np
 
+from gateway.errors import InvalidRequestError
 from gateway.models.served import ServedVersion
+from gateway.pipeline.pipeline import Inference
+from gateway.pipeline.tensors import DecodedRequest, RequestLayout
 from gateway.wire.conversion import (
     MAX_TENSORS,
     decode_request,
@@ -24,11 +27,15 @@ from model_store.spec import ModelSpec
 from modelgate_pb import grpc_service_pb2 as pb
 from runtimes.base import InferRequest, Tensor
 
-# Plans are kept per model version for this many distinct request layouts (names, types,
-# shapes): enough for every batch size of a real client, bounded against hostile variety.
-MAX_PLANS: Final = 256
+# Decode plans kept for this many distinct request layouts (names, types, shapes, requested
+# outputs), whatever model they name: enough for every batch size of real clients, bounded
+# against hostile variety (a full table starts over).
+MAX_PLANS: Final = 1024
+# Per version: the encoder's output metadata kept for this many (output, shape) pairs.
+MAX_METAS: Final = 256
+MAX_ENCODERS: Final = 256
 
-# (input name, datatype, shape) of every input, then the requested output names.
+# (input name, datatype, shape) of every input as sent, then the requested output names.
 PlanKey = tuple[tuple[tuple[str, str, tuple[int, ...]], ...], tuple[str, ...]]
 
 
@@ -42,32 +49,30 @@ class _Input:
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """What the full checks concluded about one request layout."""
+    """What the full decode concluded about one request layout (no model involved)."""
 
-    rows: int
+    layout: RequestLayout
     inputs: tuple[_Input, ...]
-    outputs: tuple[str, ...]
 
 
-class InferCodec:
-    """Decodes ModelInferRequests for, and encodes answers of, one model version."""
+class RequestDecoder:
+    """Decodes ModelInferRequests into DecodedRequests: a layout decoded in full once is
+    decoded again from its plan (each request's bytes still checked)."""
 
-    __slots__ = ("_encoder", "_plans", "spec")
+    __slots__ = ("_plans",)
 
-    def __init__(self, spec: ModelSpec, version: int) -> None:
-        self.spec = spec
+    def __init__(self) -> None:
         self._plans: dict[PlanKey, _Plan] = {}
-        self._encoder = ResponseEncoder(spec, version)
 
-    def decode(self, request: pb.ModelInferRequest) -> InferRequest:
-        """The request as plain tensors; raises what decode_request raises."""
+    def decode(self, request: pb.ModelInferRequest) -> DecodedRequest:
+        """The request as plain tensors; raises (or defers) what decode_request does."""
         inputs = request.inputs
         raw = request.raw_input_contents
         requested = request.outputs
         count = len(inputs)
         if (not raw or len(raw) != count or count > MAX_TENSORS
                 or len(requested) > MAX_TENSORS):
-            return decode_request(request, self.spec)
+            return decode_request(request)
         if count == 1:  # the common case, without the generator
             tensor = inputs[0]
             layout: tuple[tuple[str, str, tuple[int, ...]], ...] = (
@@ -78,40 +83,38 @@ class InferCodec:
         key: PlanKey = (layout, tuple([o.name for o in requested]) if requested else ())
         plan = self._plans.get(key)
         if plan is None:
-            decoded = decode_request(request, self.spec)  # every check; raises on bad input
+            decoded = decode_request(request)  # every check; raises on bad input
             self._learn(key, decoded)
             return decoded
         arrays: dict[str, Tensor] = {}
         for index, spec in enumerate(plan.inputs):
             data = raw[index]
             if len(data) != spec.nbytes or inputs[index].HasField("contents"):
-                return decode_request(request, self.spec)  # raises with the full message
+                return decode_request(request)  # the full message
             # Zero-copy view of the request's bytes; read-only, which runtimes respect.
             arrays[spec.name] = np.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
+        outputs = plan.layout.outputs
         params = request.parameters
         if params:
-            priority, timeout_us = request_parameters(params)
-            return InferRequest(arrays, plan.outputs, plan.rows, priority, timeout_us)
-        return InferRequest(arrays, plan.outputs, plan.rows)
+            try:
+                priority, timeout_us = request_parameters(params)
+            except InvalidRequestError:
+                return decode_request(request)  # deferred like any data error
+            return DecodedRequest(InferRequest(arrays, outputs, 1, priority, timeout_us),
+                                  plan.layout)
+        return DecodedRequest(InferRequest(arrays, outputs), plan.layout)
 
-    def _learn(self, key: PlanKey, decoded: InferRequest) -> None:
-        if len(self._plans) >= MAX_PLANS:
+    def _learn(self, key: PlanKey, decoded: DecodedRequest) -> None:
+        if decoded.invalid is not None:
             return
         planned: list[_Input] = []
-        for name, array in decoded.inputs.items():
+        for name, array in decoded.request.inputs.items():
             if array.dtype == object:  # BYTES: every element is parsed every time
                 return
             planned.append(_Input(name, array.dtype, array.shape, array.nbytes))
-        self._plans[key] = _Plan(decoded.rows, tuple(planned), decoded.outputs)
-
-    def encode(
-        self, request: pb.ModelInferRequest, outputs: Mapping[str, Tensor]
-    ) -> bytes | pb.ModelInferResponse:
-        """The answer: wire bytes with raw_output_contents, or a message when the client
-        asked for typed contents (binary_data: false)."""
-        if request.outputs and wants_typed(request.outputs):
-            return encode_response(request, self.spec, self._encoder.version, outputs)
-        return self._encoder.encode(request.id, outputs)
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = _Plan(decoded.layout, tuple(planned))
 
 
 def _encode_varint(value: int) -> bytes:
@@ -136,15 +139,16 @@ def _length_delimited(field: int, payload: bytes) -> bytes:
 
 
 class ResponseEncoder:
-    """Writes ModelInferResponse messages with raw outputs as protobuf wire bytes: what
-    never changes for a model version is encoded once, each output's metadata once per
-    shape."""
+    """Writes one model version's ModelInferResponse messages with raw outputs as protobuf
+    wire bytes: what never changes for the version is encoded once, each output's metadata
+    once per shape. Typed contents (binary_data: false) go through conversion.py."""
 
-    __slots__ = ("_dtypes", "_head", "_metas", "_out_heads", "version")
+    __slots__ = ("_dtypes", "_head", "_metas", "_out_heads", "spec", "version")
 
     # ModelInferResponse fields: 1 model_name, 2 model_version, 3 id, 5 outputs,
     # 6 raw_output_contents; InferOutputTensor: 1 name, 2 datatype, 3 shape (packed).
     def __init__(self, spec: ModelSpec, version: int) -> None:
+        self.spec = spec
         self.version = version
         self._head = _length_delimited(1, spec.name.encode()) + _length_delimited(
             2, str(version).encode()
@@ -162,11 +166,20 @@ class ResponseEncoder:
         packed = b"".join(_varint(d) for d in shape)
         meta = self._out_heads[name] + (_length_delimited(3, packed) if shape else b"")
         encoded = _length_delimited(5, meta)
-        if len(self._metas) < MAX_PLANS:
+        if len(self._metas) < MAX_METAS:
             self._metas[(name, shape)] = encoded
         return encoded
 
-    def encode(self, request_id: str, outputs: Mapping[str, Tensor]) -> bytes:
+    def encode(
+        self, request: pb.ModelInferRequest, outputs: Mapping[str, Tensor]
+    ) -> bytes | pb.ModelInferResponse:
+        """The answer: wire bytes with raw_output_contents, or a message when the client
+        asked for typed contents (binary_data: false)."""
+        if request.outputs and wants_typed(request.outputs):
+            return encode_response(request, self.spec, self.version, outputs)
+        return self.encode_raw(request.id, outputs)
+
+    def encode_raw(self, request_id: str, outputs: Mapping[str, Tensor]) -> bytes:
         parts = [self._head]
         if request_id:
             parts.append(_length_delimited(3, request_id.encode()))
@@ -188,27 +201,38 @@ class ResponseEncoder:
 
 
 class Codecs:
-    """The codec of each served version, built on its first request and kept by identity.
-    When the table is full, the codecs of versions that have gone (their runtime unloaded)
-    are dropped first, so the plan caches of unloaded versions do not accumulate."""
+    """The gRPC adapter's codec: one request decoder (its plans know no model) and the
+    response encoder of each served version, built on its first answer and kept by
+    identity. When the table is full, the encoders of versions that have gone (their
+    runtime unloaded) are dropped first."""
 
-    __slots__ = ("_codecs", "_limit")
+    __slots__ = ("_encoders", "_limit", "decoder")
 
-    def __init__(self, limit: int = MAX_PLANS) -> None:
-        self._codecs: dict[ServedVersion, InferCodec] = {}
+    def __init__(self, limit: int = MAX_ENCODERS) -> None:
+        self.decoder = RequestDecoder()
+        self._encoders: dict[ServedVersion, ResponseEncoder] = {}
         self._limit = limit
 
-    def of(self, version: ServedVersion) -> InferCodec:
-        codec = self._codecs.get(version)
-        if codec is None:
-            codec = InferCodec(version.spec, version.id.version)
-            if len(self._codecs) >= self._limit:
+    def decode(self, request: pb.ModelInferRequest) -> DecodedRequest:
+        return self.decoder.decode(request)
+
+    def encode(
+        self, request: pb.ModelInferRequest, inference: Inference
+    ) -> bytes | pb.ModelInferResponse:
+        """The answer to ``request`` from what the pipeline returned."""
+        return self.of(inference.version).encode(request, inference.outputs)
+
+    def of(self, version: ServedVersion) -> ResponseEncoder:
+        encoder = self._encoders.get(version)
+        if encoder is None:
+            encoder = ResponseEncoder(version.spec, version.id.version)
+            if len(self._encoders) >= self._limit:
                 self._evict()
-            if len(self._codecs) < self._limit:
-                self._codecs[version] = codec
-        return codec
+            if len(self._encoders) < self._limit:
+                self._encoders[version] = encoder
+        return encoder
 
     def _evict(self) -> None:
-        gone = [v for v in self._codecs if v.runtime is None]
-        for version in gone or list(self._codecs)[: self._limit // 2]:
-            del self._codecs[version]
+        gone = [v for v in self._encoders if v.runtime is None]
+        for version in gone or list(self._encoders)[: self._limit // 2]:
+            del self._encoders[version]

@@ -1,6 +1,6 @@
-"""Converts between the wire (ModelInferRequest / ModelInferResponse) and plain tensors.
-Every size a client claims is checked against the bytes it sent before anything is
-allocated, so this is where hostile input stops."""
+"""Converts between the wire (ModelInferRequest / ModelInferResponse) and plain tensors,
+with no model's spec on the way in. Every size a client claims is checked against the bytes
+it sent before anything is allocated, so this is where hostile input stops."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from gateway.errors import InvalidRequestError
 from gateway.pipeline.tensors import (
     MAX_ELEMENTS,
     MAX_TENSORS,
+    DecodedRequest,
+    InputLayout,
+    RequestLayout,
     check_name,
     check_shape,
     check_size,
@@ -34,8 +37,11 @@ __all__ = [
 ]
 
 
-def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferRequest:
-    """Check a request against the model and turn it into plain tensors."""
+def decode_request(request: pb.ModelInferRequest) -> DecodedRequest:
+    """Turn a request into plain tensors in its own datatypes and shapes, checking every
+    claimed size against the bytes present first; the spec check is the pipeline's. What
+    is wrong with the message's structure raises here; what is wrong with its tensors' data
+    travels as ``invalid`` (see DecodedRequest)."""
     inputs = request.inputs
     raw = request.raw_input_contents
     if len(inputs) > MAX_TENSORS or len(request.outputs) > MAX_TENSORS:
@@ -49,13 +55,14 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferReque
         raise InvalidRequestError(
             "the request uses both raw_input_contents and typed contents; use one or the other"
         )
-    declared: dict[str, tuple[DataType, tuple[int, ...]]] = {}
+    declared: dict[str, InputLayout] = {}
     for tensor in inputs:
         check_name("input", tensor.name)
         if tensor.name in declared:
             raise InvalidRequestError(f"input '{tensor.name}' appears more than once")
         declared[tensor.name] = (
-            datatype_of(tensor.name, tensor.datatype), check_shape(tensor.name, tensor.shape)
+            tensor.name, datatype_of(tensor.name, tensor.datatype),
+            check_shape(tensor.name, tensor.shape),
         )
     requested: set[str] = set()
     for output in request.outputs:
@@ -63,23 +70,25 @@ def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferReque
         if output.name in requested:
             raise InvalidRequestError(f"output '{output.name}' is requested more than once")
         requested.add(output.name)
-    # The model's own signature speaks first (its message names the dimension it wants);
-    # that check is integer arithmetic only, so a huge claimed shape costs nothing yet.
-    rows = spec.check_inputs(declared)
-    for name, (_, shape) in declared.items():
-        check_size(name, shape)
-    arrays: dict[str, Tensor] = {}
-    for index, tensor in enumerate(inputs):
-        datatype, shape = declared[tensor.name]
-        if raw:
-            arrays[tensor.name] = from_raw(tensor.name, datatype, shape, raw[index])
-        else:
-            arrays[tensor.name] = _from_contents(tensor, datatype, shape)
     names = tuple(o.name for o in request.outputs)
-    spec.check_outputs(names)
-    priority, timeout_us = request_parameters(request.parameters)
-    return InferRequest(
-        inputs=arrays, outputs=names, rows=rows, priority=priority, timeout_us=timeout_us
+    layout = RequestLayout(tuple(declared.values()), names)
+    try:
+        # Sizes are checked here but answered after the model's signature check (the
+        # pipeline's), which names the dimension it wants: integer arithmetic only so far.
+        for name, _, shape in layout.inputs:
+            check_size(name, shape)
+        arrays: dict[str, Tensor] = {}
+        for index, (name, datatype, shape) in enumerate(layout.inputs):
+            if raw:
+                arrays[name] = from_raw(name, datatype, shape, raw[index])
+            else:
+                arrays[name] = _from_contents(inputs[index], datatype, shape)
+        priority, timeout_us = request_parameters(request.parameters)
+    except InvalidRequestError as exc:
+        return DecodedRequest(InferRequest(inputs={}, outputs=names), layout, exc)
+    return DecodedRequest(
+        InferRequest(inputs=arrays, outputs=names, priority=priority, timeout_us=timeout_us),
+        layout,
     )
 
 

@@ -11,7 +11,6 @@ from typing import Any
 from gateway.errors import NotSupportedError
 from gateway.models.model_control import ModelControl
 from gateway.models.routing import request_metadata
-from gateway.models.served import ServedVersion
 from gateway.observability.statistics import Duration, StatisticsSnapshot
 from gateway.pipeline.catalog import Catalog, IndexEntry
 from gateway.pipeline.pipeline import InferencePipeline
@@ -21,7 +20,6 @@ from gateway.wire.codec import Codecs
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from modelgate_pb import model_config_pb2 as mc
-from runtimes.base import InferRequest
 
 # The servicer's context is the edge's CallContext (gateway/wire/call.py) for every guarded
 # method, the grpc.aio context for the anonymous ones (ServerLive, ServerReady).
@@ -119,14 +117,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if remaining is not None:
             caller.deadline = time.monotonic() + remaining
         codecs = self._codecs
-
-        def decode(version: ServedVersion) -> InferRequest:
-            return codecs.of(version).decode(request)
-
         inference = await self._pipeline.infer(
-            caller, request.model_name, request.model_version, decode
+            caller, request.model_name, request.model_version, codecs.decode(request)
         )
-        return codecs.of(inference.version).encode(request, inference.outputs)
+        return codecs.encode(request, inference)
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context

@@ -25,7 +25,6 @@ import grpc
 
 from gateway.errors import AuthenticationError, InvalidRequestError
 from gateway.models.routing import LABEL_KEY, ROUTING_KEY, request_metadata
-from gateway.models.served import ServedVersion
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.request.context import RequestContext
 from gateway.status import status_of
@@ -35,7 +34,6 @@ from gateway.wire.call import caller_of
 from gateway.wire.codec import Codecs
 from gateway.wire.stream_observer import StreamObserver, StreamTrace
 from modelgate_pb import grpc_service_pb2 as pb
-from runtimes.base import InferRequest
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -335,13 +333,9 @@ class _Stream:
         context = RequestContext(self.tenant, "grpc_stream", label, routing_key,
                                  self.deadline, trace_headers=trace_headers, record=record)
         codecs = self.owner._codecs
-
-        def decode(version: ServedVersion) -> InferRequest:
-            return codecs.of(version).decode(request)
-
         inference = await self.owner._pipeline.infer(
-            context, request.model_name, request.model_version, decode)
-        return wrap_answer(codecs.of(inference.version).encode(request, inference.outputs))
+            context, request.model_name, request.model_version, codecs.decode(request))
+        return wrap_answer(codecs.encode(request, inference))
 
 
 def _asked(request: pb.ModelInferRequest | None) -> tuple[str, str]:

@@ -1,5 +1,6 @@
 """The hot path's codec: its hand-written answers are byte for byte what protobuf writes, a
-cached plan never lets a request skip a check, and the caches stay bounded."""
+cached plan never lets a request skip a check (its own, or the pipeline's spec check), and
+the caches stay bounded."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import numpy as np
 import pytest
 
 from gateway.errors import InvalidRequestError
+from gateway.models.served import ServedVersion
+from gateway.pipeline import tensors as tensors_module
+from gateway.pipeline.tensors import LayoutChecks, check_request
 from gateway.wire import codec as codec_module
-from gateway.wire.codec import InferCodec
+from gateway.wire.codec import RequestDecoder, ResponseEncoder
 from gateway.wire.conversion import decode_request, encode_response
 from model_store.datatypes import DataType
 from model_store.errors import InputMismatchError
-from model_store.spec import ModelSpec, TensorSpec
+from model_store.spec import ModelId, ModelSpec, TensorSpec
 from modelgate_pb import grpc_service_pb2 as pb
+from runtimes.base import InferRequest
 
 SPEC = ModelSpec(
     name="m", platform="onnxruntime_onnx", backend="", max_batch_size=8,
@@ -25,6 +30,25 @@ SPEC = ModelSpec(
         TensorSpec("half", DataType.FP16, (2,)),
     ),
 )
+
+
+class Codec:
+    """The decode path as a ModelInfer takes it: the adapter's decoder, then the pipeline's
+    spec check against one version."""
+
+    def __init__(self, spec: ModelSpec = SPEC) -> None:
+        self.decoder = RequestDecoder()
+        self.checks = LayoutChecks()
+        self.version = ServedVersion(ModelId(spec.name, 1), spec)
+
+    def decode(self, message: pb.ModelInferRequest) -> InferRequest:
+        return self.checks.check(self.version, self.decoder.decode(message))
+
+
+def full_checks(message: pb.ModelInferRequest, spec: ModelSpec = SPEC) -> InferRequest:
+    decoded = decode_request(message)
+    decoded.request.rows = check_request(spec, decoded)
+    return decoded.request
 
 
 def request(rows: int = 2, request_id: str = "") -> pb.ModelInferRequest:
@@ -48,7 +72,7 @@ def outputs(rows: int) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("request_id", ["", "req-7", "ü" * 300])
 def test_answer_bytes_equal_protobufs_own(rows: int, request_id: str) -> None:
-    codec = InferCodec(SPEC, 12)
+    codec = ResponseEncoder(SPEC, 12)
     message = request(rows, request_id)
     ours = codec.encode(message, outputs(rows))
     assert isinstance(ours, bytes)
@@ -61,7 +85,7 @@ def test_answer_bytes_equal_protobufs_own(rows: int, request_id: str) -> None:
 
 
 def test_outputs_are_converted_to_the_declared_type_and_layout() -> None:
-    codec = InferCodec(SPEC, 1)
+    codec = ResponseEncoder(SPEC, 1)
     # A float64, column-major array for an FP32 output: written as FP32, row-major.
     y = np.asfortranarray(np.arange(8, dtype=np.float64).reshape(2, 4))
     parsed = pb.ModelInferResponse.FromString(codec.encode(request(), {"y": y}))
@@ -70,7 +94,7 @@ def test_outputs_are_converted_to_the_declared_type_and_layout() -> None:
 
 
 def test_typed_contents_still_come_as_a_message() -> None:
-    codec = InferCodec(SPEC, 1)
+    codec = ResponseEncoder(SPEC, 1)
     message = request()
     wanted = message.outputs.add(name="label")
     wanted.parameters["binary_data"].bool_param = False
@@ -80,10 +104,10 @@ def test_typed_contents_still_come_as_a_message() -> None:
 
 
 def test_a_cached_layout_decodes_like_the_full_checks() -> None:
-    codec = InferCodec(SPEC, 1)
+    codec = Codec()
     first = codec.decode(request())
-    second = codec.decode(request())  # from the plan
-    expected = decode_request(request(), SPEC)
+    second = codec.decode(request())  # from the plans
+    expected = full_checks(request())
     for decoded in (first, second):
         assert decoded.rows == expected.rows == 2
         assert decoded.outputs == expected.outputs
@@ -93,7 +117,7 @@ def test_a_cached_layout_decodes_like_the_full_checks() -> None:
 
 
 def test_a_cached_layout_still_checks_each_requests_bytes() -> None:
-    codec = InferCodec(SPEC, 1)
+    codec = Codec()
     codec.decode(request())
     short = request()
     short.raw_input_contents[0] = short.raw_input_contents[0][:-4]
@@ -107,7 +131,7 @@ def test_a_cached_layout_still_checks_each_requests_bytes() -> None:
 
 
 def test_parameters_are_read_on_every_request() -> None:
-    codec = InferCodec(SPEC, 1)
+    codec = Codec()
     codec.decode(request())
     with_priority = request()
     with_priority.parameters["priority"].int64_param = 2
@@ -121,18 +145,21 @@ def test_parameters_are_read_on_every_request() -> None:
 
 
 def test_bad_layouts_are_never_cached_and_always_rejected() -> None:
-    codec = InferCodec(SPEC, 1)
+    codec = Codec()
     wrong = request()
     wrong.inputs[0].datatype = "FP64"
     for _ in range(3):
         with pytest.raises(InputMismatchError, match="expected datatype FP32"):
             codec.decode(wrong)
-    assert not codec._plans
+    assert not codec.checks._versions[codec.version]
 
 
 def test_the_caches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(codec_module, "MAX_PLANS", 5)
-    codec = InferCodec(SPEC, 1)
+    monkeypatch.setattr(codec_module, "MAX_METAS", 5)
+    monkeypatch.setattr(tensors_module, "MAX_LAYOUTS", 5)
+    codec = Codec()
+    encoder = ResponseEncoder(SPEC, 1)
     # Batch sizes times requested-output subsets: 32 layouts, more than the caches hold.
     for index in range(32):
         rows = 1 + index % 8
@@ -143,11 +170,13 @@ def test_the_caches_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         decoded = codec.decode(message)
         assert decoded.rows == rows
         all_outputs = outputs(rows)
-        answer = codec.encode(message, {n: all_outputs[n] for n in names})
+        answer = encoder.encode(message, {n: all_outputs[n] for n in names})
         assert isinstance(answer, bytes)
         assert [o.name for o in pb.ModelInferResponse.FromString(answer).outputs] == list(names)
-    assert len(codec._plans) == 5
-    assert len(codec._encoder._metas) == 5
+    # Full tables start over (plans, checked layouts) or stop growing (output metadata).
+    assert 0 < len(codec.decoder._plans) <= 5
+    assert 0 < len(codec.checks._versions[codec.version]) <= 5
+    assert len(encoder._metas) == 5
 
 
 def test_long_outputs_and_ids_encode_like_protobuf() -> None:
@@ -159,5 +188,5 @@ def test_long_outputs_and_ids_encode_like_protobuf() -> None:
     )
     message = pb.ModelInferRequest(model_name="big", id="i" * 20_000)
     y = np.random.default_rng(1).normal(size=(1, 600_000)).astype(np.float32)
-    ours = InferCodec(spec, 3).encode(message, {"y": y})
+    ours = ResponseEncoder(spec, 3).encode(message, {"y": y})
     assert ours == encode_response(message, spec, 3, {"y": y}).SerializeToString()

@@ -1,5 +1,6 @@
 """The inference pipeline driven directly (no transport): a real ONNX model served by a
-real ModelManager, tenants with pins, priorities and quotas, post-inference hooks."""
+real ModelManager, tenants with pins, priorities and quotas, the spec check of a decoded
+request (and its cache of checked layouts), post-inference hooks."""
 
 from __future__ import annotations
 
@@ -11,13 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.errors import ModelNotFoundError, QuotaExceededError, RequestTimeoutError
+from gateway.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    QuotaExceededError,
+    RequestTimeoutError,
+)
 from gateway.models.backends import RuntimeFactory
-from gateway.models.manager import ModelManager, ServedVersion
+from gateway.models.manager import ModelManager
 from gateway.pipeline.pipeline import Inference, InferencePipeline
+from gateway.pipeline.tensors import DecodedRequest, InputLayout, LayoutChecks, RequestLayout
 from gateway.quota.store import Limits, LocalQuotaStore
 from gateway.request.context import QUOTA, RequestContext, RequestRecord, context_of
 from gateway.tenancy.tenants import ANONYMOUS, ModelGrant, Tenant
+from model_store.datatypes import DataType
+from model_store.errors import InputMismatchError
 from model_store.repository import ModelRepository
 from runtimes.base import InferRequest
 from runtimes.onnx_runtime import OnnxOptions
@@ -40,22 +49,23 @@ async def manager(tmp_path: Path) -> AsyncIterator[ModelManager]:
         await served.stop()
 
 
-def decoder(rows: int = 1, seen: list[ServedVersion] | None = None, **hints: object):  # type: ignore[no-untyped-def]
-    def decode(version: ServedVersion) -> InferRequest:
-        if seen is not None:
-            seen.append(version)
-        x = np.ones((rows, 4), np.float32)
-        return InferRequest(inputs={"x": x}, rows=rows, **hints)  # type: ignore[arg-type]
-
-    return decode
+def decoder(rows: int = 1, shape: tuple[int, ...] | None = None,
+            outputs: tuple[str, ...] = (), **hints: object) -> DecodedRequest:
+    """What an adapter hands the pipeline for one FP32 input 'x' of ``rows`` rows."""
+    x = np.ones((rows, 4), np.float32)
+    layout: tuple[InputLayout, ...] = (("x", DataType.FP32, shape or (rows, 4)),)
+    request = InferRequest(inputs={"x": x}, outputs=outputs, **hints)  # type: ignore[arg-type]
+    return DecodedRequest(request, RequestLayout(layout, outputs))
 
 
 async def test_runs_the_resolved_version_and_returns_what_ran(manager: ModelManager) -> None:
-    seen: list[ServedVersion] = []
     context = RequestContext(ANONYMOUS, trace_headers={"traceparent": "00-" + "1" * 32
                                                        + "-" + "2" * 16 + "-01"})
-    inference = await InferencePipeline(manager).infer(context, "add", "", decoder(2, seen))
-    assert inference.version.id.version == 2 and seen == [inference.version]
+    decoded = decoder(2)
+    inference = await InferencePipeline(manager).infer(context, "add", "", decoded)
+    # The request that ran is the decoded one, its rows set by the resolved version's check.
+    assert inference.version.id.version == 2 and inference.request is decoded.request
+    assert inference.request.rows == 2
     np.testing.assert_array_equal(inference.outputs["y"], np.full((2, 4), 3.0, np.float32))
     assert context_of(inference.request) is context
     assert inference.request.trace_headers == context.trace_headers
@@ -69,11 +79,11 @@ async def test_a_pinned_tenant_runs_its_pin_and_an_unseen_model_is_not_found(
     pinned = Tenant(id="p", models=(ModelGrant("add", "1"),))
     inference = await pipeline.infer(RequestContext(pinned), "add", "", decoder())
     assert inference.version.id.version == 1
-    seen: list[ServedVersion] = []
     stranger = Tenant(id="s", models=(ModelGrant("other"),))
+    refused = decoder()
     with pytest.raises(ModelNotFoundError, match="unknown model 'add'"):
-        await pipeline.infer(RequestContext(stranger), "add", "", decoder(seen=seen))
-    assert seen == []  # refused before anything was decoded
+        await pipeline.infer(RequestContext(stranger), "add", "", refused)
+    assert refused.request.context is None  # refused before it was checked or ran
 
 
 async def test_priority_deadline_and_timeout_come_from_the_context(
@@ -128,3 +138,52 @@ async def test_hooks_see_every_inference_and_their_failures_stay_theirs(
         inference = await pipeline.infer(context, "add", "", decoder())
     assert seen == [(context, inference)]
     assert "post-inference hook" in caplog.text and "hook bug" in caplog.text
+
+
+async def test_the_decoded_request_is_checked_against_the_resolved_versions_spec(
+    manager: ModelManager,
+) -> None:
+    pipeline = InferencePipeline(manager)
+    context = RequestContext(ANONYMOUS)
+    with pytest.raises(InputMismatchError, match=r"expected shape \[-1,4\], got \[1,5\]"):
+        await pipeline.infer(context, "add", "", decoder(shape=(1, 5)))
+    with pytest.raises(InputMismatchError, match="has no output 'nope'"):
+        await pipeline.infer(context, "add", "", decoder(outputs=("nope",)))
+    # What the adapter found wrong with the data is answered after the model's signature
+    # check: the signature's message first for a layout it refuses, else the adapter's.
+    wrong = decoder(shape=(1, 2**40))
+    wrong.invalid = InvalidRequestError("input 'x': shape exceeds")
+    with pytest.raises(InputMismatchError, match="dimension 1 must be 4"):
+        await pipeline.infer(context, "add", "", wrong)
+    short = decoder()
+    short.invalid = InvalidRequestError("input 'x': needs 16 bytes, raw contents hold 15")
+    for _ in range(2):  # unchecked, then from the layout cache
+        with pytest.raises(InvalidRequestError, match="needs 16 bytes"):
+            await pipeline.infer(context, "add", "", short)
+        short.invalid = InvalidRequestError("input 'x': needs 16 bytes, raw contents hold 15")
+    assert all(v.inflight == 0 for v in manager.model("add").versions.values())
+
+
+async def test_checked_layouts_are_remembered_per_version_and_bounded(
+    manager: ModelManager, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway.pipeline import tensors
+
+    monkeypatch.setattr(tensors, "MAX_LAYOUTS", 3)
+    checks = LayoutChecks(limit=2)
+    one, two = (manager.model("add").versions[n] for n in (1, 2))
+    first = decoder(2)
+    assert checks.check(one, first).rows == 2
+    # The same layout on a later request: from the cache (the spec is not consulted).
+    again = decoder(2)
+    again.layout = first.layout
+    assert checks.check(one, again).rows == 2
+    assert checks._versions[one] == {first.layout: 2}
+    # A refused layout is never remembered; a version's table holds at most MAX_LAYOUTS.
+    with pytest.raises(InputMismatchError):
+        checks.check(one, decoder(shape=(2, 3)))
+    for rows in range(1, 8):
+        assert checks.check(one, decoder(rows)).rows == rows
+    assert 0 < len(checks._versions[one]) <= 3
+    checks.check(two, decoder())
+    assert set(checks._versions) == {one, two}
