@@ -145,15 +145,20 @@ class RpcObserver:
                 span.set_attribute("network.peer.port", port)
             if record.tenant:
                 span.set_attribute(ATTR_TENANT, record.tenant)
-            if record.model is not None:
-                span.set_attribute(ATTR_MODEL, record.model.name)
-                span.set_attribute(ATTR_VERSION, record.model.version)
-            if record.rows is not None:
-                span.set_attribute(ATTR_ROWS, record.rows)
+            set_ran(span, record)
             if code in _SERVER_ERRORS:
                 span.set_status(Status(StatusCode.ERROR, code.name))
         span.end()
         _detach(record)
+
+
+def set_ran(span: trace.Span, record: RequestRecord) -> None:
+    """Put on a call's span the model, version and rows it ran with, where known."""
+    if record.model is not None:
+        span.set_attribute(ATTR_MODEL, record.model.name)
+        span.set_attribute(ATTR_VERSION, record.model.version)
+    if record.rows is not None:
+        span.set_attribute(ATTR_ROWS, record.rows)
 
 
 def _detach(record: RequestRecord) -> None:

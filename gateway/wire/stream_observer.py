@@ -17,15 +17,12 @@ from gateway.errors import QuotaExceededError, limit_of
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import (
-    ATTR_MODEL,
-    ATTR_ROWS,
     ATTR_TENANT,
-    ATTR_VERSION,
     Tracing,
     trace_id_hex,
 )
 from gateway.request.context import QUOTA, RequestRecord
-from gateway.wire.rpc_observer import access_entry
+from gateway.wire.rpc_observer import access_entry, set_ran
 
 METHOD: Final = "ModelStreamInfer"
 STREAM_SPAN: Final = "inference.GRPCInferenceService/ModelStreamInfer"
@@ -115,11 +112,7 @@ class StreamObserver:
         if span is not None:
             if span.is_recording():
                 span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
-                if record.model is not None:
-                    span.set_attribute(ATTR_MODEL, record.model.name)
-                    span.set_attribute(ATTR_VERSION, record.model.version)
-                if record.rows is not None:
-                    span.set_attribute(ATTR_ROWS, record.rows)
+                set_ran(span, record)
                 if code in _SERVER_ERRORS:
                     span.set_status(Status(StatusCode.ERROR, code))
             span.end()
