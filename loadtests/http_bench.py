@@ -149,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=5, help="seconds per level")
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--servers", default="modelgate,triton")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="modelgate worker processes (they share the REST port)")
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(INPUTS))
@@ -156,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(INPUTS)}")
     levels = [int(c) for c in args.concurrency.split(",")]
     for server in args.servers.split(","):
-        starter = modelgate(models, ()) if server == "modelgate" else triton(models)
+        starter = (modelgate(models, ("--workers", str(args.workers))) if server == "modelgate"
+                   else triton(models))
         with starter as port:
             for row in measure(server, port, models, args.duration, levels):
                 print(json.dumps(row), flush=True)
