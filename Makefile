@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/modelgate serve
 
-## install test dependencies (Python packages, redis-server, tritonserver) and run every test
+## install test dependencies (Python packages, redis-server, h2load, tritonserver, podman) and run every test
 test: $(STAMP)
 	bash scripts/install_test_deps.sh
 	$(PY) -m pytest -q -p no:cacheprovider
