@@ -130,12 +130,13 @@ def _encode_varint(value: int) -> bytes:
 _SMALL: Final = tuple(_encode_varint(n) for n in range(1 << 14))
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A protobuf base-128 varint (below 16384 from a table)."""
     return _SMALL[value] if value < 16384 else _encode_varint(value)
 
 
 def _length_delimited(field: int, payload: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+    return varint(field << 3 | 2) + varint(len(payload)) + payload
 
 
 class ResponseEncoder:
@@ -163,7 +164,7 @@ class ResponseEncoder:
         self._metas: dict[tuple[str, tuple[int, ...]], bytes] = {}
 
     def _meta(self, name: str, shape: tuple[int, ...]) -> bytes:
-        packed = b"".join(_varint(d) for d in shape)
+        packed = b"".join(varint(d) for d in shape)
         meta = self._out_heads[name] + (_length_delimited(3, packed) if shape else b"")
         encoded = _length_delimited(5, meta)
         if len(self._metas) < MAX_METAS:
@@ -194,7 +195,7 @@ class ResponseEncoder:
             else:
                 # tobytes writes row-major whatever the array's strides.
                 data = (array if array.dtype == dtype else array.astype(dtype)).tobytes()
-            raws.append(b"\x32" + _varint(len(data)))  # field 6, length-delimited
+            raws.append(b"\x32" + varint(len(data)))  # field 6, length-delimited
             raws.append(data)
         parts += raws
         return b"".join(parts)

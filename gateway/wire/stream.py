@@ -31,7 +31,7 @@ from gateway.status import status_of
 from gateway.tenancy.auth import Authenticator, peer_subject
 from gateway.tenancy.tenants import Tenant
 from gateway.wire.call import caller_of
-from gateway.wire.codec import Codecs
+from gateway.wire.codec import Codecs, varint
 from gateway.wire.stream_observer import StreamObserver, StreamTrace
 from modelgate_pb import grpc_service_pb2 as pb
 
@@ -47,19 +47,10 @@ _REVOCATION_POLL_S: Final = 1.0
 _INFER_RESPONSE_TAG: Final = b"\x12"
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def wrap_answer(answer: bytes | pb.ModelInferResponse) -> bytes:
     """A ModelStreamInferResponse holding ``answer`` (wire bytes or a message)."""
     data = answer if isinstance(answer, bytes) else answer.SerializeToString()
-    return _INFER_RESPONSE_TAG + _varint(len(data)) + data
+    return _INFER_RESPONSE_TAG + varint(len(data)) + data
 
 
 def error_answer(exc: BaseException, request: pb.ModelInferRequest | None) -> tuple[bytes, str]:
