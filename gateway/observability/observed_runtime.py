@@ -48,9 +48,11 @@ class RequestObservation:
 Observations = dict[int, RequestObservation]
 
 
-class RequestObserver(RuntimeWrapper):
-    """Per request: in-flight and queue-depth gauges, queue and compute histograms, the
-    request's 'infer' span with a retroactive 'queue' child, and the RPC record's figures."""
+class _Observer(RuntimeWrapper):
+    """What both observers hold: the version's metric children, the tracer (None: tracing
+    off), their span name and the observations shared through the batcher."""
+
+    _SPAN: str = ""
 
     def __init__(
         self, inner: Runtime, metrics: Metrics, tracing: Tracing | None,
@@ -59,8 +61,15 @@ class RequestObserver(RuntimeWrapper):
         super().__init__(inner)
         self._m: ModelMetrics = metrics.model(inner.model)
         self._tracer = tracing.tracer if tracing is not None else None
-        self._name = f"infer {inner.model.name}"
+        self._name = f"{self._SPAN} {inner.model.name}"
         self._observations = observations
+
+
+class RequestObserver(_Observer):
+    """Per request: in-flight and queue-depth gauges, queue and compute histograms, the
+    request's 'infer' span with a retroactive 'queue' child, and the RPC record's figures."""
+
+    _SPAN = "infer"
 
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
         if request.warmup is not None:
@@ -137,20 +146,12 @@ def _members(batch: InferRequest, observations: Observations) -> list[RequestObs
     return found
 
 
-class ExecutionObserver(RuntimeWrapper):
+class ExecutionObserver(_Observer):
     """Per execution (the merged batch the batcher runs, or one request of a model without
     a batcher): inference and execution counts, batch sizes, and a 'batch' span linked to
     the span of every member request (and each of those linked back to it)."""
 
-    def __init__(
-        self, inner: Runtime, metrics: Metrics, tracing: Tracing | None,
-        observations: Observations,
-    ) -> None:
-        super().__init__(inner)
-        self._m: ModelMetrics = metrics.model(inner.model)
-        self._tracer = tracing.tracer if tracing is not None else None
-        self._name = f"batch {inner.model.name}"
-        self._observations = observations
+    _SPAN = "batch"
 
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
         members = _members(request, self._observations)
