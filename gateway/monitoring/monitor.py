@@ -175,7 +175,16 @@ class Monitor:
 
     def _gate(self, version: ServedVersion) -> Gate:
         enabled = self.config.enabled and version.id.name not in self.config.exclude
-        gate = self._gates[version] = Gate(version, enabled, self._every, self._rate)
+        gate = Gate(version, enabled, self._every, self._rate)
+        # A reloaded version (new files, a new profile) is a new ServedVersion with the same
+        # id: its gate takes over the old one's counters, so /metrics shows one monotonic
+        # series per model version, never two with the same labels.
+        for old in [v for v in self._gates if v.id == version.id]:
+            previous = self._gates.pop(old)
+            gate.taken = previous.taken
+            gate.dropped_full = previous.dropped_full
+            gate.dropped_rate = previous.dropped_rate
+        self._gates[version] = gate
         return gate
 
     def gates(self) -> list[Gate]:

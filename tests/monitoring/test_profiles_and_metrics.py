@@ -143,6 +143,23 @@ def test_sampling_takes_one_in_n_per_version(tmp_path: Path) -> None:
     assert [g.taken for g in monitor.gates()] == [5, 5]
 
 
+def test_a_reloaded_version_keeps_one_monotonic_sample_series(tmp_path: Path) -> None:
+    # A reload (a new profile.json, new files) serves the same id from a new ServedVersion.
+    monitor = every_sample()
+    before, after = version(tmp_path, 1), version(tmp_path, 1)
+    x, label, _ = reference_rows(np.random.default_rng(9), 1)
+    for _ in range(3):
+        monitor.offer(before, {"x": x}, {"label": label}, 1)
+    monitor.offer(after, {"x": x}, {"label": label}, 1)  # before any sample is folded in
+    registry = CollectorRegistry()
+    registry.register(DriftCollector(monitor))
+    families = {f.name: f for f in text_string_to_metric_families(
+        generate_latest(registry).decode())}
+    taken = [s for s in families["modelgate_drift_samples"].samples
+             if s.name == "modelgate_drift_samples_total"]
+    assert [(s.labels["version"], s.value) for s in taken] == [("1", 4.0)]
+
+
 def test_excluded_models_are_not_sampled(tmp_path: Path) -> None:
     monitor = every_sample(exclude=frozenset({"m"}))
     x, label, _ = reference_rows(np.random.default_rng(8), 1)
