@@ -20,16 +20,6 @@ from model_store.spec import (
 from model_store.version_policy import VersionPolicy
 from modelgate_pb import model_config_pb2 as mc
 
-ONNX_PLATFORMS = frozenset({"onnxruntime_onnx"})
-ONNX_BACKENDS = frozenset({"onnxruntime"})
-# Models served by remote Triton upstreams (platform or backend): no local model file.
-REMOTE_PLATFORMS = frozenset({"triton"})
-
-
-def is_remote(spec_platform: str, spec_backend: str) -> bool:
-    """Whether a model with this platform/backend is served remotely (no file to load)."""
-    return spec_platform in REMOTE_PLATFORMS or spec_backend in REMOTE_PLATFORMS
-
 
 def parse_config_text(text: str, folder_name: str) -> mc.ModelConfig:
     """Parse config.pbtxt. Unknown fields are an error, as in Triton, so a typo does not

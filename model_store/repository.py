@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model_store.config import (
-    is_remote,
     parse_config_text,
     spec_from_config,
     version_policy_of,
 )
 from model_store.errors import InvalidModelNameError, ModelConfigError, StoreError
 from model_store.onnx_graph import complete_config
+from model_store.platforms import is_remote
 from model_store.spec import ModelSpec, validate_model_name
 from modelgate_pb import model_config_pb2 as mc
 

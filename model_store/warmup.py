@@ -11,9 +11,9 @@ import numpy as np
 import numpy.typing as npt
 from google.protobuf.message import DecodeError
 
-from model_store.config import is_remote
 from model_store.datatypes import DataType
 from model_store.errors import ModelConfigError
+from model_store.platforms import is_remote
 from model_store.spec import ModelSpec
 from modelgate_pb import model_config_pb2 as mc
 

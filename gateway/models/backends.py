@@ -1,5 +1,5 @@
-"""Chooses the Runtime for a model's platform and wraps it as its config asks (statistics,
-the dynamic batcher for models with a dynamic_batching block, metrics and tracing)."""
+"""Chooses the Runtime for a model's platform from the runtime registry and wraps it as its
+config asks (statistics, the dynamic batcher for dynamic_batching models, metrics, tracing)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from gateway.observability.observed_runtime import (
 )
 from gateway.observability.statistics import ModelStatistics, StatisticsRuntime
 from gateway.observability.tracing import Tracing
-from model_store.config import ONNX_BACKENDS, ONNX_PLATFORMS, is_remote
+from model_store.platforms import ONNX, PLATFORMS, TRITON, Platform, PlatformRegistry
 from model_store.spec import ModelId, ModelSpec
 from runtimes.base import Runtime
 from runtimes.errors import ModelLoadError
@@ -24,34 +24,67 @@ from runtimes.onnx_runtime import OnnxOptions, OnnxRuntime
 from runtimes.triton_runtime import TritonRoute, TritonRuntime
 from runtimes.upstreams import UpstreamPool
 
+# Builds one version's bare runtime (not yet loaded) from its id, spec and model file.
+RuntimeBuilder = Callable[[ModelId, ModelSpec, Path], Runtime]
+
+
+class RuntimeRegistry:
+    """Runtime builders keyed by runtime kind (model_store/platforms.py says which config
+    platform or backend selects which kind). A new runtime is one ``register`` call."""
+
+    def __init__(self, platforms: PlatformRegistry | None = None) -> None:
+        # A private copy: registering a kind here never changes what other registries know.
+        self._platforms = (platforms or PLATFORMS).copy()
+        self._builders: dict[str, RuntimeBuilder] = {}
+
+    def register(self, platform: Platform, build: RuntimeBuilder) -> None:
+        self._platforms.register(platform)
+        self._builders[platform.kind] = build
+
+    def build(self, model: ModelId, spec: ModelSpec, path: Path) -> Runtime:
+        found = self._platforms.find(spec.platform, spec.backend)
+        if found is None or found.kind not in self._builders:
+            served = sorted(
+                name for p in self._platforms if p.kind in self._builders
+                for name in p.platforms | p.backends
+            )
+            raise ModelLoadError(
+                f"unknown platform/backend '{spec.platform or spec.backend}' "
+                f"(modelgate serves {', '.join(served)})"
+            )
+        return self._builders[found.kind](model, spec, path)
+
+
+def builtin_runtimes(
+    onnx: OnnxOptions, upstreams: UpstreamPool | None = None,
+    in_flight: Callable[[], int] | None = None,
+) -> RuntimeRegistry:
+    """ONNX Runtime in-process and Triton upstreams, with the settings every model shares."""
+    pool = upstreams or UpstreamPool(())
+    registry = RuntimeRegistry()
+    registry.register(ONNX, lambda model, spec, path: OnnxRuntime(
+        model, spec, path, onnx, in_flight=in_flight))
+    registry.register(TRITON, lambda model, spec, _path: TritonRuntime(
+        model, spec, TritonRoute.from_spec(spec, model.version), pool))
+    return registry
+
 
 class RuntimeFactory:
-    """Builds runtimes with the settings that apply to every model."""
+    """Builds each version's runtime stack: the registry's runtime for its platform, wrapped
+    in scheduling and observation."""
 
     def __init__(
         self, onnx: OnnxOptions, metrics: Metrics | None = None, tracing: Tracing | None = None,
         *, upstreams: UpstreamPool | None = None, in_flight: Callable[[], int] | None = None,
-        staged_batches: int = 1,
+        staged_batches: int = 1, runtimes: RuntimeRegistry | None = None,
     ) -> None:
-        self._onnx = onnx
+        self._runtimes = runtimes or builtin_runtimes(onnx, upstreams, in_flight)
         self._staged = staged_batches
-        self._in_flight = in_flight
-        self._upstreams = upstreams or UpstreamPool(())
         self._metrics = metrics
         self._tracing = tracing
 
     def __call__(self, model: ModelId, spec: ModelSpec, path: Path) -> RuntimeStack:
-        if spec.platform in ONNX_PLATFORMS or spec.backend in ONNX_BACKENDS:
-            return self._observed(
-                OnnxRuntime(model, spec, path, self._onnx, in_flight=self._in_flight)
-            )
-        if is_remote(spec.platform, spec.backend):
-            route = TritonRoute.from_spec(spec, model.version)
-            return self._observed(TritonRuntime(model, spec, route, self._upstreams))
-        kind = spec.platform or spec.backend
-        raise ModelLoadError(
-            f"unknown platform/backend '{kind}' (modelgate serves onnxruntime_onnx and triton)"
-        )
+        return self._observed(self._runtimes.build(model, spec, path))
 
     def _observed(self, runtime: Runtime) -> RuntimeStack:
         """Metrics and tracing around the scheduling: one observer per execution below the

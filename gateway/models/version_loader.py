@@ -13,8 +13,8 @@ from typing import Final
 
 from gateway.models.served import ServedVersion, VersionState
 from gateway.observability.statistics import ModelStatistics
-from model_store.config import is_remote
 from model_store.errors import StoreError
+from model_store.platforms import is_remote
 from model_store.spec import ModelId, ModelSpec
 from model_store.warmup import warmup_samples
 from runtimes.base import InferRequest, Runtime
