@@ -26,6 +26,10 @@ class InvalidRequestError(GatewayError):
     """The request itself is malformed: tensors, parameters, names."""
 
 
+class UnsupportedCodingError(InvalidRequestError):
+    """A request body in a content coding the server does not decode (HTTP 415)."""
+
+
 class ModelNotFoundError(GatewayError):
     """No such model or version (or one the caller may not see)."""
 

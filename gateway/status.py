@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # Most specific first: the first matching class decides. The HTTP status is what the REST
 # port (gateway/http/) answers for the same error.
 STATUS_TABLE: Final[tuple[tuple[type[BaseException], grpc.StatusCode, int], ...]] = (
+    (gw.UnsupportedCodingError, grpc.StatusCode.INVALID_ARGUMENT, 415),
     (gw.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT, 400),
     (gw.ModelNotFoundError, grpc.StatusCode.NOT_FOUND, 404),
     (gw.ModelNotReadyError, grpc.StatusCode.UNAVAILABLE, 503),

@@ -3,9 +3,10 @@ from a model file) into a ModelSpec, rejecting what the gateway cannot serve."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf import json_format, text_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from model_store.datatypes import DataType
@@ -92,11 +93,47 @@ def config_text(config: Message) -> str:
 
 def config_document(serialized: bytes) -> dict[str, Any]:
     """A serialized ModelConfig as the JSON document Triton's REST API answers (field names
-    as in config.pbtxt, 64-bit integers as strings, default values left out)."""
+    as in config.pbtxt, default values left out). Protobuf's JSON mapping writes 64-bit
+    integers as strings; Triton turns them back into numbers, and clients rely on it
+    (``np.zeros(config["input"][0]["dims"])``), so this does too."""
     document: dict[str, Any] = json_format.MessageToDict(
         mc.ModelConfig.FromString(serialized), preserving_proto_field_name=True
     )
+    _numbers_of_64_bits(document, cast(Descriptor, mc.ModelConfig.DESCRIPTOR))
     return document
+
+
+_INT64_TYPES = frozenset({
+    FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64,
+})
+
+
+def _numbers_of_64_bits(document: dict[str, Any], descriptor: Descriptor) -> None:
+    """Turn, in place, the 64-bit integer strings of ``document`` (a message of
+    ``descriptor`` as MessageToDict wrote it) into ints, through nested messages, repeated
+    fields and maps."""
+    for name, value in document.items():
+        field = descriptor.fields_by_name.get(name)
+        if field is None:
+            continue
+        kind = field.message_type
+        if kind is not None and kind.GetOptions().map_entry:
+            entry = kind.fields_by_name["value"]
+            for key, item in value.items():
+                value[key] = _converted(item, entry)
+        elif field.is_repeated:
+            document[name] = [_converted(item, field) for item in value]
+        else:
+            document[name] = _converted(value, field)
+
+
+def _converted(value: Any, field: FieldDescriptor) -> Any:
+    if field.type in _INT64_TYPES:
+        return int(value)
+    if field.message_type is not None and isinstance(value, dict):
+        _numbers_of_64_bits(value, field.message_type)
+    return value
 
 
 def _tensor(t: mc.ModelInput | mc.ModelOutput, kind: str) -> TensorSpec:

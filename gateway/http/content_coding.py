@@ -7,11 +7,13 @@ from __future__ import annotations
 import zlib
 from typing import Final
 
-from gateway.errors import InvalidRequestError, PayloadTooLargeError
+from gateway.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedCodingError
 
 # zlib's window bits: gzip framing, zlib framing (what HTTP calls deflate).
 _WBITS: Final = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 CODINGS: Final = tuple(_WBITS)
+# What a request body may be sent in (the Accept-Encoding of a 415 answer, RFC 7694).
+REQUEST_CODINGS: Final = ", ".join((*CODINGS, "identity"))
 # Inflated in steps of this many bytes, so a bomb is stopped within one step of the cap.
 _STEP: Final = 1 << 20
 # Fast: responses are small and latency counts more than a few percent of size.
@@ -26,8 +28,8 @@ def inflate(body: bytes, coding: str, limit: int) -> bytes:
         return body
     wbits = _WBITS.get(name)
     if wbits is None:
-        raise InvalidRequestError(
-            f"Content-Encoding '{name[:32]}' is not supported; use gzip, deflate or identity"
+        raise UnsupportedCodingError(
+            f"Content-Encoding '{name[:32]}' is not supported; use one of {REQUEST_CODINGS}"
         )
     inflater = zlib.decompressobj(wbits)
     parts: list[bytes] = []

@@ -1,7 +1,9 @@
 """The REST port's edge: every request passes here once, in the gRPC edge's order: observe
 (it sees what every later check answers), the in-flight cap (inference only), auth (all but
-the health probes), then the endpoint; a raised error becomes its row of the status table
-as an HTTP status with a ``{"error": ...}`` body. Compressed answers on Accept-Encoding."""
+the health probes; a request with a body is authenticated on its head, before the body is
+read, by ``screen``), then the endpoint; a raised error becomes its row of the status table
+as an HTTP status with a ``{"error": ...}`` body. A successful inference is compressed on
+Accept-Encoding; nothing else is, as Triton does (tritonclient.http.aio reads them raw)."""
 
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from gateway.errors import (
     RETRY_AFTER_KEY,
     AuthenticationError,
     QuotaExceededError,
+    UnsupportedCodingError,
     limit_of,
 )
-from gateway.http.content_coding import accepted, compress
+from gateway.http.content_coding import REQUEST_CODINGS, accepted, compress
 from gateway.http.messages import HttpRequest, HttpResponse, error_response
 from gateway.http.routes import ANONYMOUS, CAPPED, Route, match
 from gateway.http.service import RestService
@@ -47,6 +50,7 @@ _NOT_FOUND: Final = "no such endpoint; the V2 REST API lives under /v2"
 # with the code of the same error on gRPC, so one family counts both transports).
 _CODE_OF_HTTP: Final = {200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED",
                         403: "PERMISSION_DENIED", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED",
+                        415: "INVALID_ARGUMENT",
                         429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
                         501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
@@ -90,6 +94,8 @@ class RestEdge:
         if trace_header:
             response.headers = (*response.headers, trace_header)
         self._close(record, route, request, response.status, error)
+        if route.name != "ModelInfer" or response.status != 200:
+            return response
         return _encoded(response, request.headers.get("accept-encoding"))
 
     async def _serve(
@@ -104,10 +110,30 @@ class RestEdge:
             if started is not None:
                 self._inflight.leave(started)
 
+    def screen(self, request: HttpRequest) -> HttpResponse | None:
+        """A request with a body, its head complete and its body not yet read: one that
+        needs a key and has no valid one is answered 401 now (observed as on ``handle``),
+        so nobody without a key makes the server hold a body; a valid key's tenant rides
+        on the request."""
+        if self._authenticator.registry is None:
+            return None
+        route = match(request.path)
+        if route is None or request.method != route.method or route.name in ANONYMOUS:
+            return None  # answered without a key (404, 405, the probes) once complete
+        record = RequestRecord(method=route.name, start=time.perf_counter())
+        try:
+            request.tenant = self._authenticate(request, record)
+        except AuthenticationError as exc:
+            self._close(record, route, request, 401, exc)
+            return _error(exc)
+        return None
+
     def _authenticate(self, request: HttpRequest, record: RequestRecord) -> Tenant:
         authenticator = self._authenticator
         with observe.stage(record, "auth"):
-            if authenticator.registry is None:
+            if request.tenant is not None:
+                tenant = request.tenant  # authenticated on its head (screen)
+            elif authenticator.registry is None:
                 tenant = OPEN_TENANT  # open mode: nothing to check
             else:
                 tenant = authenticator.authenticate(
@@ -202,6 +228,8 @@ def _error(exc: Exception) -> HttpResponse:
         headers.append((LIMIT_KEY, limit))
     if isinstance(exc, AuthenticationError):
         headers.append(("WWW-Authenticate", 'Bearer realm="modelgate"'))
+    if isinstance(exc, UnsupportedCodingError):
+        headers.append(("Accept-Encoding", REQUEST_CODINGS))
     return error_response(status.http, status.message, tuple(headers))
 
 

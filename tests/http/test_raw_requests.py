@@ -130,6 +130,42 @@ def test_oversized_bodies_are_413(open_gateway: RunningGateway) -> None:
     healthy(port)
 
 
+def test_an_unknown_content_coding_is_415_naming_the_accepted_ones(
+    open_gateway: RunningGateway,
+) -> None:
+    port = port_of(open_gateway)
+    answer = rest(port, "POST", INFER, b"\x0b\x01\x80{}\x03", {"Content-Encoding": "br"})
+    assert "gzip, deflate, identity" in error_of(answer, 415)
+    assert answer.headers["accept-encoding"] == "gzip, deflate, identity"
+    healthy(port)
+
+
+def test_only_a_successful_inference_is_compressed(open_gateway: RunningGateway) -> None:
+    """Triton compresses successful inferences alone; tritonclient.http.aio reads every
+    other answer raw, so gzip there would break it."""
+    port = port_of(open_gateway)
+    asks = {"Accept-Encoding": "gzip, deflate"}
+    inferred = rest(port, "POST", INFER, GOOD, asks)
+    assert inferred.headers["content-encoding"] == "gzip"
+    assert json.loads(gzip.decompress(inferred.body))["model_name"] == "add"
+    for method, path, status in (("GET", "/v2", 200), ("GET", "/v2/models/add", 200),
+                                 ("GET", "/v2/models/add/config", 200),
+                                 ("GET", "/v2/models/add/stats", 200),
+                                 ("POST", "/v2/repository/index", 200),
+                                 ("GET", "/v2/models/nope", 404),
+                                 ("POST", "/v2/models/nope/infer", 404)):
+        answer = rest(port, method, path, GOOD if method == "POST" else None, asks)
+        assert answer.status == status, (path, answer.status)
+        assert "content-encoding" not in answer.headers, path
+        assert answer.json()
+
+
+def test_config_gives_64_bit_integers_as_numbers(open_gateway: RunningGateway) -> None:
+    config = rest(port_of(open_gateway), "GET", "/v2/models/batched/config").json()
+    assert config["input"][0]["dims"] == [4]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 20000
+
+
 def test_unknown_paths_methods_and_huge_headers(open_gateway: RunningGateway) -> None:
     port = port_of(open_gateway)
     assert "/v2" in error_of(rest(port, "GET", "/v1/models/add"), 404)
