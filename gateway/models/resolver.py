@@ -63,12 +63,16 @@ def resolve(
     """The version of ``name`` that serves ``tenant``'s request.
 
     ``version`` is model_version ('' for none), ``label`` the x-model-label entry (both may
-    be sent only when they agree). With neither, a tenant's pin decides; else the model's
+    be sent when they name the same version). With neither, a tenant's pin decides; else the model's
     weighted split (``router`` picks the point, sticky by ``key``); else the highest ready
     version. ``ready`` (inference) also requires the chosen version to be READY with a
     runtime; without it (metadata, readiness, statistics) the version is returned in
     whatever state it is and no split is drawn."""
-    target = visible_target(tenant, name, requested_target(version, label))
+    known = models.get(name)
+    # Only a model the tenant may see lends its labels (else agreement would tell them).
+    labels = (known.routing.labels if known is not None
+              and (tenant.unrestricted or tenant.can_see(name)) else None)
+    target = visible_target(tenant, name, requested_target(version, label, labels))
     model = find_model(models, name)
     if model.error is not None:
         raise ModelNotReadyError(f"model '{name}' is unavailable: {model.error}")

@@ -63,15 +63,20 @@ def choose_weighted(weights: Sequence[tuple[int, float]], point: float) -> int:
     return weights[-1][0]  # float rounding at the very top of the range
 
 
-def requested_target(model_version: str, label: str | None) -> str:
-    """What the request names: model_version, else the x-model-label entry, else ''."""
+def requested_target(model_version: str, label: str | None,
+                     labels: Mapping[str, int] | None = None) -> str:
+    """What the request names: model_version, else the x-model-label entry, else ''. Both
+    may be sent when they name the same version: the same label, or a number that the
+    model's ``labels`` map the label to."""
     if label is None or not label:
         return model_version
     if not LABEL.fullmatch(label):
         raise InvalidRequestError(
             f"{LABEL_KEY} must be a label matching [A-Za-z][A-Za-z0-9_-]* (max 64 characters)"
         )
-    if model_version and model_version != label:
+    same_number = (model_version.isdigit() and len(model_version) <= 18
+                   and labels is not None and labels.get(label) == int(model_version))
+    if model_version and model_version != label and not same_number:
         raise InvalidRequestError(
             f"model_version '{model_version[:64]}' and {LABEL_KEY} '{label}' disagree; "
             "send one of them"

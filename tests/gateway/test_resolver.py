@@ -74,6 +74,8 @@ ROWS = [
     Row("a label in model_version", version="stable", routing=ROUTING, expect=1),
     Row("a label as x-model-label", label="canary", routing=ROUTING, expect=3),
     Row("both, agreeing", version="canary", label="canary", routing=ROUTING, expect=3),
+    Row("the label's version number and the label", version="3", label="canary",
+        routing=ROUTING, expect=3),
     Row("both, disagreeing", version="1", label="canary", routing=ROUTING,
         expect=InvalidRequestError, message="disagree"),
     Row("a malformed label", label="-x", expect=InvalidRequestError, message="x-model-label"),

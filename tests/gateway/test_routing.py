@@ -143,6 +143,12 @@ def test_labels_and_the_label_metadata_entry() -> None:
     assert requested_target("3", None) == "3"
     with pytest.raises(InvalidRequestError, match="disagree"):
         requested_target("stable", "canary")
+    # A number and a label naming the same version agree; another number does not.
+    assert requested_target("2", "canary", routes.labels) == "canary"
+    with pytest.raises(InvalidRequestError, match="disagree"):
+        requested_target("1", "canary", routes.labels)
+    with pytest.raises(InvalidRequestError, match="disagree"):
+        requested_target("2", "canary")  # no labels known: nothing to agree with
     with pytest.raises(InvalidRequestError, match="x-model-label"):
         requested_target("", "9lives")
     assert request_metadata((("x-model-label", "canary"), ("x-routing-key", "u1"),
