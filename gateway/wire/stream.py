@@ -27,6 +27,7 @@ from gateway.errors import AuthenticationError, InvalidRequestError
 from gateway.models.routing import LABEL_KEY, ROUTING_KEY, request_metadata
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.request.context import RequestContext
+from gateway.sanitize import echoed
 from gateway.status import status_of
 from gateway.tenancy.auth import Authenticator, peer_subject
 from gateway.tenancy.tenants import Tenant
@@ -56,9 +57,14 @@ def wrap_answer(answer: bytes | pb.ModelInferResponse) -> bytes:
 def error_answer(exc: BaseException, request: pb.ModelInferRequest | None) -> tuple[bytes, str]:
     """The in-stream error for one message: ``error_message`` as the status table words it,
     and an ``infer_response`` carrying the message's id, model and the status's trailers
-    (retry-after-ms, modelgate-limit) plus its code as parameters. Returns it and the code."""
+    (retry-after-ms, modelgate-limit) plus its code as parameters. Returns it and the code.
+    The message text starts ``id '<id>': `` for a message with an id: tritonclient hands a
+    callback only the text, so that is where it can match the error to its request."""
     status = status_of(exc)
-    response = pb.ModelStreamInferResponse(error_message=status.message)
+    text = status.message
+    if request is not None and request.id:
+        text = f"id '{echoed(request.id)}': {text}"
+    response = pb.ModelStreamInferResponse(error_message=text)
     inner = response.infer_response
     if request is not None:
         inner.id, inner.model_name = request.id, request.model_name

@@ -227,6 +227,8 @@ def test_quota_hit_on_a_stream_names_the_limit_with_the_retry_hint(
     after = registry.get_sample_value("modelgate_tenant_quota_rejections_total", counted)
     assert (after or 0) - (before or 0) == len(refused)
     for answer in refused:
+        # tritonclient's callback sees only the text: it names the message's id first.
+        assert answer.error_message.startswith(f"id '{answer.infer_response.id}': ")
         params = answer.infer_response.parameters
         assert params["modelgate-code"].string_param == "RESOURCE_EXHAUSTED"
         assert params["modelgate-limit"].string_param
