@@ -12,8 +12,6 @@ from typing import Any, Final
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from gateway.http.connection import Limits
 from gateway.http.edge import RestEdge
@@ -42,6 +40,7 @@ from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.tenants import TenantRegistry
 from gateway.wire.codec import Codecs
 from gateway.wire.edge import INFERENCE_SERVICE, Edge
+from gateway.wire.reflection import add_reflection
 from gateway.wire.rpc_observer import RpcObserver
 from gateway.wire.servicer import InferenceServicer, add_inference_service
 from gateway.wire.stream import StreamInfer, stream_handler
@@ -207,13 +206,8 @@ class Gateway:
         self.edge.add_registered_method_handlers(
             INFERENCE_SERVICE, {"ModelStreamInfer": stream_handler(self.streams)})
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.edge)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            ReflectionServicer(
-                (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME),
-            ),
-            self.edge,
-        )
+        add_reflection(self.edge, (
+            INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         # By full method name, as served: tools (loadtests/hotpath.py) call them directly.
         self.edge_handlers = self.edge.install(self.server)
         target = address(self.settings.host, self.settings.grpc_port)

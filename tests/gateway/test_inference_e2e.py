@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from tritonclient.utils import InferenceServerException
 
 from modelgate_pb import grpc_service_pb2 as pb
@@ -388,13 +388,24 @@ def test_health_overall_and_per_model(gateway: RunningGateway) -> None:
         assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection_lists_services(gateway: RunningGateway) -> None:
+@pytest.mark.parametrize("package", ["v1alpha", "v1"])
+def test_reflection_lists_services(gateway: RunningGateway, package: str) -> None:
+    # grpc.reflection.v1's messages are v1alpha's: the v1alpha stub's classes, other path.
+    method = f"/grpc.reflection.{package}.ServerReflection/ServerReflectionInfo"
     with grpc.insecure_channel(gateway.target) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        request = reflection_pb2.ServerReflectionRequest(list_services="")
-        response = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
-        names = {s.name for s in response.list_services_response.service}
-    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+        call = channel.stream_stream(
+            method, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        asks = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(
+                    file_containing_symbol=f"grpc.reflection.{package}.ServerReflection")]
+        listed, described = list(call(iter(asks), timeout=10))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = described.file_descriptor_response.file_descriptor_proto
+    assert files and f"grpc.reflection.{package}".encode() in files[0]
 
 
 def test_message_larger_than_the_limit_is_resource_exhausted(store: Path) -> None:
