@@ -19,6 +19,7 @@ from modelgate_pb import grpc_service_pb2 as pb
 from tests.support import models
 from tests.support.gateway import RunningGateway, running_gateway
 from tests.support.otlp_receiver import OtlpReceiver
+from tests.support.waiting import until
 
 ALL_VERSIONS = "version_policy: { all {} }\n"
 
@@ -106,15 +107,12 @@ def call_many(gateway: RunningGateway, name: str, count: int) -> None:
 def shadow_stats(gateway: RunningGateway, name: str, shadow: int, count: int) -> ShadowStats:
     mirror = gateway.gateway.manager.shadow
 
-    async def settled() -> ShadowStats:
-        for _ in range(3000):
-            stats = mirror.stats().get((name, 1, shadow))
-            if stats is not None and stats.mirrored + stats.skipped >= count:
-                return stats
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"shadow results for {name} not recorded: {mirror.stats()}")
+    def recorded() -> bool:
+        stats = mirror.stats().get((name, 1, shadow))
+        return stats is not None and stats.mirrored + stats.skipped >= count
 
-    return gateway.call(settled())
+    gateway.call(until(recorded, f"{count} shadow results for {name}"))
+    return mirror.stats()[(name, 1, shadow)]
 
 
 def test_disagreeing_shadow_is_recorded(gateway: RunningGateway) -> None:

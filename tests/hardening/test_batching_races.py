@@ -259,14 +259,11 @@ def test_client_deadlines_and_cancellations_over_grpc(gateway: RunningGateway) -
     assert set(codes) <= {"OK", "DEADLINE_EXCEEDED", "CANCELLED"}, codes
     assert codes.get("OK", 0) > 0
 
-    async def settled() -> bool:
-        for _ in range(200):
-            batcher = _batcher(gateway, "batched")
-            version = gateway.gateway.manager.version("batched", "1")
-            if (batcher.pending() == 0 and batcher.in_flight() == 0 and not version.inflight
-                    and gateway.gateway.inflight.inflight == 0):
-                return True
-            await asyncio.sleep(0.02)
-        return False
+    def idle() -> bool:
+        batcher = _batcher(gateway, "batched")
+        version = gateway.gateway.manager.version("batched", "1")
+        return (batcher.pending() == 0 and batcher.in_flight() == 0 and not version.inflight
+                and gateway.gateway.inflight.inflight == 0)
 
-    assert gateway.call(settled())
+    # Every request was answered or cancelled, so nothing may stay queued, running or leased.
+    gateway.call(until(idle, "the batcher, leases and in-flight slots drained", limit_s=10.0))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support import models
 from tests.support.gateway import running_gateway
-from tests.support.waiting import wait_until
+from tests.support.waiting import until, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -94,14 +93,6 @@ def test_a_flood_of_cheap_requests_leaves_health_probes_answering(tmp_path: Path
     assert_watched_fine(flood)
 
 
-async def until(predicate: Callable[[], bool]) -> None:
-    for _ in range(3000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in 30 s")
-
-
 def held_model(root: Path) -> pb.ModelInferRequest:
     """A model whose batcher holds each request for 60 s (until cancelled), and a request."""
     models.write_model(root, "held", 1, models.add_constant(1.0), models.add_model_config(
@@ -121,7 +112,7 @@ def test_at_the_cap_inference_is_shed_at_once_and_probes_still_answer(tmp_path: 
             async with grpc.aio.insecure_channel(gw.target) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 held = stub.ModelInfer(request, timeout=120)
-                await until(lambda: gw.gateway.inflight.inflight == 1)
+                await until(lambda: gw.gateway.inflight.inflight == 1, "the held request in flight")
                 with pytest.raises(grpc.RpcError) as caught:
                     await stub.ModelInfer(request, timeout=30)
                 assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -137,9 +128,10 @@ def test_at_the_cap_inference_is_shed_at_once_and_probes_still_answer(tmp_path: 
                                               timeout=10)).ready
                 await stub.ModelMetadata(pb.ModelMetadataRequest(name="held"), timeout=10)
                 held.cancel()
-                await until(lambda: gw.gateway.inflight.inflight == 0)
+                await until(lambda: gw.gateway.inflight.inflight == 0,
+                            "the cancelled request's slot freed")
                 answer = stub.ModelInfer(request, timeout=120)  # the slot is free again
-                await until(lambda: gw.gateway.inflight.inflight == 1)
+                await until(lambda: gw.gateway.inflight.inflight == 1, "the held request in flight")
                 answer.cancel()
 
         asyncio.run(scenario())
