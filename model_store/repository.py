@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model_store.class_labels import with_class_labels
 from model_store.config import (
     parse_config_text,
     spec_from_config,
@@ -67,7 +68,7 @@ class ModelRepository:
         numbered = _version_folders(folder)
         try:
             config = self._load_config(folder, numbered)
-            spec = spec_from_config(config)
+            spec = with_class_labels(spec_from_config(config), config, folder)
             selected = version_policy_of(config).select(numbered)
         except ModelConfigError as exc:
             log.error("model %s is unavailable: %s", name, exc)

@@ -40,11 +40,13 @@ class ModelId:
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     """A declared input or output. ``dims`` excludes the batch dimension when the model
-    batches; -1 is a dimension of any size."""
+    batches; -1 is a dimension of any size. ``labels``: an output's class labels (its
+    label_filename's lines, class i on line i), for the classification extension."""
 
     name: str
     datatype: DataType
     dims: tuple[int, ...]
+    labels: tuple[str, ...] = ()
 
 
 class TimeoutAction(enum.Enum):

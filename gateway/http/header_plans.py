@@ -36,15 +36,16 @@ class _Input:
 class HeaderPlan:
     """What the full decode found in one header: the inputs' layout in the binary data, the
     request's own tensor layout (which the pipeline checks against a spec), the requested
-    outputs and parameters."""
+    outputs, what they ask (classification) and parameters."""
 
-    __slots__ = ("_inputs", "_layout", "_priority", "_size", "_timeout_us", "body")
+    __slots__ = ("_inputs", "_layout", "_options", "_priority", "_size", "_timeout_us", "body")
 
     def __init__(self, inputs: tuple[_Input, ...], decoded: DecodedRequest,
                  body: InferBody) -> None:
         self._inputs = inputs
         self._size = max((i.end for i in inputs), default=0)
         self._layout = decoded.layout
+        self._options = decoded.options
         self._priority = decoded.request.priority
         self._timeout_us = decoded.request.timeout_us
         self.body = body
@@ -65,7 +66,7 @@ class HeaderPlan:
                                                  data[item.start:item.end])
                 except InvalidRequestError as exc:  # answered after the spec check
                     return DecodedRequest(InferRequest({}, self._layout.outputs),
-                                          self._layout, exc)
+                                          self._layout, exc, self._options)
             else:
                 # Zero-copy view of the request's bytes; read-only, which runtimes respect.
                 arrays[item.name] = np.frombuffer(
@@ -73,7 +74,7 @@ class HeaderPlan:
                 ).reshape(item.shape)
         return DecodedRequest(
             InferRequest(arrays, self._layout.outputs, 1, self._priority, self._timeout_us),
-            self._layout,
+            self._layout, None, self._options,
         )
 
 

@@ -15,10 +15,12 @@ import orjson
 
 from gateway.errors import InvalidRequestError
 from gateway.http.json_tensors import from_json, to_json
+from gateway.pipeline.classification import class_count
 from gateway.pipeline.tensors import (
     MAX_TENSORS,
     DecodedRequest,
     InputLayout,
+    OutputOptions,
     RequestLayout,
     check_name,
     check_shape,
@@ -127,6 +129,7 @@ def decode_infer(
     binary_outputs = _requested_outputs(outputs, _binary_default(parameters))
     answer = InferBody(request_id, binary_outputs, _binary_default(parameters))
     names = tuple(binary_outputs)
+    options = _output_options(outputs)
     requested = RequestLayout(tuple(declared.values()), names)
     arrays: dict[str, Tensor] = {}
     layout: BinaryLayout | None = {}
@@ -148,9 +151,10 @@ def decode_infer(
         priority = _int_parameter(parameters, "priority") or 0
         timeout_us = _int_parameter(parameters, "timeout")
     except InvalidRequestError as exc:
-        return DecodedRequest(InferRequest(inputs={}, outputs=names), requested, exc), answer, None
+        return (DecodedRequest(InferRequest(inputs={}, outputs=names), requested, exc, options),
+                answer, None)
     request = InferRequest(inputs=arrays, outputs=names, priority=priority, timeout_us=timeout_us)
-    return DecodedRequest(request, requested), answer, layout
+    return DecodedRequest(request, requested, None, options), answer, layout
 
 
 def _input(
@@ -208,11 +212,25 @@ def _requested_outputs(outputs: list[Any], default: bool) -> dict[str, bool]:
     return binary
 
 
+def _output_options(outputs: list[Any]) -> OutputOptions | None:
+    """A class count asked with an output's ``classification`` parameter (the
+    classification extension); None when no output asks one. Entries are objects here
+    (_requested_outputs checked them)."""
+    classes: dict[str, int] = {}
+    for item in outputs:
+        parameters = item.get("parameters") or {}
+        if "classification" in parameters:
+            classes[item["name"]] = class_count(item["name"], parameters["classification"])
+    return OutputOptions(classes) if classes else None
+
+
 def encode_infer(
-    spec: ModelSpec, version: int, outputs: Mapping[str, Tensor], body: InferBody
+    spec: ModelSpec, version: int, outputs: Mapping[str, Tensor], body: InferBody,
+    datatypes: Mapping[str, DataType] | None = None,
 ) -> tuple[bytes, int | None]:
-    """The response body and, when it carries binary outputs, its JSON header's length."""
-    declared = {t.name: t.datatype for t in spec.outputs}
+    """The response body and, when it carries binary outputs, its JSON header's length.
+    ``datatypes``: each output's answered datatype, where it is not the spec's."""
+    declared = datatypes or {t.name: t.datatype for t in spec.outputs}
     described: list[dict[str, Any]] = []
     raw: list[bytes] = []
     plain = False  # a float output that is not all finite: written as NaN/Infinity

@@ -31,6 +31,7 @@ from gateway.models.routing import request_metadata
 from gateway.monitoring.endpoint import DriftEndpoint, encode, window_of
 from gateway.observability.statistics import Duration, StatisticsSnapshot
 from gateway.pipeline.catalog import Catalog
+from gateway.pipeline.classification import output_types
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.pipeline.tensors import DecodedRequest
 from gateway.request.context import RequestContext
@@ -39,7 +40,7 @@ from model_store.config import config_document
 # Triton extensions the REST port implements (answered by GET /v2).
 EXTENSIONS: Final = (
     "model_configuration", "model_repository", "binary_tensor_data", "parameters",
-    "statistics", "schedule_policy",
+    "statistics", "schedule_policy", "classification",
 )
 # A caller's deadline in milliseconds from arrival (the REST twin of gRPC's deadline).
 TIMEOUT_HEADER: Final = "x-request-timeout-ms"
@@ -216,8 +217,10 @@ class RestService:
             decoded, answer = self._decode(header, view, body, binary_start, key)
         inference = await self._pipeline.infer(context, route.model, route.version, decoded)
         served = inference.version
+        options = inference.options
         payload, head_length = encode_infer(
-            served.spec, served.id.version, inference.outputs, answer
+            served.spec, served.id.version, inference.outputs, answer,
+            None if options is None else output_types(served.spec, options.classes),
         )
         if head_length is None:
             return HttpResponse(200, payload)

@@ -4,7 +4,8 @@ output tensors (or a domain error) out. Every adapter (gRPC unary, streaming, HT
 Steps, each a call to the module that owns it, each visited once: visibility, version
 resolution and lease (models.registry, which asks models.resolver), the request against the
 version's spec (pipeline.tensors), priority and deadline from the context, quota admission,
-run, shadow mirror (models.shadow), post-inference hooks, release."""
+run, shadow mirror (models.shadow), classification of the outputs that asked for it,
+post-inference hooks, release."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from gateway.errors import QuotaExceededError
 from gateway.models.registry import ModelRegistry
 from gateway.models.served import ServedVersion
 from gateway.observability.observe import stage
-from gateway.pipeline.tensors import DecodedRequest, LayoutChecks
+from gateway.pipeline.classification import check_classes, classify
+from gateway.pipeline.tensors import DecodedRequest, LayoutChecks, OutputOptions
 from gateway.quota.store import Admission, LocalQuotaStore, QuotaStore, Scope
 from gateway.request.context import QUOTA, RequestContext
 from runtimes.base import InferRequest, Tensor
@@ -27,12 +29,13 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class Inference:
     """One completed inference: the version that ran (its spec is what an adapter encodes
-    the answer with), the request as checked against that version's spec, and the outputs
-    it produced."""
+    the answer with), the request as checked against that version's spec, the outputs it
+    produced (classified where the request asked) and what the request asked of them."""
 
     version: ServedVersion
     request: InferRequest
     outputs: dict[str, Tensor]
+    options: OutputOptions | None = None
 
 
 # A post-inference hook sees every successful inference; it must not block (sample, queue,
@@ -72,6 +75,9 @@ class InferencePipeline:
             if record is not None:
                 record.model = served.id  # labels metrics, spans and the access log
             request = self._checks.check(served, decoded)
+            options = decoded.options
+            if options is not None and options.classes:
+                check_classes(served.spec, options.classes)
             request.context = context
             self._schedule(context, served, request)
             scopes = tenant.scopes(model)
@@ -81,7 +87,7 @@ class InferencePipeline:
                     outputs = await lease.runtime.infer(request)
             else:
                 outputs = await lease.runtime.infer(request)
-            inference = Inference(served, request, outputs)
+            inference = Inference(served, request, outputs, options)
             self._shadow.offer(lease, request, outputs, record)
         finally:
             lease.release()
@@ -90,6 +96,9 @@ class InferencePipeline:
                 hook(context, inference)
             except Exception:
                 log.exception("post-inference hook %r failed", hook)
+        if options is not None and options.classes:
+            # After the hooks, which (like the shadow) see what the model answered.
+            inference.outputs = classify(inference.version.spec, outputs, options.classes)
         return inference
 
     @staticmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -182,6 +182,15 @@ class RequestLayout:
         return f"RequestLayout({self.inputs!r}, {self.outputs!r})"
 
 
+@dataclass(frozen=True, slots=True)
+class OutputOptions:
+    """What a request asked of its outputs beyond their names (None on a request that asks
+    nothing more): ``classes``, the class count of each output answered by classification
+    (the classification extension)."""
+
+    classes: Mapping[str, int]
+
+
 @dataclass(slots=True)
 class DecodedRequest:
     """A request as its transport decoded it, before any model's spec is consulted.
@@ -193,11 +202,13 @@ class DecodedRequest:
     FP16-as-bits apart). ``invalid``: what was wrong with the tensors' data once the layout
     was read (a size the bytes do not hold, a bad value, a bad parameter); ``request.inputs``
     is then empty and the pipeline raises it after the model's own signature check, so a
-    client hears first what the model wants, as the signature check's messages name it."""
+    client hears first what the model wants, as the signature check's messages name it.
+    ``options``: what the request asked of its outputs beyond their names, if anything."""
 
     request: InferRequest
     layout: RequestLayout
     invalid: InvalidRequestError | None = None
+    options: OutputOptions | None = None
 
 
 def check_request(spec: ModelSpec, decoded: DecodedRequest) -> int:

@@ -12,12 +12,14 @@ import numpy as np
 
 from gateway.errors import InvalidRequestError
 from gateway.models.served import ServedVersion
+from gateway.pipeline.classification import output_types
 from gateway.pipeline.pipeline import Inference
 from gateway.pipeline.tensors import DecodedRequest, RequestLayout
 from gateway.wire.conversion import (
     MAX_TENSORS,
     decode_request,
     encode_response,
+    output_options,
     request_parameters,
     to_raw,
     wants_typed,
@@ -94,6 +96,7 @@ class RequestDecoder:
             # Zero-copy view of the request's bytes; read-only, which runtimes respect.
             arrays[spec.name] = np.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
         outputs = plan.layout.outputs
+        options = output_options(requested) if requested else None
         params = request.parameters
         if params:
             try:
@@ -101,8 +104,8 @@ class RequestDecoder:
             except InvalidRequestError:
                 return decode_request(request)  # deferred like any data error
             return DecodedRequest(InferRequest(arrays, outputs, 1, priority, timeout_us),
-                                  plan.layout)
-        return DecodedRequest(InferRequest(arrays, outputs), plan.layout)
+                                  plan.layout, None, options)
+        return DecodedRequest(InferRequest(arrays, outputs), plan.layout, None, options)
 
     def _learn(self, key: PlanKey, decoded: DecodedRequest) -> None:
         if decoded.invalid is not None:
@@ -221,6 +224,11 @@ class Codecs:
         self, request: pb.ModelInferRequest, inference: Inference
     ) -> bytes | pb.ModelInferResponse:
         """The answer to ``request`` from what the pipeline returned."""
+        options = inference.options
+        if options is not None:  # classified outputs: not the types the encoder knows
+            spec = inference.version.spec
+            return encode_response(request, spec, inference.version.id.version,
+                                   inference.outputs, output_types(spec, options.classes))
         return self.of(inference.version).encode(request, inference.outputs)
 
     def of(self, version: ServedVersion) -> ResponseEncoder:

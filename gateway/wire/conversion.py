@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 
 from gateway.errors import InvalidRequestError
+from gateway.pipeline.classification import class_count
 from gateway.pipeline.tensors import (
     MAX_ELEMENTS,
     MAX_TENSORS,
     DecodedRequest,
     InputLayout,
+    OutputOptions,
     RequestLayout,
     check_name,
     check_shape,
@@ -32,8 +34,8 @@ from runtimes.base import InferRequest, Tensor
 
 # Re-exported: the hot-path codec and the hardening tests take them from here.
 __all__ = [
-    "MAX_ELEMENTS", "MAX_TENSORS", "decode_request", "encode_response", "request_parameters",
-    "to_raw", "wants_typed",
+    "MAX_ELEMENTS", "MAX_TENSORS", "decode_request", "encode_response", "output_options",
+    "request_parameters", "to_raw", "wants_typed",
 ]
 
 
@@ -72,6 +74,7 @@ def decode_request(request: pb.ModelInferRequest) -> DecodedRequest:
         requested.add(output.name)
     names = tuple(o.name for o in request.outputs)
     layout = RequestLayout(tuple(declared.values()), names)
+    options = output_options(request.outputs)
     try:
         # Sizes are checked here but answered after the model's signature check (the
         # pipeline's), which names the dimension it wants: integer arithmetic only so far.
@@ -85,11 +88,28 @@ def decode_request(request: pb.ModelInferRequest) -> DecodedRequest:
                 arrays[name] = _from_contents(inputs[index], datatype, shape)
         priority, timeout_us = request_parameters(request.parameters)
     except InvalidRequestError as exc:
-        return DecodedRequest(InferRequest(inputs={}, outputs=names), layout, exc)
+        return DecodedRequest(InferRequest(inputs={}, outputs=names), layout, exc, options)
     return DecodedRequest(
         InferRequest(inputs=arrays, outputs=names, priority=priority, timeout_us=timeout_us),
-        layout,
+        layout, None, options,
     )
+
+
+def output_options(
+    requested: Sequence[pb.ModelInferRequest.InferRequestedOutputTensor],
+) -> OutputOptions | None:
+    """What the requested outputs ask beyond their names: a class count in the parameter
+    ``classification`` (the classification extension). None when nothing is asked."""
+    classes: dict[str, int] = {}
+    for output in requested:
+        params = output.parameters
+        if params and "classification" in params:
+            param = params["classification"]
+            which = param.WhichOneof("parameter_choice")
+            value = (param.int64_param if which == "int64_param"
+                     else param.uint64_param if which == "uint64_param" else None)
+            classes[output.name] = class_count(output.name, value)
+    return OutputOptions(classes) if classes else None
 
 
 def request_parameters(params: Mapping[str, pb.InferParameter]) -> tuple[int, int | None]:
@@ -155,16 +175,18 @@ def encode_response(
     spec: ModelSpec,
     version: int,
     outputs: Mapping[str, Tensor],
+    datatypes: Mapping[str, DataType] | None = None,
 ) -> pb.ModelInferResponse:
     """Build the response; raw_output_contents unless an output asked for
-    ``binary_data: false``, in which case that output comes as typed contents."""
+    ``binary_data: false``, in which case that output comes as typed contents.
+    ``datatypes``: each output's answered datatype, where it is not the spec's."""
     response = pb.ModelInferResponse(
         model_name=spec.name, model_version=str(version), id=request.id
     )
     # raw_output_contents is indexed like outputs, so raw and typed cannot be mixed: a client
     # that asks for typed data (binary_data: false) on any output gets every output typed.
     typed = wants_typed(request.outputs)
-    declared = {t.name: t.datatype for t in spec.outputs}
+    declared = datatypes or {t.name: t.datatype for t in spec.outputs}
     for name, array in outputs.items():
         datatype = declared[name]
         out = response.outputs.add(name=name, datatype=datatype.value, shape=array.shape)

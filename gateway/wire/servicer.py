@@ -28,7 +28,7 @@ Context = Any
 # Triton extension names this server implements (answered by ServerMetadata).
 EXTENSIONS = (
     "model_configuration", "model_repository", "binary_tensor_data", "parameters",
-    "statistics", "schedule_policy",
+    "statistics", "schedule_policy", "classification",
 )
 REASON_KEY = "modelgate-reason"
 
