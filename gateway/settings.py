@@ -4,10 +4,11 @@ variables and command-line flags (later wins), checked, then passed down."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -124,6 +125,10 @@ class Settings:
     )
     allow_anonymous: bool = field(
         default=False, metadata={"help": "allow serving a non-loopback address without tenants"}
+    )
+    allow_empty_store: bool = field(
+        default=False, metadata={"help": "start with a store that holds no model (models come "
+                                 "later: the poller, the repository API, Triton discovery)"}
     )
     redis_url: str = field(
         default="", metadata={"help": "share quotas through Redis: redis://, rediss://, "
@@ -302,8 +307,10 @@ def _coerce(name: str, kind: Any, raw: Any, source: str) -> Any:
 def load_settings(
     config_file: Path | None, environ: Mapping[str, str], flags: Mapping[str, Any]
 ) -> Settings:
-    """Merge the four layers and check the result; raises SettingsError naming the setting."""
+    """Merge the four layers and check the result; raises SettingsError with one line per
+    problem found, each naming the setting and where its value came from."""
     values: dict[str, tuple[Any, str]] = {}
+    problems: list[str] = []
     known = {f.name: f for f in fields()}
     if config_file is not None:
         try:
@@ -315,7 +322,9 @@ def load_settings(
         for key, raw in data.items():
             name = key.replace("-", "_")
             if name not in known:
-                raise SettingsError(f"setting '{key}' (from {config_file}): unknown setting")
+                problems.append(f"setting '{key}' (from {config_file}): unknown setting"
+                                f"{did_you_mean(name, known)}")
+                continue
             values[name] = (raw, str(config_file))
     for name in known:
         env_name = ENV_PREFIX + name.upper()
@@ -326,7 +335,11 @@ def load_settings(
             values[name] = (raw, "--" + name.replace("_", "-"))
     resolved: dict[str, Any] = {}
     for name, (raw, source) in values.items():
-        value = _coerce(name, known[name].type, raw, source)
+        try:
+            value = _coerce(name, known[name].type, raw, source)
+        except SettingsError as exc:
+            problems.append(str(exc))  # checked further with its default
+            continue
         if name == "log_level":
             value = str(value).upper()
         resolved[name] = value
@@ -335,11 +348,40 @@ def load_settings(
         problem = check(getattr(settings, name))
         if problem is not None:
             source = values.get(name, (None, "default"))[1]
-            raise SettingsError(f"setting '{name}' (from {source}): {problem}")
-    _check_security(settings, values)
+            problems.append(f"setting '{name}' (from {source}): {problem}")
+    problems.extend(_port_collisions(settings))
+    try:
+        _check_security(settings, values)
+    except SettingsError as exc:
+        problems.append(str(exc))
+    if problems:
+        raise SettingsError("\n".join(problems))
     if settings.grpc_port == 0 and worker_count(settings) > 1:
         raise SettingsError("setting 'workers': several workers need a fixed grpc_port, not 0")
     return settings
+
+
+def did_you_mean(name: str, known: Collection[str]) -> str:
+    """``; did you mean 'x'?`` naming the closest known name, or nothing when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _port_collisions(settings: Settings) -> list[str]:
+    """Two listeners on one fixed port: serving would fail to bind the second."""
+    ports = {"grpc_port": settings.grpc_port, "http_port": settings.http_port,
+             "metrics_port": settings.metrics_port}
+    taken: dict[int, str] = {}
+    problems = []
+    for name, port in ports.items():
+        if not port:  # unset, or 0: any free port
+            continue
+        if port in taken:
+            problems.append(f"setting '{name}': port {port} is also {taken[port]}; "
+                            "each listener needs its own port")
+        else:
+            taken[port] = name
+    return problems
 
 
 def worker_count(settings: Settings) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.monitoring import cli as monitoring_cli
 from gateway.process import event_loop
-from gateway.process.config_check import check_config
+from gateway.process.config_check import check_config, empty_store_problem
 from gateway.process.event_loop import EventLoopError
 from gateway.process.server import BindError, serve
 from gateway.process.workers import Supervisor
@@ -79,15 +79,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return monitoring_cli.run(args)
     try:
         settings = build_settings(args, dict(os.environ))
+        if args.check_config:
+            return _check_config(settings)
         # Checked here too so a supervisor stops at once instead of restarting workers.
         check_exposure(settings)
         if settings.tenants is not None:
             load_tenants(settings.tenants)
+        empty = empty_store_problem(settings)
+        if empty is not None:
+            raise SettingsError(empty)
     except SettingsError as exc:
-        print(f"modelgate: error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return 2
-    if args.check_config:
-        return _check_config(settings)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -102,8 +105,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"modelgate: error: setting '{exc.setting}': {exc}", file=sys.stderr)
         return 2
     except (SettingsError, EventLoopError) as exc:  # found at start-up, e.g. a bad tenants file
-        print(f"modelgate: error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return 2
+
+
+def _print_error(exc: Exception) -> None:
+    """One ``modelgate: error:`` line per problem the exception lists."""
+    for line in str(exc).splitlines():
+        print(f"modelgate: error: {line}", file=sys.stderr)
 
 
 def _check_config(settings: Settings) -> int:
@@ -112,8 +121,7 @@ def _check_config(settings: Settings) -> int:
     try:
         found = check_config(settings)
     except SettingsError as exc:
-        for line in str(exc).splitlines():
-            print(f"modelgate: error: {line}", file=sys.stderr)
+        _print_error(exc)
         return 2
     print(f"modelgate: configuration OK ({len(found)} models)")
     for line in found:

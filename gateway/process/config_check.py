@@ -25,6 +25,8 @@ def store_problems(store: Path) -> tuple[list[str], list[str]]:
         models = ModelRepository(store).scan()
     except StoreError as exc:
         return [str(exc)], []
+    except OSError as exc:
+        return [f"cannot read the store: {exc}"], []
     problems: list[str] = []
     for name, stored in sorted(models.items()):
         if stored.error is not None:
@@ -39,6 +41,21 @@ def store_problems(store: Path) -> tuple[list[str], list[str]]:
     found = [f"model {name}: versions {', '.join(map(str, stored.versions))}"
              for name, stored in sorted(models.items()) if stored.error is None]
     return problems, found
+
+
+def empty_store_problem(settings: Settings) -> str | None:
+    """A store without a model folder serves nothing and would report ready: an error unless
+    the settings say models come later (allow_empty_store) or from Triton upstreams."""
+    if settings.allow_empty_store or settings.triton:
+        return None
+    try:
+        empty = not any(ModelRepository(settings.store).scan())
+    except (StoreError, OSError):
+        return None  # reported as what it is by store_problems
+    if not empty:
+        return None
+    return (f"setting 'store': {settings.store} holds no model; copy the model folders there "
+            "first, or set allow_empty_store (--allow-empty-store) to start without models")
 
 
 def check_config(settings: Settings) -> list[str]:
@@ -61,6 +78,9 @@ def check_config(settings: Settings) -> list[str]:
             problems.append(f"setting 'tls_cert'/'tls_key': {exc}")
     store, found = store_problems(settings.store)
     problems.extend(f"setting 'store' ({settings.store}): {p}" for p in store)
+    empty = empty_store_problem(settings) if not store and not found else None
+    if empty is not None:
+        problems.append(empty)
     if problems:
         raise ConfigCheckError("\n".join(problems))
     return found

@@ -219,6 +219,8 @@ def load_tenants(path: Path) -> dict[str, Tenant]:
     """Read and validate a tenants file; raises TenantsFileError naming what is wrong."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except PermissionError as exc:
+        raise TenantsFileError(_unreadable(path)) from exc
     except OSError as exc:
         raise TenantsFileError(f"tenants file {path}: cannot read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
@@ -227,6 +229,20 @@ def load_tenants(path: Path) -> dict[str, Tenant]:
         return parse_tenants(data)
     except TenantsFileError as exc:
         raise TenantsFileError(f"tenants file {path}: {exc}") from None
+
+
+def _unreadable(path: Path) -> str:
+    """Why this process cannot read ``path`` and how to fix it: `modelgate tenants` writes
+    the file 0600 for its owner, and a container's user is usually another uid."""
+    try:
+        info = path.stat()
+        owner = f"owned by uid {info.st_uid} gid {info.st_gid}, mode {info.st_mode & 0o777:04o}"
+    except OSError:
+        owner = "its folder cannot be searched"
+    return (f"tenants file {path}: permission denied ({owner}) for this process, uid "
+            f"{os.getuid()} gid {os.getgid()}; make it readable by that user "
+            f"(chown {os.getuid()} {path.name}) or its group (chgrp {os.getgid()} {path.name} "
+            f"&& chmod g+r {path.name})")
 
 
 def parse_tenants(data: Mapping[str, Any]) -> dict[str, Tenant]:

@@ -80,3 +80,59 @@ def test_tls_files_are_read(store: Path, tmp_path: Path) -> None:
     assert result.returncode == 2 and "PEM" in result.stderr
     missing = check("--store", str(store), "--tls-cert", str(cert))
     assert missing.returncode == 2 and "give both or neither" in missing.stderr
+
+
+def test_every_problem_is_one_line_and_an_unknown_key_gets_the_nearest_name(
+    store: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('grpc_prot = 9001\nhttp_port = 9100\nmetrics_port = 9100\n'
+                      'grace_period_s = "soon"\n')
+    result = check("--config", str(config), "--store", str(store),
+                   env={"MODELGATE_WORKERS": "lots"})
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("modelgate: error: setting '") for line in lines), lines
+    expected = [
+        f"setting 'grpc_prot' (from {config}): unknown setting; did you mean 'grpc_port'?",
+        f"setting 'grace_period_s' (from {config}): expected float",
+        "setting 'workers' (from MODELGATE_WORKERS): must be auto or a number 1..256",
+        "setting 'metrics_port': port 9100 is also http_port; each listener needs its own port",
+    ]
+    for text in expected:
+        assert sum(text in line for line in lines) == 1, (text, lines)
+    assert len(lines) == len(expected), lines
+
+
+def test_grpc_and_rest_on_one_port_collide(store: Path) -> None:
+    result = check("--store", str(store), "--grpc-port", "9001", "--http-port", "9001")
+    assert result.returncode == 2
+    assert "setting 'http_port': port 9001 is also grpc_port" in result.stderr
+    # 0 asks for any free port: never a collision.
+    assert check("--store", str(store), "--grpc-port", "0", "--http-port", "0",
+                 "--metrics-port", "0").returncode == 0
+
+
+def test_an_empty_store_is_an_error_unless_allowed(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = check("--store", str(empty))
+    assert result.returncode == 2
+    assert f"setting 'store': {empty} holds no model" in result.stderr
+    assert "--allow-empty-store" in result.stderr
+    allowed = check("--store", str(empty), "--allow-empty-store")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "configuration OK (0 models)" in allowed.stdout
+
+
+def test_serve_refuses_an_empty_store_before_binding(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.process.cli", "serve", "--store", str(empty),
+         "--grpc-port", "0", "--metrics-port", "0"],
+        check=False, capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"modelgate: error: setting 'store': {empty} holds no model")
