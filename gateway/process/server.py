@@ -130,24 +130,25 @@ class Gateway:
         # (gateway/tenancy/auth.py lists the anonymous methods).
         self.edge = Edge(
             RpcObserver(self.metrics, self.tracing, self.access_log), self.inflight,
-            self.authenticator,
+            self.authenticator, max_message_bytes=limit,
         )
         # ModelStreamInfer: the same pipeline, a message at a time (gateway/wire/stream.py).
         self.streams = StreamInfer(
             self.pipeline, Codecs(),
             StreamObserver(self.metrics, self.tracing, self.access_log),
-            self.authenticator, settings.stream_max_inflight,
+            self.authenticator, settings.stream_max_inflight, max_message_bytes=limit,
         )
         streams, connections = settings.max_concurrent_streams, settings.max_connections
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
-                # Identity only: grpcio 1.81 inflates a compressed message completely before
-                # comparing it with the receive limit (docs/security.md), so 64 KiB of gzip
-                # costs 64 MiB and more. Compressed requests are refused (UNIMPLEMENTED)
-                # before that.
-                ("grpc.compression_enabled_algorithms_bitset", 1),
+                # gzip and deflate are accepted but inflated by the edge, in bounded steps
+                # (gateway/wire/compression.py): core would inflate a message completely
+                # before comparing it with the receive limit (docs/security.md), so 64 KiB
+                # of gzip would cost 64 MiB and more. The receive limit then bounds what
+                # was sent; the edge bounds what it inflates to.
+                ("grpc.per_message_decompression", 0),
                 # Only workers of one supervisor share the port; a lone server must fail
                 # loudly when the port is taken instead of silently splitting traffic.
                 ("grpc.so_reuseport", 1 if worker_index is not None else 0),

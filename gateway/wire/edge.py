@@ -15,10 +15,16 @@ from typing import Any, Final, NoReturn, TypeAlias, cast
 import grpc
 from grpc.aio import AbortError
 
-from gateway.errors import AuthenticationError, InvalidRequestError, OverloadedError
+from gateway.errors import (
+    AuthenticationError,
+    GatewayError,
+    InvalidRequestError,
+    OverloadedError,
+)
 from gateway.observability import observe
 from gateway.pipeline.limits import InflightLimit
 from gateway.request.context import RequestContext, RequestRecord
+from gateway.settings import Settings
 from gateway.status import status_of
 from gateway.tenancy.auth import (
     ANONYMOUS_METHODS,
@@ -28,6 +34,7 @@ from gateway.tenancy.auth import (
 )
 from gateway.tenancy.tenants import ANONYMOUS, Tenant
 from gateway.wire.call import CallContext
+from gateway.wire.compression import inflated
 from gateway.wire.rpc_observer import RpcObserver
 from modelgate_pb import grpc_service_pb2 as pb
 
@@ -38,6 +45,9 @@ CAPPED_METHODS: Final = frozenset({
     f"/{INFERENCE_SERVICE}/ModelInfer",
     f"/{INFERENCE_SERVICE}/ModelStreamInfer",
 })
+
+# What a compressed request may inflate to unless the server says (settings' default).
+DEFAULT_MESSAGE_BYTES: Final = Settings().max_message_bytes
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -50,18 +60,19 @@ class EdgeError(Exception):
 
 
 class Undecodable:
-    """What a request deserializer returns for bytes that are not the method's message:
-    the handler then answers INVALID_ARGUMENT naming the method (gRPC itself would answer
-    UNKNOWN, saying nothing of what was wrong)."""
+    """What a request deserializer returns for bytes that are not the method's message (the
+    handler then answers INVALID_ARGUMENT naming the method; gRPC itself would answer
+    UNKNOWN, saying nothing of what was wrong), or for a compressed message that does not
+    inflate within max_message_bytes (RESOURCE_EXHAUSTED)."""
 
     __slots__ = ("error",)
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: GatewayError) -> None:
         self.error = error
 
 
 def _lenient(
-    deserializer: Callable[[bytes], Any] | None, method: str
+    deserializer: Callable[[bytes], Any] | None, method: str, limit: int
 ) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
@@ -69,16 +80,20 @@ def _lenient(
 
     def deserialize(data: bytes) -> Any:
         try:
-            return deserializer(data)
+            plain = inflated(data, limit)  # gzip or deflate: bounded (wire/compression.py)
+        except GatewayError as exc:
+            return Undecodable(exc)
+        try:
+            return deserializer(plain)
         except Exception:  # any parse failure is the client's bytes
-            return Undecodable(message)
+            return Undecodable(InvalidRequestError(message))
 
     return deserialize
 
 
 def _check_decoded(request: Any) -> None:
     if request.__class__ is Undecodable:
-        raise InvalidRequestError(request.error)
+        raise request.error
 
 
 async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -114,9 +129,11 @@ class Edge:
     functions take it as their server), then installs them, wrapped, on the real one."""
 
     def __init__(
-        self, observer: RpcObserver, inflight: InflightLimit, authenticator: Authenticator
+        self, observer: RpcObserver, inflight: InflightLimit, authenticator: Authenticator,
+        *, max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
     ) -> None:
         self._observer = observer
+        self._max_message = max_message_bytes  # a compressed request's inflated limit
         self._inflight = inflight
         self._authenticator = authenticator
         self._services: dict[str, dict[str, Handler]] = {}
@@ -166,7 +183,7 @@ class Edge:
         # Counted even without a cap: the count also tells runtimes whether they are alone.
         capped = method in CAPPED_METHODS
         serializer = _passthrough(handler.response_serializer)
-        deserializer = _lenient(handler.request_deserializer, method)
+        deserializer = _lenient(handler.request_deserializer, method, self._max_message)
         if handler.unary_unary is not None or handler.stream_unary is not None:
             observed = service == INFERENCE_SERVICE and handler.unary_unary is not None
             # grpc.aio behaviors are coroutines; the stubs only know the sync signature.

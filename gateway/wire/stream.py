@@ -23,7 +23,7 @@ from typing import Any, Final, TypeAlias
 
 import grpc
 
-from gateway.errors import AuthenticationError, InvalidRequestError
+from gateway.errors import AuthenticationError, GatewayError, InvalidRequestError
 from gateway.models.routing import LABEL_KEY, ROUTING_KEY, request_metadata
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.request.context import RequestContext
@@ -33,6 +33,8 @@ from gateway.tenancy.auth import Authenticator, peer_subject
 from gateway.tenancy.tenants import Tenant
 from gateway.wire.call import caller_of
 from gateway.wire.codec import Codecs, varint
+from gateway.wire.compression import inflated
+from gateway.wire.edge import DEFAULT_MESSAGE_BYTES
 from gateway.wire.stream_observer import StreamObserver, StreamTrace
 from modelgate_pb import grpc_service_pb2 as pb
 
@@ -134,7 +136,9 @@ class StreamInfer:
     def __init__(
         self, pipeline: InferencePipeline, codecs: Codecs, observer: StreamObserver,
         authenticator: Authenticator, max_inflight: int,
+        *, max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
     ) -> None:
+        self._max_message = max_message_bytes  # a compressed message's inflated limit
         self._pipeline = pipeline
         self._codecs = codecs
         self._observer = observer
@@ -292,8 +296,11 @@ class _Stream:
         if self.outbox.ended:
             return
         request: pb.ModelInferRequest | None
+        refused: GatewayError | None = None  # compressed, and not within the limit
         try:
-            request = pb.ModelInferRequest.FromString(raw)
+            request = pb.ModelInferRequest.FromString(inflated(raw, owner._max_message))
+        except GatewayError as exc:
+            request, refused = None, exc
         except Exception:  # any parse failure is the client's bytes
             request = None
         # Most messages carry no parameters: one test instead of three map lookups.
@@ -306,7 +313,8 @@ class _Stream:
         code = "OK"
         try:
             if request is None:
-                raise InvalidRequestError("the message is not a valid ModelInferRequest")
+                raise refused or InvalidRequestError(
+                    "the message is not a valid ModelInferRequest")
             answer = await self._infer(request, record, traceparent, parameters)
         except asyncio.CancelledError as exc:
             # The stream went away: nothing to answer, but the message is still counted.

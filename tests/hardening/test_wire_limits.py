@@ -1,5 +1,6 @@
-"""Sizes and strings at the edge, against the real ``modelgate serve`` process: compression
-bombs (and why compressed requests are refused), shapes that overflow, tensor counts and
+"""Sizes and strings at the edge, against the real ``modelgate serve`` process: compressed
+requests (gzip and deflate answered; a bomb refused without being inflated past the limit,
+and why gRPC core's own decompression is off), shapes that overflow, tensor counts and
 names, paths in error messages, and request fields in log lines."""
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from tritonclient.utils import InferenceServerException
 
 from gateway.wire.conversion import MAX_ELEMENTS, MAX_TENSORS
 from loadtests import h2load
@@ -86,16 +86,18 @@ def gzip_bomb(inflated: int) -> bytes:
     return b"\x01" + len(compressed).to_bytes(4, "big") + compressed
 
 
-def post_frame(target: str, frame: bytes, tmp_path: Path) -> tuple[int, str]:
+def post_frame(target: str, frame: bytes, tmp_path: Path,
+               headers: tuple[str, ...] = ()) -> tuple[int, str]:
     """POST one gRPC frame to ModelInfer as gzip-encoded with h2load (which sends bytes as
-    they are); returns the grpc-status and grpc-message trailers."""
+    they are), with ``headers`` ("name: value") too; returns the grpc-status and
+    grpc-message trailers."""
     body = tmp_path / "frame.bin"
     body.write_bytes(frame)
     binary = h2load.binary()
     assert binary is not None, "h2load missing: run scripts/install_test_deps.sh"
     done = subprocess.run(
         [binary, "-n", "1", "-c", "1", "-v", "-d", str(body), "-H", "grpc-encoding: gzip",
-         *(arg for header in h2load.GRPC_HEADERS for arg in ("-H", header)),
+         *(arg for header in (*h2load.GRPC_HEADERS, *headers) for arg in ("-H", header)),
          f"http://{target}{h2load.PATH}"],
         capture_output=True, text=True, timeout=120, check=True,
     )
@@ -106,10 +108,11 @@ def post_frame(target: str, frame: bytes, tmp_path: Path) -> tuple[int, str]:
 def test_grpcio_inflates_a_compressed_message_whole_before_checking_its_size(
     tmp_path: Path,
 ) -> None:
-    # Why the gateway refuses compressed requests, kept true on every grpcio upgrade: a
-    # plain grpc.aio server (gzip enabled, as by default; 4 MiB receive limit) inflates a
-    # 128 MiB bomb of 128 KiB completely and only then compares it with the limit. Should
-    # grpcio start to bound the inflated size, this fails: then enable compression again.
+    # Why the gateway turns gRPC core's per-message decompression off and inflates itself,
+    # kept true on every grpcio upgrade: a plain grpc.aio server (gzip enabled, as by
+    # default; 4 MiB receive limit) inflates a 128 MiB bomb of 128 KiB completely and only
+    # then compares it with the limit. Should grpcio start to bound the inflated size, this
+    # fails: then core's decompression could be used again.
     frame = gzip_bomb(128 << 20)
     assert len(frame) < 256 << 10
     with start_noop(free_port(), b"") as noop:
@@ -123,16 +126,18 @@ def test_grpcio_inflates_a_compressed_message_whole_before_checking_its_size(
     assert growth > 100 << 10, growth  # and it held all of it at once
 
 
-def test_a_gzip_bomb_is_refused_before_it_is_inflated(
+def test_a_gzip_bomb_is_refused_without_being_inflated_past_the_limit(
     process: tuple[GatewayProcess, Path], tenant_keys: tuple[Path, str, str], tmp_path: Path
 ) -> None:
     proc, _ = process
     before = peak_rss_kib(proc.proc.pid)
     # 256 MiB inflated, 256 KiB on the wire: under the 1 MiB receive limit as sent.
-    status, message = post_frame(proc.target, gzip_bomb(256 << 20), tmp_path)
-    assert status == grpc.StatusCode.UNIMPLEMENTED.value[0]
-    assert message == "Compression algorithm 'gzip' is disabled."
-    # grpcio would have held all 256 MiB (the test above); the gateway never inflates.
+    status, message = post_frame(proc.target, gzip_bomb(256 << 20), tmp_path,
+                                 (f"authorization: Bearer {tenant_keys[1]}",))
+    assert status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message
+    assert message == (f"the compressed request inflates past max_message_bytes "
+                       f"({RECEIVE_LIMIT} bytes)")
+    # grpcio would have held all 256 MiB (the test above); the gateway stops at the limit.
     assert peak_rss_kib(proc.proc.pid) - before < 32 << 10
     bomb = add_request()
     bomb.raw_input_contents[0] = b"\0" * (8 << 20)  # 8 MiB of zeros: ~8 KiB compressed
@@ -142,8 +147,14 @@ def test_a_gzip_bomb_is_refused_before_it_is_inflated(
             pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
                 bomb, metadata=key(tenant_keys), timeout=60
             )
-        assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
-        assert "is disabled" in (caught.value.details() or "")
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "inflates past max_message_bytes" in (caught.value.details() or "")
+        # In a stream the bomb is answered in-stream, and the stream goes on.
+        with grpc.insecure_channel(proc.target, compression=compression) as channel:
+            answers = list(pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+                iter([bomb, add_request()]), metadata=key(tenant_keys), timeout=60))
+        assert "inflates past max_message_bytes" in answers[0].error_message
+        assert not answers[1].error_message and answers[1].infer_response.outputs
     assert peak_rss_kib(proc.proc.pid) - before < 32 << 10
     with grpc.insecure_channel(proc.target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -155,20 +166,31 @@ def test_a_gzip_bomb_is_refused_before_it_is_inflated(
         assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_a_compressed_request_from_tritonclient_is_refused_clearly(
-    process: tuple[GatewayProcess, Path], tenant_keys: tuple[Path, str, str]
+def test_a_broken_compressed_message_is_invalid_argument(
+    process: tuple[GatewayProcess, Path], tenant_keys: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    frame = gzip_bomb(1 << 20)
+    truncated = frame[:5 + 100]
+    truncated = b"\x01" + (len(truncated) - 5).to_bytes(4, "big") + truncated[5:]
+    status, message = post_frame(process[0].target, truncated, tmp_path,
+                                 (f"authorization: Bearer {tenant_keys[1]}",))
+    assert status == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert message == "the compressed request is truncated or has trailing bytes"
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_compression_is_answered(
+    process: tuple[GatewayProcess, Path], tenant_keys: tuple[Path, str, str], algorithm: str
 ) -> None:
     client = tc.InferenceServerClient(process[0].target)
     try:
         tensor = tc.InferInput("x", [1, 4], "FP32")
         tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
         headers = {"authorization": f"Bearer {tenant_keys[1]}"}
-        with pytest.raises(InferenceServerException) as caught:
-            client.infer("add", [tensor], headers=headers, compression_algorithm="gzip")
-        assert caught.value.status() == "StatusCode.UNIMPLEMENTED"
-        assert "Compression algorithm 'gzip' is disabled" in caught.value.message()
-        answer = client.infer("add", [tensor], headers=headers)  # uncompressed: answered
+        answer = client.infer("add", [tensor], headers=headers, compression_algorithm=algorithm)
         assert answer.as_numpy("y").tolist() == [[2.0] * 4]
+        # Every RPC, not only inference: metadata asked compressed is answered too.
+        assert client.get_model_metadata("add", headers=headers).name == "add"
     finally:
         client.close()
 
