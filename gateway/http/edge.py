@@ -34,6 +34,7 @@ from gateway.observability.tracing import (
     ATTR_MODEL,
     ATTR_ROWS,
     ATTR_VERSION,
+    SAMPLING_MODEL,
     TRACE_ID_KEY,
     Tracing,
     trace_id_hex,
@@ -74,9 +75,10 @@ class RestEdge:
         route = match(request.path)
         if route is None:
             return error_response(404, _NOT_FOUND)
-        if request.method != route.method:
-            return error_response(405, f"{request.path[:200]} takes {route.method}",
-                                  (("Allow", route.method),))
+        if request.method != route.method and request.method not in route.method.split():
+            allowed = ", ".join(route.method.split())
+            return error_response(405, f"{request.path[:200]} takes {allowed}",
+                                  (("Allow", allowed),))
         if route.name in ANONYMOUS:
             return self._service.anonymous[route.name]()
         record = RequestRecord(method=route.name, start=time.perf_counter())
@@ -154,14 +156,17 @@ class RestEdge:
             return None
         carrier = tuple(request.headers.items())
         span_name = f"{request.method} {route.name}"
-        trace_id = tracing.sampled_out_root(carrier, span_name)
+        # The model a route names picks its trace settings (the sampler reads SAMPLING_MODEL).
+        model = route.model or None
+        trace_id = tracing.sampled_out_root(carrier, span_name, model)
         if trace_id is None:
             parent = tracing.extract(carrier)
+            attributes = {"http.request.method": request.method, "url.path": request.path,
+                          "network.protocol.name": "http"}
+            if model is not None:
+                attributes[SAMPLING_MODEL] = model
             span = tracing.tracer.start_span(
-                span_name, context=parent, kind=SpanKind.SERVER,
-                attributes={"http.request.method": request.method, "url.path": request.path,
-                            "network.protocol.name": "http"},
-            )
+                span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
             record.tracer = tracing.tracer
             record.span = span
             record.otel_token = otel_context.attach(trace.set_span_in_context(span, parent))

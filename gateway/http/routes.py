@@ -1,6 +1,6 @@
-"""The REST paths of the V2 protocol (with Triton's statistics and repository extensions)
-and the gRPC method each one mirrors: the method name labels metrics, the access log and
-spans, and decides auth and the in-flight cap exactly as for gRPC."""
+"""The REST paths of the V2 protocol (with Triton's statistics, repository, trace, logging
+and shared-memory extensions) and the gRPC method each one mirrors: the method name labels
+metrics, the access log and spans, and decides auth and the in-flight cap as for gRPC."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ _MODEL_ACTIONS: Final = {"ready": ("GET", "ModelReady"), "config": ("GET", "Mode
                          "stats": ("GET", "ModelStatistics"), "infer": ("POST", "ModelInfer"),
                          "drift": ("GET", "ModelDrift")}
 _CONTROL: Final = {"load": "RepositoryModelLoad", "unload": "RepositoryModelUnload"}
+# Read with GET, changed with POST (Triton's trace and logging extensions).
+READ_OR_CHANGE: Final = "GET POST"
+# Triton's shared-memory extensions by path segment: the gRPC methods' name prefix.
+_SHARED_MEMORY: Final = {"systemsharedmemory": "SystemSharedMemory",
+                         "cudasharedmemory": "CudaSharedMemory"}
 
 # Every route, as (method, path template): what the auth-surface test walks.
 ROUTES: Final = (
@@ -30,13 +35,22 @@ ROUTES: Final = (
     ("GET", "/v2/models/{m}/drift"), ("GET", "/v2/models/{m}/versions/{v}/drift"),
     ("POST", "/v2/repository/index"),
     ("POST", "/v2/repository/models/{m}/load"), ("POST", "/v2/repository/models/{m}/unload"),
+    ("GET", "/v2/trace/setting"), ("POST", "/v2/trace/setting"),
+    ("GET", "/v2/models/{m}/trace/setting"), ("POST", "/v2/models/{m}/trace/setting"),
+    ("GET", "/v2/logging"), ("POST", "/v2/logging"),
+    *((method, f"/v2/{segment}{tail}")
+      for segment in ("systemsharedmemory", "cudasharedmemory")
+      for method, tail in (("GET", "/status"), ("GET", "/region/{m}/status"),
+                           ("POST", "/region/{m}/register"), ("POST", "/unregister"),
+                           ("POST", "/region/{m}/unregister"))),
 )
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A matched path: the gRPC method it mirrors, the HTTP method it takes, the model and
-    version it names ('' where none)."""
+    """A matched path: the gRPC method it mirrors, the HTTP method it takes (or methods,
+    space-separated), the model (or shared-memory region) and version it names ('' where
+    none)."""
 
     name: str
     method: str
@@ -62,6 +76,26 @@ def match(path: str) -> Route | None:
         return Route("RepositoryIndex", "POST")
     if len(rest) == 4 and rest[:2] == ["repository", "models"] and rest[3] in _CONTROL:
         return Route(_CONTROL[rest[3]], "POST", rest[2])
+    if rest == ["trace", "setting"]:
+        return Route("TraceSetting", READ_OR_CHANGE)
+    if rest == ["logging"]:
+        return Route("LogSettings", READ_OR_CHANGE)
+    if rest[0] in _SHARED_MEMORY:
+        return _shared_memory_route(_SHARED_MEMORY[rest[0]], rest[1:])
+    return None
+
+
+def _shared_memory_route(prefix: str, rest: list[str]) -> Route | None:
+    """GET [/region/{r}]/status, POST /region/{r}/register, POST [/region/{r}]/unregister."""
+    region = ""
+    if len(rest) == 3 and rest[0] == "region" and rest[1]:
+        region, rest = rest[1], rest[2:]
+    if rest == ["status"]:
+        return Route(f"{prefix}Status", "GET", region)
+    if rest == ["register"] and region:
+        return Route(f"{prefix}Register", "POST", region)
+    if rest == ["unregister"]:
+        return Route(f"{prefix}Unregister", "POST", region)
     return None
 
 
@@ -78,6 +112,8 @@ def _model_route(rest: list[str]) -> Route | None:
             return None
     if not tail:
         return Route("ModelMetadata", "GET", model, version)
+    if tail == ["trace", "setting"] and not version:
+        return Route("TraceSetting", READ_OR_CHANGE, model)
     if len(tail) == 1 and tail[0] in _MODEL_ACTIONS:
         method, name = _MODEL_ACTIONS[tail[0]]
         return Route(name, method, model, version)

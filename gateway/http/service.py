@@ -9,11 +9,11 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Final
 
 from gateway.errors import InvalidRequestError, ModelNotFoundError
 from gateway.http.content_coding import inflate
+from gateway.http.extension_endpoints import ExtensionEndpoints
 from gateway.http.header_plans import MAX_HEADER_BYTES, HeaderPlans
 from gateway.http.infer_body import (
     BINARY_TYPE,
@@ -30,18 +30,14 @@ from gateway.models.model_control import ModelControl
 from gateway.models.routing import request_metadata
 from gateway.monitoring.endpoint import DriftEndpoint, encode, window_of
 from gateway.observability.statistics import Duration, StatisticsSnapshot
-from gateway.pipeline.catalog import Catalog
+from gateway.pipeline.catalog import NOT_SERVED, Catalog, server_info
 from gateway.pipeline.classification import output_types
 from gateway.pipeline.pipeline import InferencePipeline
+from gateway.pipeline.server_settings import ServerSettings
 from gateway.pipeline.tensors import DecodedRequest
 from gateway.request.context import RequestContext
 from model_store.config import config_document
 
-# Triton extensions the REST port implements (answered by GET /v2).
-EXTENSIONS: Final = (
-    "model_configuration", "model_repository", "binary_tensor_data", "parameters",
-    "statistics", "schedule_policy", "classification",
-)
 # A caller's deadline in milliseconds from arrival (the REST twin of gRPC's deadline).
 TIMEOUT_HEADER: Final = "x-request-timeout-ms"
 
@@ -57,19 +53,12 @@ class _Control:
     repository_name: str = ""
 
 
-def _server_version() -> str:
-    try:
-        return metadata.version("modelgate")
-    except metadata.PackageNotFoundError:  # running from a source tree without install
-        return "0.0.0"
-
-
 class RestService:
     """The endpoints by gRPC method name; ``max_body_bytes`` caps an inflated body."""
 
     def __init__(
         self, pipeline: InferencePipeline, catalog: Catalog, control: ModelControl,
-        server_ready: Callable[[], bool], max_body_bytes: int, *,
+        server_ready: Callable[[], bool], max_body_bytes: int, *, settings: ServerSettings,
         drift: DriftEndpoint | None = None,
     ) -> None:
         self._pipeline = pipeline
@@ -79,9 +68,11 @@ class RestService:
         self._max_body = max_body_bytes
         self._plans = HeaderPlans()
         self._drift = drift
+        info = server_info()
         self._metadata = json.dumps({
-            "name": "modelgate", "version": _server_version(), "extensions": list(EXTENSIONS),
+            "name": info.name, "version": info.version, "extensions": list(info.extensions),
         }).encode()
+        extensions = ExtensionEndpoints(settings)
         # Answered before (and without) authentication: probes carry no key.
         self.anonymous: dict[str, Callable[[], HttpResponse]] = {
             "ServerLive": self.server_live, "ServerReady": self.server_ready,
@@ -93,7 +84,12 @@ class RestService:
             "RepositoryIndex": self.repository_index,
             "RepositoryModelLoad": self.model_load, "RepositoryModelUnload": self.model_unload,
             "ModelDrift": self.model_drift,
+            "TraceSetting": extensions.trace_setting, "LogSettings": extensions.log_settings,
         }
+        # Triton's extensions not served answer 501 naming the extension.
+        self.endpoints.update({f"{prefix}{action}": extensions.not_served
+                               for prefix in NOT_SERVED
+                               for action in ("Status", "Register", "Unregister")})
 
     def server_live(self) -> HttpResponse:
         return json_response(200, {"live": True})

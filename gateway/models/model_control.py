@@ -35,10 +35,11 @@ class ControlRequest(Protocol):
     def parameters(self) -> Mapping[str, object]: ...
 
 
-def require_admin(tenant: Tenant) -> str:
-    """The tenant's id if it is an admin; PermissionDeniedError otherwise."""
+def require_admin(tenant: Tenant, action: str = "model control") -> str:
+    """The tenant's id if it is an admin; PermissionDeniedError naming ``action`` otherwise
+    (everything that changes the server's state for all tenants is an admin's)."""
     if not tenant.admin:
-        raise PermissionDeniedError("model control needs an admin tenant's API key")
+        raise PermissionDeniedError(f"{action} needs an admin tenant's API key")
     return tenant.id
 
 

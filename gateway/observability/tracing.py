@@ -26,9 +26,18 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
 
+from gateway.observability.trace_settings import TraceSettings
 from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,9 @@ ATTR_ROWS: Final = "modelgate.request.rows"
 ATTR_BATCH_ROWS: Final = "modelgate.batch.size"
 ATTR_BATCH_REQUESTS: Final = "modelgate.batch.requests"
 ATTR_QUEUE_US: Final = "modelgate.queue.time_us"
+# A start attribute naming the model a request asks for: the sampler reads it to apply the
+# model's trace settings and removes it (ATTR_MODEL names only the model that ran).
+SAMPLING_MODEL: Final = "modelgate.sampling.model"
 
 DropCounter = Callable[[int, str], None]
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -153,36 +165,93 @@ class _ChosenIds(RandomIdGenerator):
         return super().generate_trace_id()
 
 
+class _ModelRatio(Sampler):
+    """A root span's decision by the ratio the trace settings give its model (the span's
+    start attribute SAMPLING_MODEL; none: the global ratio)."""
+
+    def __init__(self, settings: TraceSettings) -> None:
+        self._settings = settings
+
+    def should_sample(  # noqa: PLR0917 (the SDK's signature)
+        self, parent_context: Context | None, trace_id: int, name: str,
+        kind: SpanKind | None = None, attributes: Attributes = None,
+        links: Sequence[Link] | None = None, trace_state: Any = None,
+    ) -> SamplingResult:
+        bound = self._settings.bound(_model_of(attributes)) or 0
+        if trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < bound:
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+        return SamplingResult(Decision.DROP)
+
+    def get_description(self) -> str:
+        return "ModelRatio"
+
+
+class _SettingsSampler(Sampler):
+    """The provider's sampler: parent-based on the trace settings' ratio where one is set
+    (for the span's model, else globally), else the start-up sampler (OTEL_TRACES_SAMPLER,
+    by default parent-based always-on)."""
+
+    def __init__(self, settings: TraceSettings, fallback: Sampler) -> None:
+        self._settings = settings
+        self._fallback = fallback
+        self._ratio = ParentBased(_ModelRatio(settings))
+
+    def should_sample(  # noqa: PLR0917 (the SDK's signature)
+        self, parent_context: Context | None, trace_id: int, name: str,
+        kind: SpanKind | None = None, attributes: Attributes = None,
+        links: Sequence[Link] | None = None, trace_state: Any = None,
+    ) -> SamplingResult:
+        chosen = (self._fallback if self._settings.bound(_model_of(attributes)) is None
+                  else self._ratio)
+        result = chosen.should_sample(parent_context, trace_id, name, kind, attributes, links,
+                                      trace_state)
+        if result.attributes and SAMPLING_MODEL in result.attributes:
+            kept = {k: v for k, v in result.attributes.items() if k != SAMPLING_MODEL}
+            return SamplingResult(result.decision, kept, result.trace_state)
+        return result
+
+    def get_description(self) -> str:
+        return f"TraceSettings{{else {self._fallback.get_description()}}}"
+
+
+def _model_of(attributes: Attributes) -> str | None:
+    model = attributes.get(SAMPLING_MODEL) if attributes else None
+    return model if isinstance(model, str) and model else None
+
+
 class Tracing:
     """One gateway's tracer provider and propagator. Not installed as the global provider:
     several gateways (tests) may live in one process with different settings."""
 
     def __init__(self, provider: TracerProvider, processor: _DropCountingProcessor,
-                 ids: _ChosenIds, root: TraceIdRatioBased | None) -> None:
+                 ids: _ChosenIds, settings: TraceSettings, fallback: Sampler) -> None:
         self.provider = provider
         self._processor = processor
         self._ids = ids
-        # With the ratio setting the sampler is ParentBased(root): a root span's decision
-        # is the ratio's comparison, made here without the SDK's calls. Other samplers
-        # (OTEL_TRACES_SAMPLER) are asked.
-        self._bound = None if root is None else root.bound
+        # Where the settings give a ratio, a root span's decision is the ratio's
+        # comparison, made here without the SDK's calls; else the start-up sampler is asked.
+        self.settings = settings
+        self._fallback = fallback
         self.tracer: trace.Tracer = provider.get_tracer(INSTRUMENTATION)
         self.propagator = CompositePropagator(
             [TraceContextTextMapPropagator(), W3CBaggagePropagator()]
         )
 
-    def sampled_out_root(self, metadata: Metadata, name: str) -> str | None:
+    def sampled_out_root(self, metadata: Metadata, name: str,
+                         model: str | None = None) -> str | None:
         """For a request that brings no trace context, the sampler's decision made before
         any span exists: its trace id (32 hex digits) when the request is sampled out, so
         that it needs no span, context or OTel call at all (what 1 % sampling should cost);
-        None when a span must be made (the next root span then gets the id asked about)."""
+        None when a span must be made (the next root span then gets the id asked about,
+        and must be started with ``model`` as its SAMPLING_MODEL attribute)."""
         if any(key in _CONTEXT_KEYS for key, _ in metadata):
             return None
         trace_id = random.getrandbits(128) or 1  # the SDK's own generator, never invalid
-        if self._bound is not None:
-            recorded = trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound
+        bound = self.settings.bound(model)
+        if bound is not None:
+            recorded = trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < bound
         else:
-            result = self.provider.sampler.should_sample(Context(), trace_id, name)
+            result = self._fallback.should_sample(Context(), trace_id, name)
             recorded = result.decision is not Decision.DROP
         if recorded:
             self._ids.choose(trace_id)
@@ -245,12 +314,10 @@ def _protocol_check(environ: Mapping[str, str]) -> None:
             return
 
 
-def _ratio_root(settings: Settings) -> TraceIdRatioBased | None:
-    # None lets the SDK read OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG (default:
-    # parentbased_always_on); a ratio setting overrides them with ParentBased(this).
-    if settings.trace_sampling_ratio < 0:
-        return None
-    return TraceIdRatioBased(settings.trace_sampling_ratio)
+def start_ratio(settings: Settings) -> float | None:
+    """The global sampling ratio at start-up; None lets the SDK's OTEL_TRACES_SAMPLER /
+    OTEL_TRACES_SAMPLER_ARG sampler decide (default: parentbased_always_on)."""
+    return None if settings.trace_sampling_ratio < 0 else settings.trace_sampling_ratio
 
 
 def _resource() -> Resource:
@@ -290,15 +357,17 @@ def build_tracing(
             endpoint = "http://" + endpoint  # a bare host:port means a plaintext collector
         # The exporter reads OTEL_EXPORTER_OTLP_[TRACES_]{ENDPOINT,HEADERS,TIMEOUT,...}.
         exporter = OTLPSpanExporter(endpoint=endpoint)
-    ids, root = _ChosenIds(), _ratio_root(settings)
-    sampler: Sampler | None = None if root is None else ParentBased(root)
-    provider = TracerProvider(sampler=sampler, resource=_resource(), id_generator=ids)
+    ids, trace_settings = _ChosenIds(), TraceSettings(start_ratio(settings))
+    # A provider built without a sampler reads OTEL_TRACES_SAMPLER: the start-up sampler.
+    fallback = TracerProvider(shutdown_on_exit=False).sampler
+    provider = TracerProvider(sampler=_SettingsSampler(trace_settings, fallback),
+                              resource=_resource(), id_generator=ids)
     processor = _DropCountingProcessor(exporter, _queue_size(env), drop)
     provider.add_span_processor(processor)
     log.info(
         "tracing on: %s exporter, sampler %s", kind, provider.sampler.get_description()
     )
-    return Tracing(provider, processor, ids, root)
+    return Tracing(provider, processor, ids, trace_settings, fallback)
 
 
 def set_attributes(span: trace.Span, attributes: Iterable[tuple[str, Any]]) -> None:

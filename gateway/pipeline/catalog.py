@@ -1,10 +1,14 @@
-"""What a tenant may learn about the served models, transport-free: metadata, config,
-readiness, statistics and the repository index (what ModelMetadata, ModelConfig,
-ModelReady, ModelStatistics and RepositoryIndex answer, whatever the transport)."""
+"""What a tenant may learn about the server and the served models, transport-free: server
+metadata (the one list of extensions served), model metadata, config, readiness, statistics
+and the repository index (what ServerMetadata, ModelMetadata, ModelConfig, ModelReady,
+ModelStatistics and RepositoryIndex answer, whatever the transport)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from importlib import metadata as package_metadata
+from typing import Final
 
 from gateway.errors import GatewayError, ModelNotFoundError, ModelNotReadyError
 from gateway.models.registry import ModelRegistry
@@ -14,6 +18,46 @@ from gateway.observability.statistics import StatisticsSnapshot
 from gateway.sanitize import strip_paths
 from gateway.tenancy.tenants import Tenant
 from model_store.spec import ModelSpec
+
+# The Triton protocol extensions both transports serve, by Triton's names: exactly those
+# implemented, for ServerMetadata.extensions on gRPC and GET /v2 over REST. An extension
+# that lands (system_shared_memory) adds its name here and nowhere else.
+EXTENSIONS: Final = (
+    "model_configuration", "model_repository", "binary_tensor_data", "parameters",
+    "statistics", "schedule_policy", "classification", "trace", "logging",
+)
+SERVER_NAME: Final = "modelgate"
+# Triton extensions not served, by the name prefix of their methods (SystemSharedMemory-
+# Status, ...): both transports answer them UNIMPLEMENTED / 501 naming the extension.
+NOT_SERVED: Final = {"SystemSharedMemory": "system_shared_memory",
+                     "CudaSharedMemory": "cuda_shared_memory"}
+
+
+def not_served(method: str) -> str:
+    """Why ``method`` (a gRPC method name) is not answered: the message of its refusal."""
+    extension = next((e for prefix, e in NOT_SERVED.items() if method.startswith(prefix)),
+                     None)
+    what = f"{method} (the {extension} extension)" if extension else method
+    return f"{what} is not implemented by modelgate"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What ServerMetadata answers."""
+
+    name: str
+    version: str
+    extensions: tuple[str, ...]
+
+
+@cache
+def server_info() -> ServerInfo:
+    """The server's name, the installed package's version and the extensions served."""
+    try:
+        version = package_metadata.version("modelgate")
+    except package_metadata.PackageNotFoundError:  # a source tree without install
+        version = "0.0.0"
+    return ServerInfo(SERVER_NAME, version, EXTENSIONS)
 
 
 @dataclass(frozen=True, slots=True)

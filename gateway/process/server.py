@@ -27,11 +27,13 @@ from gateway.monitoring.endpoint import DriftEndpoint
 from gateway.monitoring.monitor import Monitor, MonitorConfig
 from gateway.observability.access_log import AccessLog
 from gateway.observability.dependency_health import DependencyCollector
+from gateway.observability.log_settings import LogSettings
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import build_tracing
 from gateway.pipeline.catalog import Catalog
 from gateway.pipeline.limits import InflightLimit
 from gateway.pipeline.pipeline import InferencePipeline
+from gateway.pipeline.server_settings import ServerSettings
 from gateway.process.http_endpoints import HttpEndpoints, manager_readiness
 from gateway.process.tls import CertificateFiles
 from gateway.quota.redis_store import build_quota_store
@@ -119,6 +121,10 @@ class Gateway:
         # What every transport adapter calls: inference, and what a tenant may learn.
         self.pipeline = InferencePipeline(self.manager, self.quota, self.monitor.hooks())
         self.catalog = Catalog(self.manager)
+        # Triton's trace and logging extensions, over this process's tracing and root logger.
+        self.server_settings = ServerSettings(
+            self.manager, self.tracing.settings if self.tracing is not None else None,
+            LogSettings(logging.getLogger()))
         # The KServe V2 REST port (settings.http_port; None: not served) over the same
         # pipeline, catalog, in-flight cap and authenticator as gRPC.
         self.rest: HttpListener | None = None
@@ -180,7 +186,7 @@ class Gateway:
         service = RestService(
             self.pipeline, self.catalog,
             ModelControl(self.manager, settings.enable_model_control), self.manager.ready,
-            settings.max_message_bytes,
+            settings.max_message_bytes, settings=self.server_settings,
             drift=DriftEndpoint(self.monitor, self.manager.models, self.manager.shadow.stats),
         )
         edge = RestEdge(service, self.inflight, self.authenticator, self.metrics,
@@ -200,7 +206,7 @@ class Gateway:
             InferenceServicer(
                 self.pipeline, self.catalog,
                 ModelControl(self.manager, self.settings.enable_model_control),
-                self.manager.ready,
+                self.manager.ready, self.server_settings,
             ),
             self.edge,
         )

@@ -215,7 +215,9 @@ class Edge:
             # auth and the servicer (through the CallContext).
             metadata = tuple(context.invocation_metadata() or ()) if observed else None
             if observed:
-                record, ours = observer.open(method, context, metadata)
+                model = getattr(request, "model_name", None)
+                record, ours = observer.open(method, context, metadata,
+                                             model if isinstance(model, str) else None)
             started: float | None = None
             error: BaseException | None = None
             try:

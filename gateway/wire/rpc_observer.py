@@ -21,6 +21,7 @@ from gateway.observability.tracing import (
     ATTR_ROWS,
     ATTR_TENANT,
     ATTR_VERSION,
+    SAMPLING_MODEL,
     TRACE_ID_KEY,
     Tracing,
     trace_id_hex,
@@ -78,11 +79,13 @@ class RpcObserver:
         self._access_log = access_log
 
     def open(
-        self, method: str, context: Context, metadata: tuple[tuple[str, Any], ...] | None = None
+        self, method: str, context: Context, metadata: tuple[tuple[str, Any], ...] | None = None,
+        model: str | None = None,
     ) -> tuple[RequestRecord, tuple[tuple[str, str], ...]]:
         """Start the record (and span) of one RPC; returns it with the trailers every
         answer of the RPC carries (the trace id when tracing is on). ``metadata``: the
-        call's, if the caller has read it already."""
+        call's, if the caller has read it already; ``model``: the one the request names
+        (its trace settings decide the sampling)."""
         service, name = _split(method)
         record = RequestRecord(method=name, start=time.perf_counter())
         if self._tracing is None:
@@ -90,14 +93,15 @@ class RpcObserver:
         if metadata is None:
             metadata = tuple(context.invocation_metadata() or ())
         span_name = method.lstrip("/")
-        trace_id = self._tracing.sampled_out_root(metadata, span_name)
+        trace_id = self._tracing.sampled_out_root(metadata, span_name, model)
         if trace_id is None:
             # Opened before the inner checks run, so their spans (auth) are children.
             parent = self._tracing.extract(metadata)
+            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+            if model:
+                attributes[SAMPLING_MODEL] = model
             span = self._tracing.tracer.start_span(
-                span_name, context=parent, kind=SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
-            )
+                span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
             record.tracer = self._tracing.tracer
             record.span = span
             record.otel_token = otel_context.attach(trace.set_span_in_context(span, parent))

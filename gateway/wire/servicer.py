@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from importlib import metadata
 from typing import Any
 
-from gateway.errors import NotSupportedError
+from gateway.errors import InvalidRequestError, NotSupportedError
 from gateway.models.model_control import ModelControl
 from gateway.models.routing import request_metadata
+from gateway.observability.log_settings import Value
 from gateway.observability.statistics import Duration, StatisticsSnapshot
-from gateway.pipeline.catalog import Catalog, IndexEntry
+from gateway.pipeline.catalog import Catalog, IndexEntry, not_served, server_info
 from gateway.pipeline.pipeline import InferencePipeline
+from gateway.pipeline.server_settings import ServerSettings
 from gateway.sanitize import strip_paths
 from gateway.wire.call import caller_of
 from gateway.wire.codec import Codecs
@@ -25,11 +26,6 @@ from modelgate_pb import model_config_pb2 as mc
 # method, the grpc.aio context for the anonymous ones (ServerLive, ServerReady).
 Context = Any
 
-# Triton extension names this server implements (answered by ServerMetadata).
-EXTENSIONS = (
-    "model_configuration", "model_repository", "binary_tensor_data", "parameters",
-    "statistics", "schedule_policy", "classification",
-)
 REASON_KEY = "modelgate-reason"
 
 # ModelStreamInfer is served by gateway/wire/stream.py's bytes handler, which the server
@@ -37,15 +33,8 @@ REASON_KEY = "modelgate-reason"
 IMPLEMENTED = frozenset({
     "ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata",
     "ModelInfer", "ModelStreamInfer", "ModelConfig", "RepositoryIndex", "RepositoryModelLoad",
-    "RepositoryModelUnload", "ModelStatistics",
+    "RepositoryModelUnload", "ModelStatistics", "TraceSetting", "LogSettings",
 })
-
-
-def _server_version() -> str:
-    try:
-        return metadata.version("modelgate")
-    except metadata.PackageNotFoundError:  # running from a source tree without install
-        return "0.0.0"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -53,14 +42,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(
         self, pipeline: InferencePipeline, catalog: Catalog, control: ModelControl,
-        server_ready: Callable[[], bool],
+        server_ready: Callable[[], bool], settings: ServerSettings,
     ) -> None:
         self._pipeline = pipeline
         self._catalog = catalog
         self._control = control
         self._server_ready = server_ready
+        self._settings = settings
         self._codecs = Codecs()
-        self._version = _server_version()
+        info = server_info()
+        self._metadata = pb.ServerMetadataResponse(
+            name=info.name, version=info.version, extensions=info.extensions)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> Any:
         return pb.ServerLiveResponse(live=True)
@@ -69,9 +61,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._server_ready())
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> Any:
-        return pb.ServerMetadataResponse(
-            name="modelgate", version=self._version, extensions=EXTENSIONS
-        )
+        return self._metadata
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
         # An unknown model is simply not ready; the reason travels in trailing metadata.
@@ -135,6 +125,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
 
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Context) -> Any:
+        # A setting sent with no values clears it (tritonclient sends None that way).
+        changes = {name: list(value.value) for name, value in request.settings.items()}
+        report = self._settings.trace(caller_of(context).tenant, request.model_name, changes)
+        response = pb.TraceSettingResponse()
+        for name, values in report.items():
+            response.settings[name].value.extend(values)
+        return response
+
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: Context) -> Any:
+        changes = {name: _log_value(name, value) for name, value in request.settings.items()}
+        report = self._settings.logging(caller_of(context).tenant, changes)
+        response = pb.LogSettingsResponse()
+        for name, setting in report.items():
+            entry = response.settings[name]
+            if isinstance(setting, bool):
+                entry.bool_param = setting
+            elif isinstance(setting, int):
+                entry.uint32_param = setting
+            else:
+                entry.string_param = setting
+        return response
+
+
+def _log_value(name: str, value: pb.LogSettingsRequest.SettingValue) -> Value:
+    kind = value.WhichOneof("parameter_choice")
+    if kind is None:
+        raise InvalidRequestError(f"log setting '{name[:64]}' has no value")
+    chosen: Value = getattr(value, kind)
+    return chosen
+
+
 def add_inference_service(servicer: InferenceServicer, server: Any) -> None:
     """Register the service's handlers on ``server`` (the edge, which wraps them)."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
@@ -182,8 +204,10 @@ def _ascii(text: str) -> str:
 
 
 def _unimplemented(name: str) -> Callable[..., Awaitable[Any]]:
+    message = not_served(name)
+
     async def method(self: InferenceServicer, request: Any, context: Context) -> Any:
-        raise NotSupportedError(f"{name} is not implemented by modelgate")
+        raise NotSupportedError(message)
 
     method.__name__ = name
     return method

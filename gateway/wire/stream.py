@@ -308,7 +308,8 @@ class _Stream:
         traceparent = (_parameter(request, TRACEPARENT)
                        if parameters and request is not None else None)
         observer = owner._observer
-        record = observer.open_message(self.trace, self.tenant.id, traceparent)
+        record = observer.open_message(self.trace, self.tenant.id, traceparent,
+                                       request.model_name if request is not None else "")
         error: BaseException | None = None
         code = "OK"
         try:

@@ -18,6 +18,7 @@ from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import (
     ATTR_TENANT,
+    SAMPLING_MODEL,
     Tracing,
     trace_id_hex,
 )
@@ -80,7 +81,7 @@ class StreamObserver:
     # -- one message ---------------------------------------------------------------------
 
     def open_message(self, stream: StreamTrace | None, tenant: str,
-                     traceparent: str | None) -> RequestRecord:
+                     traceparent: str | None, model: str = "") -> RequestRecord:
         """A message's record; its span is a child of the message's own traceparent if it
         carries one, else of the stream's caller context, and links to the stream span.
         The span is made current in the calling task (each message runs in its own)."""
@@ -90,10 +91,12 @@ class StreamObserver:
             return record
         parent = (tracing.extract((("traceparent", traceparent),)) if traceparent
                   else stream.parent)
+        attributes = {"rpc.system": "grpc", "rpc.method": METHOD, ATTR_TENANT: tenant}
+        if model:  # the sampler applies the model's trace settings
+            attributes[SAMPLING_MODEL] = model
         span = tracing.tracer.start_span(
             MESSAGE_SPAN, context=parent, kind=SpanKind.SERVER,
-            links=(Link(stream.span.get_span_context()),),
-            attributes={"rpc.system": "grpc", "rpc.method": METHOD, ATTR_TENANT: tenant})
+            links=(Link(stream.span.get_span_context()),), attributes=attributes)
         record.tracer = tracing.tracer
         record.span = span
         record.trace_id = trace_id_hex(span)

@@ -117,3 +117,48 @@ def test_envoy_and_prometheus_point_at_the_gateways_ports() -> None:
     assert 'up{job="modelgate"}' in alerts
     queries = dashboard_queries()
     assert {'up{job="modelgate"}', 'up{job="triton"}'} <= set(queries)
+
+
+def test_a_tenants_file_the_gateway_cannot_read_is_named_with_the_fix(
+    image: str, tmp_path: Path
+) -> None:
+    """`modelgate tenants` writes the file 0600 for the user who ran it; the image's user
+    (10001) cannot read it until the docs' chown step."""
+    tenants = tmp_path / "tenants.toml"
+    assert admin(tenants, "create", "demo")[0] == 0
+    assert tenants.stat().st_mode & 0o777 == 0o600 and tenants.stat().st_uid != UID
+    os.chmod(tmp_path, 0o755)
+    service = compose_config("compose.yaml")["services"]["gateway-1"]
+    args = ["run", "--rm", "--network", "host",
+            "--volume", f"{tenants}:/etc/modelgate/tenants.toml:ro",
+            *[a for k, v in service["environment"].items() for a in ("--env", f"{k}={v}")],
+            image, *service["command"], "--check-config"]
+    refused = pm.podman(*args, check=False)
+    assert refused.returncode == 2
+    assert ("modelgate: error: tenants file /etc/modelgate/tenants.toml: permission denied "
+            f"(owned by uid {os.getuid()}") in refused.stderr
+    assert f"chown {UID} tenants.toml" in refused.stderr
+    chown = next(line for line in compose_steps() if line.startswith("sudo chown"))
+    assert chown.split()[2:4] == [str(UID), "tenants.toml"]
+    os.chown(tenants, UID, -1)
+    accepted = pm.podman(*args, check=False)
+    assert accepted.returncode == 0, accepted.stderr
+
+
+def compose_steps() -> list[str]:
+    """The Compose section's command block of docs/deployment.md."""
+    docs = (REPO_ROOT / "docs" / "deployment.md").read_text()
+    block = docs[docs.index("## Compose"):].split("```\n", 2)[1]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def test_envoy_checks_each_gateways_certificate_name() -> None:
+    envoy = yaml.safe_load((COMPOSE / "envoy-tls.yaml").read_text())
+    for cluster in envoy["static_resources"]["clusters"]:
+        context = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+        names = {(m["san_type"], m["matcher"]["exact"])
+                 for m in context["validation_context"]["match_typed_subject_alt_names"]}
+        hosts = {e["endpoint"]["address"]["socket_address"]["address"]
+                 for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]}
+        assert names == {("DNS", host) for host in hosts}, cluster["name"]
+        assert context["validation_context"]["trusted_ca"] == {"filename": "/etc/envoy/ca.crt"}
