@@ -1,5 +1,6 @@
-"""What the Redis quota store leases: the Lua scripts that grant tokens and in-flight slots,
-and the per-scope slot pools with the keeper that gives spares back and keeps holdings alive."""
+"""What the Redis quota store leases: the Lua scripts that grant tokens and in-flight slots
+(one op per kind of limit rule: bucket, period count, slots), and the per-scope slot pools
+with the keeper that gives spares back and keeps holdings alive."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from typing import Any, Final
 
 from redis.exceptions import RedisError
 
+from gateway.quota.rules import AnyRule, BucketRule, PeriodRule
 from gateway.quota.store import Clock, Scope
 
-# Ops per key: kind, then four values; the last ARGV is the slots' hold in ms. Buckets
+# One generic script for every limit rule: an op per key, its kind that of the rule
+# (token_op, SlotLeases), then four values; the last ARGV is the slots' hold in ms. Buckets
 # ("b": rate/s, capacity, want, need) refill on Redis's own clock so replicas with skewed
-# clocks agree; daily counts ("d": limit, want, need, ttl s) cap at the limit; slot
+# clocks agree; period counts ("d": limit, want, need, ttl s) cap at the limit; slot
 # holdings ("c": limit, owner, want, held) are a hash per scope, a field per holding
 # ("<slots>:<expiry ms>"): expired holdings are dropped (a crashed replica's slots come
 # back), then the owner's holding becomes ``held`` plus what fits under the limit, up to
@@ -102,10 +105,12 @@ return left
 
 @dataclass(slots=True)
 class Lease:
-    """Rate or daily tokens this process holds for one scope and limit."""
+    """Rate or period tokens this process holds for one scope and limit. Rate tokens lapse
+    (an old lease would let a replica run ahead); period counts are given back on close."""
 
     tokens: float = 0.0
     expires: float = 0.0
+    lapses: bool = True
 
 
 @dataclass(slots=True)
@@ -117,7 +122,38 @@ class Op:
     args: tuple[str, float, float, float, float]
     need: float
     scope: Scope
-    limit: str
+    rule: AnyRule
+    lapses: bool = True
+
+    def retry_after(self, wall: float, wait_ms: int) -> float:
+        """Seconds a denied charge should wait: the script's wait, or the period's end."""
+        if isinstance(self.rule, PeriodRule):
+            return self.rule.seconds_left(wall)
+        return wait_ms / 1000
+
+
+def token_op(rule: AnyRule, scope: Scope, cost: int, wall: float, *, lease_s: float,
+             prefix: str) -> Op | None:
+    """The lease script's op for one token rule of a scope (None: unset, or slots), by the
+    rule's kind: a bucket leases about ``lease_s`` of its rate, capped at 100 and its size
+    (never less than the charge needs); a period count leases a thousandth of its limit
+    (1 to 100), its key living an hour past the period's end."""
+    limits = scope.limits
+    limit = limits.get(rule.name)
+    if limit is None:
+        return None
+    if isinstance(rule, BucketRule):
+        capacity = rule.capacity(limits)
+        want = max(cost, min(capacity, 100.0, math.floor(limit * lease_s)))
+        key = f"{scope.key}:{rule.key}"
+        return Op(key, prefix + key, ("b", limit, capacity, want, cost), cost, scope, rule)
+    if isinstance(rule, PeriodRule):
+        want = max(1, min(100, int(limit) // 1000))
+        ttl = math.ceil(rule.seconds_left(wall)) + 3600
+        key = f"{scope.key}:{rule.key}:{rule.period(wall)}"
+        return Op(key, prefix + key, ("d", limit, want, cost, ttl), cost, scope, rule,
+                  lapses=False)
+    return None
 
 
 # A block is a few slots and never more than a quarter of the limit, so several replicas
@@ -156,6 +192,7 @@ class SlotPool:
     key: str
     owner: str
     scope: Scope
+    rule: AnyRule
     limit: int
     held: int = 0
     in_use: int = 0
@@ -197,7 +234,7 @@ class SlotLeases:
         self.hold_s = hold_s
         self.give_back_s = give_back_s
         self.clock = clock
-        self.pools: dict[str, SlotPool] = {}
+        self.pools: dict[tuple[str, str], SlotPool] = {}  # by scope key and rule name
         self._available = available
         self._on_error = on_error
         self._sync = client.register_script(SYNC_SCRIPT)
@@ -208,15 +245,17 @@ class SlotLeases:
     def hold_ms(self) -> int:
         return math.ceil(self.hold_s * 1000)
 
-    def pool(self, scope: Scope) -> SlotPool:
-        limit = scope.limits.concurrent
-        assert limit is not None
-        pool = self.pools.get(scope.key)
+    def pool(self, scope: Scope, rule: AnyRule) -> SlotPool:
+        """The pool of slot rule ``rule`` (set in the scope's limits) in ``scope``."""
+        value = scope.limits.get(rule.name)
+        assert value is not None
+        limit = int(value)
+        pool = self.pools.get((scope.key, rule.name))
         if pool is None:
             # A holding of its own per pool: one that is given up (an outage) can expire
             # or be dropped without touching the one that replaces it.
-            pool = self.pools[scope.key] = SlotPool(
-                f"{self.prefix}{scope.key}:slots", uuid.uuid4().hex, scope, limit)
+            pool = self.pools[scope.key, rule.name] = SlotPool(
+                f"{self.prefix}{scope.key}:{rule.key}", uuid.uuid4().hex, scope, rule, limit)
         elif pool.scope is not scope:
             pool.scope, pool.limit = scope, limit
         return pool
@@ -231,10 +270,11 @@ class SlotLeases:
         if pool.held > 0 and (self._keeper is None or self._keeper.done()):
             self._keeper = asyncio.get_running_loop().create_task(self._keep(), name="slots")
 
-    def held(self, scope_key: str | None = None) -> int:
-        """Slots this process holds now, in one scope or all (for tests and metrics)."""
+    def held(self, scope_key: str | None = None, rule: str = "concurrent") -> int:
+        """Slots this process holds now, of one rule in one scope or all (for tests and
+        metrics)."""
         if scope_key is not None:
-            pool = self.pools.get(scope_key)
+            pool = self.pools.get((scope_key, rule))
             return pool.held if pool else 0
         return sum(pool.held for pool in self.pools.values())
 

@@ -27,18 +27,16 @@ from gateway.quota.leases import (
     SlotLeases,
     SlotPool,
     block_size,
+    token_op,
 )
+from gateway.quota.rules import RULES, SLOT_RETRY_MS, AnyRule, On, exceeded
 from gateway.quota.shared import SharedQuotaStore
 from gateway.quota.store import (
-    CONCURRENCY_RETRY_MS,
-    DAY_S,
     Admission,
     Clock,
     LocalQuotaStore,
     QuotaStore,
     Scope,
-    exceeded,
-    seconds_to_next_day,
 )
 from gateway.quota.table import QuotaTableError
 
@@ -151,35 +149,34 @@ class RedisQuotaStore(QuotaStore):
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    def held_slots(self, scope_key: str | None = None) -> int:
-        """In-flight slots this process holds in Redis now, in one scope or all."""
-        return self.slots.held(scope_key)
+    def held_slots(self, scope_key: str | None = None, rule: str = "concurrent") -> int:
+        """Slots this process holds in Redis now, of one rule in one scope, or all."""
+        return self.slots.held(scope_key, rule)
 
-    def charge_at_once(self, scopes: Sequence[Scope], rows: int) -> Admission | None:
+    def charge_at_once(self, scopes: Sequence[Scope], rows: int, on: On = On.REQUEST
+                       ) -> Admission | None:
         # The common case: leased tokens and a spare held slot cover the request.
         if not self.available:
             return None
         now = self.clock()
         wall = self.wall()
-        day = int(wall // DAY_S)
-        ops = [op for scope in scopes for op in self._token_ops(scope, rows, day, wall)]
+        ops = self._token_ops(scopes, rows, wall, on)
         if not all(self._covered(op, now) for op in ops):
             return None
         pools: list[SlotPool] = []
-        for scope in scopes:
-            if scope.limits.concurrent is not None:
-                pool = self.slots.pool(scope)
-                if not pool.take():
-                    for taken in pools:
-                        taken.put()
-                    return None
-                pools.append(pool)
+        for pool in self._pools(scopes, on):
+            if not pool.take():
+                for taken in pools:
+                    taken.put()
+                return None
+            pools.append(pool)
         return self._admitted(ops, pools)
 
-    async def charge(self, scopes: Sequence[Scope], rows: int) -> Admission:
+    async def charge(self, scopes: Sequence[Scope], rows: int, on: On = On.REQUEST
+                     ) -> Admission:
         if self.available:
             try:
-                return await self._charge_shared(scopes, rows)
+                return await self._charge_shared(scopes, rows, on)
             except (RedisError, OSError) as exc:
                 self._mark_down(exc)
             except _Down:
@@ -190,13 +187,13 @@ class RedisQuotaStore(QuotaStore):
                 trailers={RETRY_AFTER_KEY: str(math.ceil(self.reconnect_s * 1000)),
                           LIMIT_KEY: "quota_store"},
             )
-        return self.local.charge_now(scopes, rows)
+        return self.local.charge_now(scopes, rows, on)
 
-    async def _charge_shared(self, scopes: Sequence[Scope], rows: int) -> Admission:
+    async def _charge_shared(self, scopes: Sequence[Scope], rows: int, on: On) -> Admission:
         # Shielded: once a request is sent, its grants are applied (and, should the caller
         # have gone away, given back) whatever happens to the caller, so what this process
         # holds and what Redis records for it stay in step.
-        task = asyncio.get_running_loop().create_task(self._charge_slow(scopes, rows))
+        task = asyncio.get_running_loop().create_task(self._charge_slow(scopes, rows, on))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -218,17 +215,17 @@ class RedisQuotaStore(QuotaStore):
         elif isinstance(exc, RedisError | OSError):
             self._mark_down(exc)
 
-    async def _charge_slow(self, scopes: Sequence[Scope], rows: int) -> Admission:
+    async def _charge_slow(self, scopes: Sequence[Scope], rows: int, on: On) -> Admission:
         try:
-            return await self._charge_pools(scopes, rows)
+            return await self._charge_pools(scopes, rows, on)
         except _Stale:  # Redis was down and is back while this waited: its fresh pools
             try:
-                return await self._charge_pools(scopes, rows)
+                return await self._charge_pools(scopes, rows, on)
             except _Stale:
                 raise _Down from None
 
-    async def _charge_pools(self, scopes: Sequence[Scope], rows: int) -> Admission:
-        pools = [self.slots.pool(s) for s in scopes if s.limits.concurrent is not None]
+    async def _charge_pools(self, scopes: Sequence[Scope], rows: int, on: On) -> Admission:
+        pools = self._pools(scopes, on)
         taken = [pool for pool in pools if pool.take()]
         need = [pool for pool in pools if pool not in taken]
         locked: list[SlotPool] = []
@@ -245,8 +242,7 @@ class RedisQuotaStore(QuotaStore):
                 raise _Stale if self.available else _Down
             now = self.clock()
             wall = self.wall()
-            day = int(wall // DAY_S)
-            ops = [op for scope in scopes for op in self._token_ops(scope, rows, day, wall)]
+            ops = self._token_ops(scopes, rows, wall, on)
             short = [op for op in ops if not self._covered(op, now)]
             if short or need:
                 argv: list[str | float] = []
@@ -275,37 +271,29 @@ class RedisQuotaStore(QuotaStore):
             admission.spent.append((op.lease_key, op.need))
         return admission
 
-    def _token_ops(self, scope: Scope, rows: int, day: int, wall: float) -> list[Op]:
-        limits, base = scope.limits, f"{self.prefix}{scope.key}"
+    def _token_ops(self, scopes: Sequence[Scope], rows: int, wall: float, on: On
+                   ) -> list[Op]:
         ops = []
-        if limits.requests_per_s is not None:
-            cap = limits.request_capacity()
-            want = self._block(limits.requests_per_s, cap, 1)
-            ops.append(Op(f"{scope.key}:req", f"{base}:req",
-                          ("b", limits.requests_per_s, cap, want, 1), 1, scope, "requests_per_s"))
-        if limits.rows_per_s is not None:
-            cap = limits.rows_capacity()
-            want = self._block(limits.rows_per_s, cap, rows)
-            ops.append(Op(f"{scope.key}:rows", f"{base}:rows",
-                          ("b", limits.rows_per_s, cap, want, rows), rows, scope, "rows_per_s"))
-        if limits.requests_per_day is not None:
-            per_day = limits.requests_per_day
-            want = max(1, min(100, per_day // 1000))
-            ttl = math.ceil(seconds_to_next_day(wall)) + 3600
-            ops.append(Op(f"{scope.key}:day:{day}", f"{base}:day:{day}",
-                          ("d", per_day, want, 1, ttl), 1, scope, "requests_per_day"))
+        for scope in scopes:
+            for rule in RULES.on(on):
+                op = token_op(rule, scope, rule.cost(rows), wall, lease_s=self.lease_s,
+                              prefix=self.prefix)
+                if op is not None:
+                    ops.append(op)
         return ops
 
-    def _block(self, rate: float, capacity: float, need: float) -> float:
-        # A lease covers a few tens of ms of the limit: few Redis calls per second, and at
-        # most a block per replica is ever out of step with the shared bucket.
-        return max(need, min(capacity, 100.0, math.floor(rate * self.lease_s)))
+    def _pools(self, scopes: Sequence[Scope], on: On) -> list[SlotPool]:
+        """The slot pools a charge for ``on`` takes one slot of (its slot rules that are
+        set, in each scope)."""
+        rules: tuple[AnyRule, ...] = tuple(r for r in RULES.on(on) if r.counters)
+        return [self.slots.pool(scope, rule) for scope in scopes for rule in rules
+                if scope.limits.get(rule.name) is not None]
 
     def _covered(self, op: Op, now: float) -> bool:
         lease = self.leases.get(op.lease_key)
         if lease is None:
             return False
-        if now >= lease.expires and ":day:" not in op.lease_key:
+        if now >= lease.expires and lease.lapses:
             lease.tokens = 0.0  # an old rate lease would let a replica run ahead
         return lease.tokens >= op.need
 
@@ -314,27 +302,28 @@ class RedisQuotaStore(QuotaStore):
         denial: tuple[str, Scope, float] | None = None
         for i, op in enumerate(ops):
             grant, wait_ms = result[2 * i], result[2 * i + 1]
-            lease = self.leases.setdefault(op.lease_key, Lease())
+            lease = self.leases.get(op.lease_key)
+            if lease is None:
+                lease = self.leases[op.lease_key] = Lease(lapses=op.lapses)
             if grant > 0:
                 lease.tokens += grant
                 lease.expires = now + self.lease_ttl_s
             elif denial is None:
-                wait = seconds_to_next_day(wall) if op.args[0] == "d" else wait_ms / 1000
-                denial = (op.limit, op.scope, wait)
+                denial = (op.rule.name, op.scope, op.retry_after(wall, wait_ms))
         for i, pool in enumerate(need, len(ops)):
             if result[2 * i] > 0:
                 self.slots.granted(pool, result[2 * i], self.slots.clock())
             if pool.take():  # granted now, or freed here while Redis answered
                 taken.append(pool)
             elif denial is None:  # a token denial, if any, is the one to report
-                denial = ("concurrent", pool.scope, CONCURRENCY_RETRY_MS / 1000)
+                denial = (pool.rule.name, pool.scope, SLOT_RETRY_MS / 1000)
         if denial is not None:
             # Tokens and slots granted to other ops stay leased for the next request.
             raise exceeded(*denial)
 
     async def _return_day_leases(self) -> None:
         for lease_key, lease in self.leases.items():
-            if ":day:" in lease_key and lease.tokens >= 1:
+            if not lease.lapses and lease.tokens >= 1:
                 await self._return(keys=[self.prefix + lease_key], args=[int(lease.tokens)])
 
     def _mark_down(self, exc: BaseException) -> None:

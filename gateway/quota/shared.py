@@ -27,7 +27,6 @@ that is stopped (SIGSTOP, a debugger) inside a charge stalls the others charging
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import struct
 import time
@@ -36,18 +35,18 @@ from dataclasses import dataclass, field
 from hashlib import blake2b
 from pathlib import Path
 
+from gateway.quota.rules import RULES, On, SlotCount
 from gateway.quota.store import (
-    DAY_S,
     Admission,
+    Charge,
     Clock,
     Limits,
     LocalQuotaStore,
-    QuotaStore,
     Scope,
     ScopeState,
-    TokenBucket,
+    SyncQuotaStore,
 )
-from gateway.quota.table import STATE, QuotaTable, QuotaTableError, key_hash
+from gateway.quota.table import QuotaTable, QuotaTableError, key_hash
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,8 @@ _ABSENT = -1.0  # an unset limit in a fingerprint (set limits are positive)
 def fingerprint(limits: Limits) -> int:
     """A number naming these limits in every process (``hash()`` is per process); never 0,
     which marks a slot no worker has set up."""
-    values = [_ABSENT if v is None else float(v) for v in dataclasses.astuple(limits)]
+    values = [_ABSENT if (v := limits.get(f.name)) is None else float(v)
+              for f in RULES.fields()]
     digest = blake2b(struct.pack(f"<{len(values)}d", *values), digest_size=8).digest()
     return int.from_bytes(digest, "little") | 1
 
@@ -68,7 +68,7 @@ class _Slot:
 
     offset: int
     counters: int  # index in the table's ints of the slot's first in-flight counter
-    own: int  # and of this worker's
+    own: int  # and of this worker's (add a rule's group times the columns for its own)
     seen: Limits | None = None
 
 
@@ -76,9 +76,8 @@ class _Slot:
 class _Charge:
     slot: _Slot
     limits: Limits
-    rows: int
-    day: int
-    holds: bool  # took an in-flight slot: release gives exactly that back
+    taken: list[Charge]
+    held: list[int]  # the in-flight counters (indices in the table's ints) it holds
 
 
 @dataclass(slots=True)
@@ -104,7 +103,7 @@ class _SharedAdmission(Admission):
                 self.local.release()
 
 
-class SharedQuotaStore(QuotaStore):
+class SharedQuotaStore(SyncQuotaStore):
     """Limits shared through the table at ``path`` by the workers of one supervisor; this
     process is worker ``index``. Raises QuotaTableError when the table cannot be used."""
 
@@ -123,6 +122,11 @@ class SharedQuotaStore(QuotaStore):
         # The hot path's handles, looked up once.
         self._mm, self._ints, self._columns = self.table.mm, self.table.ints, self.table.columns
         self._lock, self._unlock = self.table.lock, self.table.unlock
+        layout = self.table.layout
+        self._state, self._rules = layout.state, layout.rules
+        # Where each slot-counting rule's counters start, past a slot's first counter.
+        self._groups = {rule.name: n * self._columns
+                        for n, rule in enumerate(layout.slot_rules)}
         self._slots: dict[str, _Slot | None] = {}
         self._fingerprints: dict[Limits, int] = {}
         self._full_logged = False
@@ -138,13 +142,8 @@ class SharedQuotaStore(QuotaStore):
         self._closed = True
         self.table.close()
 
-    async def charge(self, scopes: Sequence[Scope], rows: int) -> Admission:
-        return self.charge_now(scopes, rows)
-
-    def charge_at_once(self, scopes: Sequence[Scope], rows: int) -> Admission | None:
-        return self.charge_now(scopes, rows)
-
-    def charge_now(self, scopes: Sequence[Scope], rows: int) -> _SharedAdmission:
+    def charge_now(self, scopes: Sequence[Scope], rows: int, on: On = On.REQUEST
+                   ) -> _SharedAdmission:
         """Check every scope, then charge every scope, all under the scopes' slot locks
         (taken in slot order, so two workers never wait on each other in a cycle)."""
         now = self.clock()
@@ -163,34 +162,37 @@ class SharedQuotaStore(QuotaStore):
         for slot, _ in shared:
             lock(slot.offset)
         try:
-            loaded = [self._load(scope, slot, rows, now, wall) for slot, scope in shared]
+            loaded = [self._load(scope, slot, rows, now, wall, on=on) for slot, scope in shared]
             admission = _SharedAdmission(self)
             if local:  # checks and charges its scopes, or raises having charged nothing
-                admission.local = self.local.charge_now(local, rows)
-            day = int(wall // DAY_S)
-            ints = self._ints
+                admission.local = self.local.charge_now(local, rows, on)
+            ints, groups = self._ints, self._groups
             charges = admission.charges
             for slot, stamp, state in loaded:
-                state.take(rows)
+                taken = state.take(rows, wall, on)
                 self._store(slot, stamp, state)
-                holds = state.limits.concurrent is not None
-                if holds:
-                    ints[slot.own] += 1  # others read it under this lock, to check
-                charges.append(_Charge(slot, state.limits, rows, day, holds))
+                held = [slot.own + groups[rule.name] for rule, _, _, _, holds in taken if holds]
+                for own in held:
+                    ints[own] += 1  # others read it under this lock, to check
+                charges.append(_Charge(slot, state.limits, taken, held))
             return admission
         finally:
             for slot, _ in shared:
                 unlock(slot.offset)
 
     def give_back(self, charges: Sequence[_Charge]) -> None:
-        """Refund rate and daily tokens, one slot at a time (a refund needs no atomicity)."""
+        """Refund rate and period tokens, one slot at a time (a refund needs no
+        atomicity)."""
         if self._closed:
             return
         table = self.table
         for charge in charges:
             with table.locked(charge.slot.offset):
                 stamp, state = self._read(charge.limits, charge.slot)
-                state.give_back(charge.rows, charge.day)
+                for rule, _, cost, wall, _ in charge.taken:
+                    part = state.parts.get(rule.name)
+                    if part is not None:
+                        rule.refund(part, cost, wall)
                 self._store(charge.slot, stamp, state)
 
     def free(self, charges: Sequence[_Charge]) -> None:
@@ -200,17 +202,17 @@ class SharedQuotaStore(QuotaStore):
             return
         ints = self.table.ints
         for charge in charges:
-            if charge.holds:
-                own = charge.slot.own
+            for own in charge.held:
                 ints[own] = max(0, ints[own] - 1)
 
-    def in_flight(self, key: str) -> int:
-        """Requests of a scope admitted by any worker and not yet released (for tests)."""
+    def in_flight(self, key: str, name: str = "concurrent") -> int:
+        """Slots of rule ``name`` a scope holds in every worker now (for tests)."""
         slot = self._slot(key)
         if slot is None:
-            return self.local.in_flight(key)
+            return self.local.in_flight(key, name)
+        first = slot.counters + self._groups[name]
         with self.table.locked(slot.offset):
-            return sum(self.table.ints[slot.counters:slot.counters + self.table.columns])
+            return sum(self.table.ints[first:first + self.table.columns])
 
     def _slot(self, key: str) -> _Slot | None:
         try:
@@ -238,9 +240,9 @@ class SharedQuotaStore(QuotaStore):
         return stamp
 
     def _load(
-        self, scope: Scope, slot: _Slot, rows: int, now: float, wall: float
+        self, scope: Scope, slot: _Slot, rows: int, now: float, wall: float, *, on: On
     ) -> tuple[_Slot, int, ScopeState]:
-        """The slot's state (slot locked), checked for one more request; set up first if
+        """The slot's state (slot locked), checked for one more charge; set up first if
         this worker's limits are new to it and the slot does not already carry them."""
         limits = scope.limits
         stamp, state = self._read(limits, slot)
@@ -251,28 +253,29 @@ class SharedQuotaStore(QuotaStore):
                 # New scope, or the first worker to charge it since the limits changed: same
                 # counters, fresh buckets, as LocalQuotaStore does.
                 stamp = mine
-                state.reset_buckets(now)
+                state.reset(now, renew=True)
                 self._store(slot, stamp, state)
-        if limits.concurrent is not None:
-            state.in_flight = sum(self._ints[slot.counters:slot.counters + self._columns])
-        state.check(scope, rows, now, wall)
+        ints, columns = self._ints, self._columns
+        for name, group in self._groups.items():
+            part = state.parts.get(name)
+            if isinstance(part, SlotCount):
+                first = slot.counters + group
+                part.held = sum(ints[first:first + columns])
+        state.check(scope, rows, now, wall, on)
         return slot, stamp, state
 
     def _read(self, limits: Limits, slot: _Slot) -> tuple[int, ScopeState]:
-        (stamp, r_tokens, r_updated, r_rate, r_cap, w_tokens, w_updated, w_rate, w_cap, day,
-         count) = STATE.unpack_from(self._mm, slot.offset)
-        return stamp, ScopeState(
-            limits,
-            TokenBucket(r_rate, r_cap, r_tokens, r_updated) if r_cap > 0 else None,
-            TokenBucket(w_rate, w_cap, w_tokens, w_updated) if w_cap > 0 else None,
-            0, day, count,
-        )
+        values = self._state.unpack_from(self._mm, slot.offset)
+        parts = {}
+        at = 1
+        for rule in self._rules:
+            parts[rule.name] = rule.unpack(values[at:at + rule.width], limits)
+            at += rule.width
+        return values[0], ScopeState(limits, parts)
 
     def _store(self, slot: _Slot, stamp: int, state: ScopeState) -> None:
-        r, w = state.requests, state.rows
-        STATE.pack_into(
-            self._mm, slot.offset, stamp,
-            *((r.tokens, r.updated, r.rate, r.capacity) if r else (0.0, 0.0, 0.0, 0.0)),
-            *((w.tokens, w.updated, w.rate, w.capacity) if w else (0.0, 0.0, 0.0, 0.0)),
-            state.day, state.day_count,
-        )
+        parts = state.parts
+        values = [stamp]
+        for rule in self._rules:
+            values.extend(rule.pack(parts.get(rule.name)))
+        self._state.pack_into(self._mm, slot.offset, *values)

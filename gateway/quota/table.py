@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from gateway.quota.rules import RULES, AnyRule
 
 log = logging.getLogger(__name__)
 
@@ -21,16 +25,11 @@ log = logging.getLogger(__name__)
 # Python 3.13 each spawned process's resource tracker may unlink a SharedMemory segment when
 # that process exits, while fcntl locks need a file descriptor anyway. A file in /dev/shm is
 # the same memory (tmpfs) with a descriptor, a name the supervisor controls, and mmap.
-MAGIC: Final = b"MGQTAB01"
 # magic, slots, columns (one in-flight counter per worker index), bytes per slot.
 HEADER: Final = struct.Struct("<8sIII")
 HEADER_SIZE: Final = 64
 KEY_BYTES: Final = 16  # blake2b of the scope key: a different key never matches by chance
 EMPTY_KEY: Final = bytes(KEY_BYTES)
-# A slot: limits fingerprint (0: never set up), request bucket (tokens, updated, rate,
-# capacity; capacity 0: no bucket), rows bucket (same), UTC day and its count. The in-flight
-# counters, one int32 per worker index, follow.
-STATE: Final = struct.Struct("<Q8d2q")
 COUNTER_BYTES: Final = 4  # an int32 per worker
 DEFAULT_SLOTS: Final = 16384  # 1000 tenants, each with a dozen model scopes, at 2/3 load
 MAX_SLOTS: Final = 1 << 20
@@ -43,13 +42,55 @@ class QuotaTableError(Exception):
     """The table cannot be created, opened or trusted."""
 
 
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A slot's layout, derived from the limit rules: the limits' fingerprint (0: never set
+    up), then each rule's state (``rule.layout``), then, for each rule that counts slots,
+    one int32 in-flight counter per worker. The magic is a hash of it, so a process built
+    with other rules refuses to attach to the table instead of misreading it."""
+
+    rules: tuple[AnyRule, ...]
+    state: struct.Struct
+    slot_rules: tuple[AnyRule, ...]
+    magic: bytes
+
+    @staticmethod
+    def of(rules: Iterable[AnyRule]) -> Layout:
+        rules = tuple(rules)
+        words = ";".join(f"{r.name}/{r.key}:{r.layout}:{int(r.counters)}" for r in rules)
+        digest = hashlib.blake2b(words.encode("utf-8"), digest_size=5).digest()
+        return Layout(rules, struct.Struct("<Q" + "".join(r.layout for r in rules)),
+                      tuple(r for r in rules if r.counters), b"MGQ" + digest)
+
+    def slot_bytes(self, columns: int) -> int:
+        """Bytes per slot: the state and the counters, rounded to 8 for the doubles."""
+        counters = COUNTER_BYTES * columns * len(self.slot_rules)
+        return (self.state.size + counters + 7) // 8 * 8
+
+    def table_bytes(self, slots: int, columns: int) -> int:
+        return HEADER_SIZE + slots * KEY_BYTES + slots * self.slot_bytes(columns)
+
+
+def current_layout() -> Layout:
+    """The layout of the rules now registered (RULES)."""
+    return _layout_of(tuple(RULES))
+
+
+@functools.lru_cache(maxsize=4)
+def _layout_of(rules: tuple[AnyRule, ...]) -> Layout:
+    return Layout.of(rules)
+
+
+# This build's magic (with the rules it ships).
+MAGIC: Final = current_layout().magic
+
+
 def slot_bytes(columns: int) -> int:
-    """Bytes per slot: the state and one counter per worker, rounded to 8 for the doubles."""
-    return (STATE.size + COUNTER_BYTES * columns + 7) // 8 * 8
+    return current_layout().slot_bytes(columns)
 
 
 def table_bytes(slots: int, columns: int) -> int:
-    return HEADER_SIZE + slots * KEY_BYTES + slots * slot_bytes(columns)
+    return current_layout().table_bytes(slots, columns)
 
 
 def key_hash(key: str) -> bytes:
@@ -74,6 +115,7 @@ class QuotaTable:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.layout = current_layout()
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
@@ -94,11 +136,17 @@ class QuotaTable:
         magic, slots, columns, per_slot = HEADER.unpack_from(self.mm, 0)
         # Nothing read from the file is used before it is checked against the file's size.
         problem = None
-        if magic != MAGIC:
+        layout = self.layout
+        if magic[:3] == layout.magic[:3] and magic != layout.magic:
+            problem = (f"laid out for other limits (layout {magic[3:].hex()}, this process's "
+                       f"is {layout.magic[3:].hex()}): its workers run another modelgate "
+                       "version with other limit rules, so it cannot be shared with them")
+        elif magic != layout.magic:
             problem = "not a quota table (bad magic)"
         elif not (1 <= slots <= MAX_SLOTS and 1 <= columns <= MAX_COLUMNS):
             problem = f"{slots} slots and {columns} columns are out of range"
-        elif per_slot != slot_bytes(columns) or size != table_bytes(slots, columns):
+        elif (per_slot != layout.slot_bytes(columns)
+              or size != layout.table_bytes(slots, columns)):
             problem = f"{size} bytes do not fit {slots} slots of {per_slot} bytes"
         if problem is not None:
             self.mm.close()
@@ -158,8 +206,9 @@ class QuotaTable:
                 yield index
 
     def counters(self, index: int) -> int:
-        """Index in ``ints`` of slot ``index``'s first in-flight counter (worker 0's)."""
-        return (self.offset(index) + STATE.size) // COUNTER_BYTES
+        """Index in ``ints`` of slot ``index``'s first in-flight counter (worker 0's of the
+        first slot-counting rule; each such rule has ``columns`` of them, in rule order)."""
+        return (self.offset(index) + self.layout.state.size) // COUNTER_BYTES
 
     def reset_column(self, column: int) -> int:
         """Zero worker ``column``'s in-flight counters: what a dead process of that index
@@ -170,9 +219,11 @@ class QuotaTable:
         freed = 0
         with self.locked(0, 0):  # the whole file: every slot and the directory
             for index in self.claimed():
-                at = self.counters(index) + column
-                freed += max(0, self.ints[at])
-                self.ints[at] = 0
+                first = self.counters(index) + column
+                for group in range(len(self.layout.slot_rules)):
+                    at = first + group * self.columns
+                    freed += max(0, self.ints[at])
+                    self.ints[at] = 0
         return freed
 
     def close(self) -> None:
@@ -206,13 +257,15 @@ def create_table(
     if not (1 <= slots <= MAX_SLOTS and 1 <= columns <= MAX_COLUMNS):
         raise QuotaTableError(f"{slots} slots for {columns} workers is out of range")
     folder = folder or default_folder()
+    layout = current_layout()
     sweep_stale(folder)
     fd, temporary = tempfile.mkstemp(prefix=_NEW_PREFIX, dir=folder)  # mode 0600, O_EXCL
     try:
         # Held until remove(): while any process holds it, no sweep deletes the file.
         fcntl.flock(fd, fcntl.LOCK_SH)
-        os.ftruncate(fd, table_bytes(slots, columns))  # tmpfs keeps the zeros sparse
-        os.pwrite(fd, HEADER.pack(MAGIC, slots, columns, slot_bytes(columns)), 0)
+        os.ftruncate(fd, layout.table_bytes(slots, columns))  # tmpfs keeps zeros sparse
+        os.pwrite(fd, HEADER.pack(layout.magic, slots, columns, layout.slot_bytes(columns)),
+                  0)
         final = Path(folder) / (PREFIX + Path(temporary).name.removeprefix(_NEW_PREFIX))
         os.link(temporary, final)  # fails rather than replace an existing file
     except BaseException:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from gateway.quota.rules import RULES
 from gateway.tenancy.tenants import (
     TENANT_ID,
     TenantsFileError,
@@ -28,10 +29,6 @@ from gateway.tenancy.tenants import (
 
 ENV_FILE: Final = "MODELGATE_TENANTS"
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
-_LIMIT_FLAGS: Final = (
-    ("requests_per_s", float), ("burst", int), ("rows_per_s", float), ("rows_burst", int),
-    ("concurrent", int), ("requests_per_day", int),
-)
 
 Doc = dict[str, Any]
 
@@ -52,8 +49,9 @@ def add_parser(commands: Any) -> None:
     create.add_argument("--priority", type=int, default=0, help="batcher priority (0=default)")
     create.add_argument("--admin", action="store_true", help="may use model control RPCs")
     create.add_argument("--client-subject", help="require this mTLS client subject")
-    for name, kind in _LIMIT_FLAGS:
-        create.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
+    for limit in RULES.fields():  # a flag per limit key (gateway/quota/rules.py)
+        create.add_argument("--" + limit.name.replace("_", "-"), type=limit.kind,
+                            dest=limit.name)
     issue = sub.add_parser("issue-key", help="issue a new key; printed once, stored hashed")
     issue.add_argument("tenant")
     rotate = sub.add_parser("rotate", help="issue a new key; older keys expire after a grace")
@@ -115,7 +113,8 @@ def _create(doc: Doc, args: argparse.Namespace, now: dt.datetime) -> str:
     table: Doc = {"priority": args.priority, "admin": args.admin, "models": list(args.models)}
     if args.client_subject:
         table["client_subject"] = args.client_subject
-    limits = {n: getattr(args, n) for n, _ in _LIMIT_FLAGS if getattr(args, n) is not None}
+    limits = {f.name: getattr(args, f.name) for f in RULES.fields()
+              if getattr(args, f.name, None) is not None}
     if limits:
         table["limits"] = limits
     table["keys"] = []
@@ -161,7 +160,7 @@ _ACTIONS: Final[dict[str, Callable[[Doc, argparse.Namespace, dt.datetime], str]]
 def list_tenants(path: Path, out: TextIO, now: dt.datetime) -> None:
     """Print each tenant, its limits and its keys' ids and states (never hashes)."""
     for tenant in load_tenants(path).values():
-        limits = {k: v for k, v in _limits_dict(tenant.limits).items() if v is not None}
+        limits = dict(tenant.limits.items())
         print(f"{tenant.id}  priority={tenant.priority} admin={str(tenant.admin).lower()} "
               f"models={','.join(_grant(g.pattern, g.version) for g in tenant.models) or '-'} "
               f"limits={json.dumps(limits, separators=(',', ':'))}", file=out)
@@ -179,10 +178,6 @@ def list_tenants(path: Path, out: TextIO, now: dt.datetime) -> None:
 
 def _grant(pattern: str, version: str | None) -> str:
     return f"{pattern}:{version}" if version else pattern
-
-
-def _limits_dict(limits: Any) -> dict[str, Any]:
-    return {name: getattr(limits, name) for name, _ in _LIMIT_FLAGS}
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from gateway.quota.store import Limits, Scope
+from gateway.quota.rules import RULES, Limits, On, Scope
 from gateway.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,6 @@ _HASH: Final = re.compile(r"sha256:[0-9a-f]{64}")
 _GRANT: Final = re.compile(
     r"(?P<name>[A-Za-z0-9_.*?\[\]\-]{1,128})(?::(?P<version>[0-9]{1,18}|[A-Za-z][A-Za-z0-9_\-]{0,63}))?"
 )
-_LIMIT_FIELDS: Final = {
-    "requests_per_s": float, "burst": int, "rows_per_s": float, "rows_burst": int,
-    "concurrent": int, "requests_per_day": int,
-}
 _TENANT_FIELDS: Final = {
     "priority", "admin", "models", "limits", "model_limits", "client_subject", "keys",
     "description",
@@ -196,9 +192,18 @@ class Tenant:
             self._remember(("scopes", model), memo)
         return memo
 
+    def stream_scopes(self) -> tuple[Scope, ...]:
+        """What opening a stream is charged against: the tenant, if it limits streams."""
+        memo = self._memo.get(("streams", ""))
+        if memo is None:
+            memo = ((Scope(f"t:{self.id}", self.limits),) if self.limits.charges(On.STREAM)
+                    else ())
+            self._remember(("streams", ""), memo)
+        return tuple(memo)
+
     def _scopes(self, model: str) -> tuple[Scope, ...]:
         out: list[Scope] = []
-        if not self.limits.is_unlimited():
+        if self.limits.charges(On.REQUEST):
             out.append(Scope(f"t:{self.id}", self.limits))
         for pattern, limits in self.model_limits:
             if fnmatch.fnmatchcase(model, pattern):
@@ -307,7 +312,8 @@ def _parse_tenant(tenant_id: str, raw: dict[str, Any], where: str) -> Tenant:
         models=tuple(grants),
         limits=_parse_limits(raw.get("limits", {}), f"{where} limits"),
         model_limits=tuple(
-            (pattern, _parse_limits(value, f"{where} model_limits.{pattern}"))
+            (pattern,
+             _parse_limits(value, f"{where} model_limits.{pattern}", model_scope=True))
             for pattern, value in model_limits.items()
         ),
         client_subject=subject,
@@ -315,10 +321,13 @@ def _parse_tenant(tenant_id: str, raw: dict[str, Any], where: str) -> Tenant:
     )
 
 
-def _parse_limits(raw: Any, where: str) -> Limits:
-    table = _table(raw, where, _LIMIT_FIELDS)
+def _parse_limits(raw: Any, where: str, model_scope: bool = False) -> Limits:
+    """One limits table: the keys of the limit rules (RULES), each checked as its rule says."""
+    fields = RULES.fields()
+    table = _table(raw, where, {f.name for f in fields})
     values: dict[str, Any] = {}
-    for name, kind in _LIMIT_FIELDS.items():
+    for field_ in fields:
+        name, kind = field_.name, field_.kind
         value = table.get(name)
         if value is None:
             continue
@@ -327,10 +336,13 @@ def _parse_limits(raw: Any, where: str) -> Limits:
         if not ok or value <= 0 or value > 10**9:
             raise TenantsFileError(f"{where}: {name} must be a positive number up to 1e9")
         values[name] = kind(value)
-    if "burst" in values and "requests_per_s" not in values:
-        raise TenantsFileError(f"{where}: burst needs requests_per_s")
-    if "rows_burst" in values and "rows_per_s" not in values:
-        raise TenantsFileError(f"{where}: rows_burst needs rows_per_s")
+    for rule in RULES:
+        problem = rule.validate(values, where)
+        if problem is not None:
+            raise TenantsFileError(problem)
+        if model_scope and not rule.per_model and rule.name in values:
+            raise TenantsFileError(f"{where}: {rule.name} is counted per tenant only: set "
+                                   "it in the tenant's limits")
     return Limits(**values)
 
 

@@ -171,7 +171,7 @@ async def test_a_busy_store_keeps_its_slots_and_uses_them_without_redis(
         assert each is not None
         each.release()
         each.release()  # exactly once: a second release frees nothing
-    assert store.slots.pools["t:acme"].in_use == 0
+    assert store.slots.pools["t:acme", "concurrent"].in_use == 0
 
 
 async def test_a_held_slot_stays_held_past_the_hold_time(
@@ -182,7 +182,7 @@ async def test_a_held_slot_stays_held_past_the_hold_time(
     held = await take(first, scopes, 2)
     client = aioredis.from_url(redis_module.url, decode_responses=True)
     try:
-        holding = await client.hget(SLOTS_KEY, first.slots.pools["t:acme"].owner)
+        holding = await client.hget(SLOTS_KEY, first.slots.pools["t:acme", "concurrent"].owner)
         granted_until = int(str(holding).split(":")[1])
 
         async def redis_ms() -> int:
