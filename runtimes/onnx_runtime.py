@@ -118,6 +118,18 @@ def providers_for(device: str) -> tuple[str, ...]:
     return (CPU,)
 
 
+def session_options(options: OnnxOptions) -> ort.SessionOptions:
+    """The options of every serving session. ``modelgate profile`` opens its session with
+    them too: the thread count changes float results in the last bits (a multi-threaded
+    reduction sums in another order), and a profile must hold the values serving computes."""
+    session = ort.SessionOptions()
+    session.intra_op_num_threads = options.intra_op_threads
+    session.inter_op_num_threads = options.inter_op_threads
+    session.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session.log_severity_level = 3
+    return session
+
+
 class OnnxRuntime(Runtime):
     """``spec.instance_count`` InferenceSessions of one ONNX file, each owned by one worker
     thread: runs queue in the worker pool itself, so a thread that finishes one run starts
@@ -165,13 +177,9 @@ class OnnxRuntime(Runtime):
             self._unowned.put(session)
 
     def _new_session(self) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self._options.intra_op_threads
-        options.inter_op_num_threads = self._options.inter_op_threads
-        options.log_severity_level = 3
         try:
             session = ort.InferenceSession(
-                str(self._path), options, providers=list(self._providers)
+                str(self._path), session_options(self._options), providers=list(self._providers)
             )
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise ModelLoadError(f"onnxruntime cannot load {self._path.name}: {exc}") from exc

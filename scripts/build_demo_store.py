@@ -353,13 +353,17 @@ def cnn_model() -> onnx.ModelProto:
 
 def profile_json(payload: bytes, inputs: dict[str, np.ndarray], source: str) -> str:
     """A version's reference profile (gateway/monitoring: docs/monitoring.md) from its
-    training inputs and the outputs the ONNX model itself gives for them."""
+    training inputs and the outputs the ONNX model gives for them when served on CPU with
+    the gateway's default session options (as ``modelgate profile`` runs it): a session
+    with other thread counts differs in the last bits of some outputs."""
     import onnxruntime as ort
 
     from gateway.monitoring.profile import dumps
     from gateway.monitoring.reference import build_profile
+    from runtimes.onnx_runtime import CPU, OnnxOptions, session_options
 
-    session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(payload, session_options(OnnxOptions(device="cpu")),
+                                   providers=[CPU])
     names = [output.name for output in session.get_outputs()]
     outputs = dict(zip(names, session.run(names, inputs), strict=True))
     return dumps(build_profile(inputs, outputs, source=source))

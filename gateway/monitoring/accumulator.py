@@ -23,6 +23,11 @@ from runtimes.base import Tensor
 Floats = npt.NDArray[np.float64]
 # Numeric values handled per update, to bound the temporary comparison matrix.
 _CHUNK_VALUES: Final = 1 << 20
+# A value up to this many float32 ulps above a cut counts as on it (the bin below, where
+# the reference's values at the cut went): the same model run with other threads or
+# another build differs in the last bits, and a probability of 1.0000001 must not land
+# in a bin past the reference's 1.0.
+EDGE_ULPS: Final = 4
 
 
 class ShapeMismatch(Exception):
@@ -101,6 +106,13 @@ class TensorStats:
         )
 
 
+def tolerant_cuts(cuts: tuple[float, ...]) -> Floats:
+    """The cuts moved up by EDGE_ULPS float32 ulps, for ``value > cut`` comparisons."""
+    exact = np.asarray(cuts, dtype=np.float64)
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    return exact + EDGE_ULPS * ulp
+
+
 class TensorTracker:
     """A TensorProfile compiled for updates: the cuts as one +inf-padded matrix, the
     category lookups. ``update`` raises ShapeMismatch for a tensor that does not fit."""
@@ -112,7 +124,7 @@ class TensorTracker:
         width = int(self.bins.max()) if numeric else 1
         self._cuts = np.full((len(numeric), max(width - 1, 1)), np.inf)
         for index, feature in enumerate(numeric):
-            self._cuts[index, : len(feature.cuts)] = feature.cuts
+            self._cuts[index, : len(feature.cuts)] = tolerant_cuts(feature.cuts)
         self._width = width
         self._lookups = [
             {name: code for code, name in enumerate(f.categories)} for f in profile.categorical
@@ -150,7 +162,7 @@ class TensorTracker:
         else:
             if self.profile.numeric:
                 self._numeric(stats, feature_matrix(array, self.profile.layout))
-            if self.profile.probability:
+            if self.profile.probability and self.profile.categorical:
                 top = np.argmax(np.asarray(array).reshape(rows, -1), axis=1)
                 self._count_codes(stats, 0, self._index_codes(0, top))
         stats.rows += rows
@@ -177,8 +189,8 @@ class TensorTracker:
             np.maximum(stats.high,
                        np.where(finite, matrix, -np.inf).max(axis=0, initial=-np.inf),
                        out=stats.high)
-        # Bin index = how many cuts lie below the value (right-closed bins); the padding
-        # cuts are +inf, so never below. Non-finite values are left out of the histogram.
+        # Bin index = how many (tolerant) cuts lie below the value (right-closed bins); the
+        # padding cuts are +inf, so never below. Non-finite values are left out of the histogram.
         step = max(1, _CHUNK_VALUES // max(1, features * self._cuts.shape[1]))
         width = self._width
         offsets = np.arange(features) * width

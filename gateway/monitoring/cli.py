@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 import numpy as np
+import onnxruntime as ort
 
 from gateway.monitoring.profile import (
     LAYOUTS,
@@ -27,10 +28,13 @@ from gateway.monitoring.profile import (
 )
 from gateway.monitoring.reference import DEFAULT_BINS, build_profile, profile_from_report
 from gateway.monitoring.windows import DEFAULT_WINDOW, WINDOWS
+from gateway.settings import SettingsError, load_settings
 from model_store.errors import StoreError
 from model_store.repository import ModelRepository
 from model_store.spec import ModelSpec
 from runtimes.base import Tensor
+from runtimes.errors import ModelLoadError
+from runtimes.onnx_runtime import OnnxOptions, providers_for, session_options
 
 DEFAULT_URL: Final = "http://127.0.0.1:8002"
 _TIMEOUT_S: Final = 30.0
@@ -64,6 +68,9 @@ def add_parsers(commands: Any) -> None:
     profile.add_argument("--no-outputs", action="store_true",
                          help="do not run the model for the outputs' reference")
     profile.add_argument("--force", action="store_true", help="replace an existing profile")
+    profile.add_argument("--config", type=Path,
+                         help="the gateway's settings file (default: $MODELGATE_CONFIG): the "
+                              "model runs with its device and thread settings, as served")
     drift = commands.add_parser("drift", help="print a model's drift report, worst first")
     drift.add_argument("model")
     drift.add_argument("--version", type=int, help="one version (default: every monitored)")
@@ -83,7 +90,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             print(f"wrote {path}", file=out)
             return 0
         return print_drift(args, out)
-    except (CommandError, ProfileError, StoreError) as exc:
+    except (CommandError, ProfileError, StoreError, ModelLoadError) as exc:
         print(f"modelgate {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -107,7 +114,8 @@ def write_profile(args: argparse.Namespace) -> Path:
     else:
         profile = profile_from_data(store, args.model, args.version, args.data,
                                     layouts=_layouts(args.layout), bins=args.bins,
-                                    outputs=not args.no_outputs)
+                                    outputs=not args.no_outputs,
+                                    options=serving_options(args.config, os.environ))
     # Written beside and renamed: a polling store never sees half a file.
     partial = target.with_name(f".{PROFILE_FILE}.partial")
     partial.write_text(dumps(profile), encoding="utf-8")
@@ -125,25 +133,46 @@ def _layouts(items: list[str]) -> dict[str, Layout]:
     return layouts
 
 
+def serving_options(config: Path | None, environ: Mapping[str, str]) -> OnnxOptions:
+    """The ONNX Runtime options the gateway serves with, from the same settings file and
+    MODELGATE_* variables the gateway reads."""
+    if config is None and environ.get("MODELGATE_CONFIG"):
+        config = Path(environ["MODELGATE_CONFIG"])
+    try:
+        settings = load_settings(config, environ, {})
+    except SettingsError as exc:
+        raise CommandError(str(exc)) from exc
+    return OnnxOptions(device=settings.device, intra_op_threads=settings.intra_op_threads,
+                       inter_op_threads=settings.inter_op_threads)
+
+
 def profile_from_data(store: Path, model: str, version: int, data: Path, *,
-                      layouts: Mapping[str, Layout], bins: int, outputs: bool) -> Profile:
+                      layouts: Mapping[str, Layout], bins: int, outputs: bool,
+                      options: OnnxOptions | None = None) -> Profile:
     """The profile of reference rows ``data`` for a version of the store, outputs from
-    running the version's ONNX model on them unless ``outputs`` is False."""
+    running the version's ONNX model on them (as served: ``options``) unless ``outputs``
+    is False. Features are named by the data (a CSV header, an .npz's ``<input>.names``),
+    else by the config's class labels, else by index."""
     stored = ModelRepository(store).scan().get(model)
     if stored is None or stored.spec is None:
         problem = stored.error if stored is not None else "no such model folder"
         raise CommandError(f"model '{model}' in {store}: {problem}")
     spec = stored.spec
-    inputs = read_inputs(data, spec)
+    inputs, names = read_inputs(data, spec)
     produced = run_model(store / model / str(version) / spec.default_model_filename, inputs,
-                         spec) if outputs else {}
-    return build_profile(inputs, produced, layouts=layouts, bins=bins,
+                         spec, options or OnnxOptions()) if outputs else {}
+    for tensor in (*spec.inputs, *spec.outputs):
+        if tensor.labels and tensor.name not in names:
+            names[tensor.name] = [f"{tensor.name}[{label}]" for label in tensor.labels]
+    return build_profile(inputs, produced, layouts=layouts, bins=bins, names=names,
                          source=f"{data.name} ({_rows(inputs)} rows)")
 
 
-def read_inputs(data: Path, spec: ModelSpec) -> dict[str, Tensor]:
-    """The reference inputs by name, as the spec's datatypes."""
+def read_inputs(data: Path, spec: ModelSpec) -> tuple[dict[str, Tensor], dict[str, list[str]]]:
+    """The reference inputs by name, as the spec's datatypes, and the names of their
+    columns where the file gives them: a CSV's header, an .npz's ``<input>.names``."""
     names = [t.name for t in spec.inputs]
+    columns: dict[str, list[str]] = {}
     try:
         if data.suffix == ".npz":
             with np.load(data, allow_pickle=False) as archive:
@@ -152,12 +181,18 @@ def read_inputs(data: Path, spec: ModelSpec) -> dict[str, Tensor]:
                     raise CommandError(f"{data.name} lacks input(s) {', '.join(missing)} "
                                        f"(has {', '.join(archive.files)})")
                 arrays = {n: np.asarray(archive[n]) for n in names}
+                columns = {n: [str(c) for c in np.asarray(archive[f"{n}.names"]).reshape(-1)]
+                           for n in names if f"{n}.names" in archive.files}
         elif data.suffix in (".npy", ".csv"):
             if len(names) != 1:
                 raise CommandError(f"the model has {len(names)} inputs; give a .npz with "
                                    f"one array per input ({', '.join(names)})")
-            arrays = {names[0]: _csv(data) if data.suffix == ".csv"
-                      else np.load(data, allow_pickle=False)}
+            if data.suffix == ".csv":
+                array, header = _csv(data)
+                columns = {names[0]: header} if header else {}
+            else:
+                array = np.load(data, allow_pickle=False)
+            arrays = {names[0]: array}
         else:
             raise CommandError(f"{data.name}: expected a .npz, .npy or .csv file")
     except (OSError, ValueError) as exc:
@@ -168,26 +203,31 @@ def read_inputs(data: Path, spec: ModelSpec) -> dict[str, Tensor]:
         if array.ndim == len(tensor.dims) and spec.batched:  # one feature per row
             array = array.reshape(-1, *[d if d > 0 else -1 for d in tensor.dims])
         typed[tensor.name] = array.astype(tensor.datatype.numpy_dtype, copy=False)
-    return typed
+    return typed, columns
 
 
-def _csv(path: Path) -> Tensor:
+def _csv(path: Path) -> tuple[Tensor, list[str]]:
+    """The CSV's numbers and its header's column names (none when the first row is
+    numbers too)."""
     with path.open(encoding="utf-8") as handle:
         first = handle.readline()
+    cells = [v.strip() for v in first.strip().split(",")]
     try:
-        [float(v) for v in first.strip().split(",")]
-        header = 0
+        [float(v) for v in cells]
+        header: list[str] = []
     except ValueError:
-        header = 1
-    return np.atleast_2d(np.loadtxt(path, delimiter=",", skiprows=header, dtype=np.float64))
+        header = cells
+    return np.atleast_2d(np.loadtxt(path, delimiter=",", skiprows=1 if header else 0,
+                                    dtype=np.float64)), header
 
 
-def run_model(path: Path, inputs: Mapping[str, Tensor], spec: ModelSpec) -> dict[str, Tensor]:
-    """The declared outputs of the ONNX model at ``path`` for ``inputs``, in chunks."""
-    import onnxruntime as ort  # only this command runs a model outside the gateway
-
+def run_model(path: Path, inputs: Mapping[str, Tensor], spec: ModelSpec,
+              options: OnnxOptions) -> dict[str, Tensor]:
+    """The declared outputs of the ONNX model at ``path`` for ``inputs``, in chunks, from a
+    session opened as the gateway opens its own (options, providers)."""
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), session_options(options),
+                                       providers=list(providers_for(options.device)))
     except Exception as exc:  # onnxruntime raises its own untyped errors
         raise CommandError(f"cannot load {path}: {exc}") from exc
     names = [t.name for t in spec.outputs]
@@ -241,10 +281,16 @@ def print_drift(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _band(psi: float | None) -> str:
-    if psi is None:
+def _band(feature: Mapping[str, Any]) -> str:
+    band = feature.get("band")
+    if band is None:
         return "-"
-    return "act" if psi >= 0.25 else "watch" if psi >= 0.1 else "ok"
+    if band == "insufficient":
+        needed = feature.get("needed")
+        have = int((feature.get("live") or {}).get("count") or sum(feature.get("counts", ())))
+        return f"insufficient ({have} of {needed})" if needed else \
+            "insufficient (reference too small)"
+    return str(band)
 
 
 def _num(value: Any) -> str:
@@ -258,15 +304,21 @@ def table(report: Mapping[str, Any], top: int) -> str:
         f"{report['model']} version {report['version']}: window {window['name']} "
         f"({window['rows']} rows), reference {reference['kind']}"
         + (f" ({reference['source']})" if reference.get("source") else "")
+        + (f", built from {reference['built_from']}" if reference.get("built_from") else "")
         + (f": {reference['reason']}" if reference.get("reason") else ""),
         f"  {summary['features']} features, {summary['scored']} scored; PSI max "
         f"{_num(summary['psi_max'])}, mean {_num(summary['psi_mean'])}",
     ]
-    rows = [("feature", "psi", "js", "ks", "band", "live mean", "ref mean", "nan", "unseen")]
+    bands = summary.get("bands") or {}
+    if bands:
+        lines.append("  bands: " + ", ".join(f"{n} {b}" for b, n in bands.items() if n))
+    rows = [("feature", "psi", "bound", "band", "js", "ks", "live mean", "ref mean", "nan",
+             "unseen")]
     for feature in report["features"][:top]:
         live, ref = feature["live"], feature.get("reference") or {}
-        rows.append((feature["name"], _num(feature["psi"]), _num(feature["js"]),
-                     _num(feature["ks"]), _band(feature["psi"]), _num(live.get("mean")),
+        rows.append((feature["name"], _num(feature["psi"]), _num(feature.get("bound")),
+                     _band(feature), _num(feature["js"]), _num(feature["ks"]),
+                     _num(live.get("mean")),
                      _num(ref.get("mean")), _num(live.get("nan")),
                      _num(live.get("unseen_share"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -279,8 +331,8 @@ def table(report: Mapping[str, Any], top: int) -> str:
         worst = next((f for f in comparison["features"] if f["psi"] is not None), None)
         lines.append(f"  {comparison['relation']}: version {comparison['version']} vs "
                      f"{comparison['other_version']}"
-                     + (f", worst output {worst['name']} PSI {_num(worst['psi'])}"
-                        if worst else ", not enough live outputs yet"))
+                     + (f", worst output {worst['name']} PSI {_num(worst['psi'])} "
+                        f"({_band(worst)})" if worst else ", not enough live outputs yet"))
     for where, problem in report.get("problems", {}).items():
         lines.append(f"  problem: {where}: {problem}")
     return "\n".join(lines) + "\n\n"

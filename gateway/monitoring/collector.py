@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 
 from gateway.monitoring.monitor import Monitor
 from gateway.monitoring.report import METHODS, Models, ShadowFigures, version_report
+from gateway.monitoring.verdict import BANDS
 from gateway.monitoring.windows import DEFAULT_WINDOW
 
 NAMESPACE = "modelgate"
@@ -41,13 +42,18 @@ class DriftCollector(Collector):
             labels=["model", "version", "method"])
         scored = GaugeMetricFamily(
             f"{NAMESPACE}_drift_features",
-            "a version's features: all, and those with a reference and enough live values",
+            "a version's features: all, scored (a reference and enough live values), and "
+            "those in each band (ok, watch, act, insufficient; docs/monitoring.md: verdicts)",
             labels=["model", "version", "status"])
         compared = GaugeMetricFamily(
             f"{NAMESPACE}_drift_comparison",
             "highest drift score over the output features of a version against a related "
             "version's live outputs (canary vs stable, shadow vs primary, weighted split)",
             labels=["model", "version", "other_version", "relation", "method"])
+        compared_bands = GaugeMetricFamily(
+            f"{NAMESPACE}_drift_comparison_features",
+            "output features of a version compared with a related version's, by band",
+            labels=["model", "version", "other_version", "relation", "status"])
         samples = CounterMetricFamily(
             f"{NAMESPACE}_drift_samples", "inferences handed to the drift monitor",
             labels=["model", "version"])
@@ -56,8 +62,12 @@ class DriftCollector(Collector):
             "inferences due for sampling but dropped (queue_full: the worker's queue was "
             "full; rate_cap: over monitoring_max_rows_per_s)",
             labels=["model", "version", "reason"])
+        if self._models is not None:
+            self._monitor.sync(self._models())
         for gate in self._monitor.gates():
-            if not gate.enabled:
+            state = self._monitor.state(gate.version.id.name, gate.version.id.version)
+            # A replaced version's counters end with it; its successor's start again.
+            if not gate.enabled or (state is not None and state.served is not gate.version):
                 continue
             labels = [gate.version.id.name, str(gate.version.id.version)]
             samples.add_metric(labels, float(gate.taken))
@@ -72,6 +82,8 @@ class DriftCollector(Collector):
             summary = report["summary"]
             scored.add_metric([*labels, "all"], float(summary["features"]))
             scored.add_metric([*labels, "scored"], float(summary["scored"]))
+            for band, count in summary["bands"].items():
+                scored.add_metric([*labels, band], float(count))
             for method in METHODS:
                 if summary[f"{method}_max"] is not None:
                     high.add_metric([*labels, method], summary[f"{method}_max"])
@@ -83,11 +95,13 @@ class DriftCollector(Collector):
             for comparison in report["comparisons"]:
                 if comparison["version"] != state.number:
                     continue
+                pair = [*labels, str(comparison["other_version"]), comparison["relation"]]
+                for band in BANDS:
+                    compared_bands.add_metric([*pair, band], float(sum(
+                        1 for f in comparison["features"] if f.get("band") == band)))
                 for method in METHODS:
                     values = [f[method] for f in comparison["features"]
                               if f[method] is not None]
                     if values:
-                        compared.add_metric(
-                            [*labels, str(comparison["other_version"]),
-                             comparison["relation"], method], max(values))
-        yield from (drift, high, mean, scored, compared, samples, dropped)
+                        compared.add_metric([*pair, method], max(values))
+        yield from (drift, high, mean, scored, compared, compared_bands, samples, dropped)

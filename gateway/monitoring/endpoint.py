@@ -15,32 +15,47 @@ from gateway.monitoring.divergence import scores
 from gateway.monitoring.monitor import Monitor
 from gateway.monitoring.report import (
     METHODS,
-    MIN_VALUES,
     Entry,
     Models,
     ShadowFigures,
     UnknownWindow,
+    banded,
     categorical_live,
+    compared_counts,
     numeric_live,
     score,
     summary,
     version_report,
     worst_first,
 )
-from gateway.monitoring.windows import DEFAULT_WINDOW
+from gateway.monitoring.verdict import MIN_VALUES
+from gateway.monitoring.windows import DEFAULT_WINDOW, WINDOWS
 
-_PATH: Final = re.compile(r"/v2/models/([^/]{1,256})(?:/versions/([0-9]{1,18}))?/drift")
+_PATH: Final = re.compile(r"/v2/models/([^/]{1,256})(?:/versions/([^/]{1,256}))?/drift")
+_NUMBER: Final = re.compile(r"[0-9]{1,18}")
 JSON_TYPE: Final = "application/json"
 
 Answer = tuple[int, dict[str, Any]]
 
 
-def drift_path(path: str) -> tuple[str, int | None] | None:
-    """(model, version or None) when ``path`` (without the query) is a drift path."""
+def drift_path(path: str) -> tuple[str, str | None] | None:
+    """(model, version as written or None) when ``path`` (without the query) is a drift
+    path; the version may be anything, so that a label gets a clear 400, not a 404."""
     match = _PATH.fullmatch(path)
     if match is None:
         return None
-    return unquote(match.group(1)), (int(match.group(2)) if match.group(2) else None)
+    return unquote(match.group(1)), (unquote(match.group(2)) if match.group(2) else None)
+
+
+def version_number(text: str) -> int:
+    """A drift path's version: a number (labels are for routing requests, not reports)."""
+    if _NUMBER.fullmatch(text) is None:
+        raise UnknownVersion(f"a drift report names its version by number, got '{text}'")
+    return int(text)
+
+
+class UnknownVersion(ValueError):
+    """A drift path's version that is not a number."""
 
 
 def window_of(query: str) -> str:
@@ -62,13 +77,27 @@ class DriftEndpoint:
         target = drift_path(path)
         if target is None:
             return None
-        model, number = target
+        model, version = target
+        try:
+            number = version_number(version) if version is not None else None
+        except UnknownVersion as exc:
+            return 400, {"error": str(exc)}
         return self.report(model, number, window_of(query))
 
     def report(self, model: str, number: int | None, window: str,
                visible: Container[int] | None = None) -> Answer:
         """The report of one version, or of every monitored version of ``model`` (those in
-        ``visible`` when given: a tenant's view, as the REST port answers it)."""
+        ``visible`` when given: a tenant's view, as the REST port answers it). A ready
+        version of a monitored model has one from the start (0 samples); 404 says why
+        there is none: monitoring off, the model unknown or excluded, the version unknown
+        or not ready."""
+        if window not in WINDOWS:
+            return 400, {"error": f"window must be one of {', '.join(WINDOWS)}, got '{window}'"}
+        if not self._monitor.config.enabled:
+            return 404, {"error": "drift monitoring is off (setting 'monitoring')"}
+        refused = self._unmonitored(model, number)
+        if refused is not None:
+            return 404, {"error": refused}
         numbers = ([number] if number is not None else
                    [s.number for s in self._monitor.states() if s.model == model
                     and (visible is None or s.number in visible)])
@@ -78,15 +107,37 @@ class DriftEndpoint:
                 shadow=self._shadow)) is not None]
         except UnknownWindow as exc:
             return 400, {"error": str(exc)}
-        if not self._monitor.config.enabled:
-            return 404, {"error": "drift monitoring is off (setting 'monitoring')"}
         if not reports:
             what = f"model '{model}'" + (f" version {number}" if number is not None else "")
-            return 404, {"error": f"no drift statistics for {what}: unknown, not monitored, "
-                                  "or no inference sampled yet"}
+            return 404, {"error": f"no drift statistics for {what}: no version of it is "
+                                  "ready or sampled yet"}
         if number is not None:
             return 200, reports[0]
         return 200, {"model": model, "versions": reports}
+
+    def _unmonitored(self, model: str, number: int | None) -> str | None:
+        """Why ``model`` (version ``number``) has no report, or None; tracks its ready
+        versions so that they have one. Without the served models (a bare monitor),
+        only the statistics decide."""
+        if self._models is None:
+            return None
+        served = next((m for m in self._models() if m.name == model), None)
+        if served is None:
+            return f"unknown model '{model}'"
+        if not self._monitor.monitored(model):
+            return (f"model '{model}' is not monitored: the setting 'monitoring_exclude' "
+                    "names it")
+        self._monitor.sync([served])
+        if number is None:
+            return None
+        version = served.versions.get(number)
+        if version is None:
+            return f"model '{model}' has no version {number}"
+        if self._monitor.state(model, number) is None:
+            why = f": {version.reason}" if version.reason else ""
+            return (f"model '{model}' version {number} is not monitored while it is "
+                    f"{version.state.name.lower()}{why}")
+        return None
 
 
 def encode(body: dict[str, Any]) -> bytes:
@@ -137,7 +188,7 @@ def merge_reports(reports: Sequence[Entry]) -> Entry:
                 features[key] = {**entry, "live": dict(entry["live"])}
             elif _same(features[key], entry):
                 features[key]["live"] = _add_live(features[key], entry)
-    merged = worst_first([score(e) for e in features.values()])
+    merged = worst_first(banded([score(e) for e in features.values()]))
     samples = {k: sum(r["samples"][k] for r in reports) for k in first["samples"]}
     window = dict(first["window"])
     window["rows"] = sum(r["window"]["rows"] for r in reports)
@@ -193,5 +244,6 @@ def _merge_comparisons(groups: Iterable[list[Entry]]) -> list[Entry]:
             enough = min(sum(feature["counts"]), sum(feature["other_counts"])) >= MIN_VALUES
             feature.update(scores(feature["other_counts"], feature["counts"]) if enough
                            else {m: None for m in METHODS})
-        comparison["features"] = worst_first(comparison["features"])
+        comparison["features"] = worst_first(banded(comparison["features"],
+                                                    counts=compared_counts))
     return list(merged.values())

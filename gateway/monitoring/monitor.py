@@ -9,13 +9,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
 
-from gateway.models.served import ServedVersion
+from gateway.models.served import ServedModel, ServedVersion, VersionState
 from gateway.monitoring.accumulator import ShapeMismatch, TensorTracker
 from gateway.monitoring.profile import PROFILE_FILE, Profile, ProfileError, Role, load
 from gateway.monitoring.reference import bins_for
@@ -82,14 +82,15 @@ class Reference:
     source: str
     reason: str = ""
     rows: int = 0
+    built_from: str = ""  # what the profile says it was built from
 
 
 @dataclass(slots=True)
 class VersionStats:
-    """One version's monitoring state, guarded by the monitor's lock."""
+    """One version's monitoring state, guarded by the monitor's lock; made at its first
+    sample or when a report asks for it, whichever comes first."""
 
     served: ServedVersion
-    gate: Gate
     profile: Profile | None
     reference: Reference
     trackers: dict[tuple[Role, str], TensorTracker] = field(default_factory=dict)
@@ -126,6 +127,9 @@ class Monitor:
         # Guards the statistics: the worker holds it while it folds samples in, readers
         # (JSON, scrapes) while they merge windows.
         self.lock = threading.Lock()
+        # Serialises making a version's state: the worker (a first sample) and readers (a
+        # report before any sample) may both find it missing.
+        self._making = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -174,21 +178,25 @@ class Monitor:
         return True
 
     def _gate(self, version: ServedVersion) -> Gate:
-        enabled = self.config.enabled and version.id.name not in self.config.exclude
-        gate = Gate(version, enabled, self._every, self._rate)
+        gate = Gate(version, self.monitored(version.id.name), self._every, self._rate)
         # A reloaded version (new files, a new profile) is a new ServedVersion with the same
-        # id: its gate takes over the old one's counters, so /metrics shows one monotonic
-        # series per model version, never two with the same labels.
+        # id: its counters start again, as its statistics do, and its gate replaces the old
+        # one, so /metrics never shows two series with the same labels.
         for old in [v for v in self._gates if v.id == version.id]:
-            previous = self._gates.pop(old)
-            gate.taken = previous.taken
-            gate.dropped_full = previous.dropped_full
-            gate.dropped_rate = previous.dropped_rate
+            del self._gates[old]
         self._gates[version] = gate
         return gate
 
+    def monitored(self, model: str) -> bool:
+        """Whether ``model``'s versions are sampled (monitoring on, the model not excluded)."""
+        return self.config.enabled and model not in self.config.exclude
+
     def gates(self) -> list[Gate]:
         return list(self._gates.values())
+
+    def gate_of(self, served: ServedVersion) -> Gate | None:
+        """The sampling counters of ``served`` (None before its first inference)."""
+        return self._gates.get(served)
 
     # ---- the worker -------------------------------------------------------------------
 
@@ -226,26 +234,38 @@ class Monitor:
                 if done % _DRAIN_MAX == 0:
                     break
             for gate, samples in batch.items():
-                state = self._state(gate)
+                state = self.track(gate.version)
                 with self.lock:
                     self._fold(state, [(s[1], s[2]) for s in samples])
         return done
 
-    def _state(self, gate: Gate) -> VersionStats:
-        served = gate.version
+    def track(self, served: ServedVersion) -> VersionStats:
+        """The state of ``served``, made (its reference read, its windows empty) when the
+        monitor has none for it yet or has one of the version it replaced (a reload)."""
         key = (served.id.name, served.id.version)
         state = self._states.get(key)
         if state is not None and state.served is served:
             return state
-        fresh = self._new_state(gate)
-        with self.lock:
-            self._states[key] = fresh
-        if state is not None:  # the version was reloaded (new files, a new profile)
-            self._gates.pop(state.served, None)
-        return fresh
+        with self._making:
+            state = self._states.get(key)
+            if state is not None and state.served is served:
+                return state
+            fresh = self._new_state(served)
+            with self.lock:
+                self._states[key] = fresh
+            return fresh
 
-    def _new_state(self, gate: Gate) -> VersionStats:
-        served = gate.version
+    def sync(self, models: Iterable[ServedModel]) -> None:
+        """Track each ready version of a monitored model now, before any sample: its
+        report names its reference at once, and a reloaded version's starts again."""
+        for model in models:
+            if not self.monitored(model.name):
+                continue
+            for served in list(model.versions.values()):  # the loop may add versions
+                if served.state is VersionState.READY:
+                    self.track(served)
+
+    def _new_state(self, served: ServedVersion) -> VersionStats:
         profile: Profile | None = None
         reference = Reference("none", "", "no profile.json and no earlier version with live "
                                           "statistics")
@@ -253,13 +273,14 @@ class Monitor:
         if path is not None and path.is_file():
             try:
                 profile = load(path)
-                reference = (Reference("profile", str(path), rows=profile.rows)
+                reference = (Reference("profile", str(path), rows=profile.rows,
+                                       built_from=profile.source)
                              if profile.has_reference else
                              Reference("none", str(path), "profile.json has bins only"))
             except ProfileError as exc:
                 reference = Reference("none", str(path), f"{PROFILE_FILE}: {exc}")
                 log.error("model %s: %s unusable, no reference: %s", served.id, path, exc)
-        state = VersionStats(served, gate, profile, reference)
+        state = VersionStats(served, profile, reference)
         if profile is not None:
             state.trackers = {(t.role, t.name): TensorTracker(t) for t in profile.tensors}
             state.windows = Windows(list(state.trackers.values()), self._clock)

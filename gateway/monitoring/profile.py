@@ -204,9 +204,12 @@ def _tensor(data: Any, where: str) -> TensorProfile:
             categorical.append(_categorical(feature, at))
         else:
             raise ProfileError(f"{at}.type must be 'numeric' or 'categorical'")
+    # A probability tensor's top-1 feature is left out when another output is that class.
     expected = {"numeric": (None, 0 if not probability else 1), "categorical": (0, 1),
                 "bytes": (1, 1)}[kind]
-    if (expected[0] is not None and len(numeric) != expected[0]) or len(categorical) != expected[1]:
+    top1_left_out = probability and not categorical
+    if (expected[0] is not None and len(numeric) != expected[0]) or (
+            len(categorical) != expected[1] and not top1_left_out):
         raise ProfileError(f"{where}: a {kind} tensor{' (probability)' if probability else ''} "
                            f"has {expected[0] if expected[0] is not None else 'any number of'} "
                            f"numeric and {expected[1]} categorical feature(s), got "

@@ -5,7 +5,7 @@ statistics use, so both sides of a drift score are counted the same way."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -79,10 +79,13 @@ def top_categories(values: list[str], limit: int) -> tuple[str, ...]:
 def bins_for(
     name: str, role: Role, array: Tensor, *, layout: Layout | None = None,
     bins: int = DEFAULT_BINS, kind: Kind | None = None, vocabulary: bool = True,
+    columns: Sequence[str] = (), top1: bool = True,
 ) -> TensorProfile:
     """A tensor's features (cuts, categories) from a batched sample of it, without
     reference statistics. ``vocabulary`` False leaves a BYTES tensor's categories empty
-    (bins taken from live traffic must not publish callers' values)."""
+    (bins taken from live traffic must not publish callers' values). ``columns`` names
+    the numeric features (else ``name[i]``); ``top1`` False leaves a probability tensor
+    without its top-1 feature (another output already is that class)."""
     bins = max(2, min(bins, MAX_BINS))
     data = np.asarray(array)
     kind = kind or tensor_kind(data, role)
@@ -106,14 +109,18 @@ def bins_for(
         return TensorProfile(name, role, "categorical", "tensor", (),
                              (CategoricalFeature(name, categories),))
     matrix = feature_matrix(data, layout)
-    names = ([name] if matrix.shape[1] == 1 and (layout == "tensor" or data.ndim <= 1)
-             else [f"{name}[{i}]" for i in range(matrix.shape[1])])
+    if len(columns) == matrix.shape[1]:
+        names = list(columns)
+    elif matrix.shape[1] == 1 and (layout == "tensor" or data.ndim <= 1):
+        names = [name]
+    else:
+        names = [f"{name}[{i}]" for i in range(matrix.shape[1])]
     numeric = tuple(NumericFeature(n, quantile_cuts(matrix[:, i], bins))
                     for i, n in enumerate(names))
     probability = role == "output" and is_probability(data)
-    top1 = ((CategoricalFeature(f"{name}.top1", tuple(str(i) for i in range(data.shape[1]))),)
-            if probability else ())
-    return TensorProfile(name, role, "numeric", layout, numeric, top1, probability)
+    top = ((CategoricalFeature(f"{name}.top1", tuple(str(i) for i in range(data.shape[1]))),)
+           if probability and top1 else ())
+    return TensorProfile(name, role, "numeric", layout, numeric, top, probability)
 
 
 def with_reference(tensor: TensorProfile, stats: TensorStats) -> TensorProfile:
@@ -129,13 +136,33 @@ def with_reference(tensor: TensorProfile, stats: TensorStats) -> TensorProfile:
                          categorical, tensor.probability)
 
 
+def argmax_outputs(outputs: Mapping[str, Tensor]) -> set[str]:
+    """Probability outputs whose top-1 class is, on every row, the value of an integer
+    output (a classifier's label): their ``.top1`` would repeat that output's counts."""
+    labels = [np.asarray(a).reshape(len(a), -1) for a in outputs.values()
+              if np.asarray(a).dtype.kind in "iu" and np.asarray(a).ndim]
+    found: set[str] = set()
+    for name, array in outputs.items():
+        if not is_probability(array):
+            continue
+        top = np.argmax(np.asarray(array), axis=1)
+        if any(label.shape == (len(top), 1) and bool((label[:, 0] == top).all())
+               for label in labels):
+            found.add(name)
+    return found
+
+
 def build_profile(
     inputs: Mapping[str, Tensor], outputs: Mapping[str, Tensor], *,
     layouts: Mapping[str, Layout] | None = None, bins: int = DEFAULT_BINS, source: str = "",
+    names: Mapping[str, Sequence[str]] | None = None,
 ) -> Profile:
     """A complete profile (bins and reference statistics) from reference rows: the model's
-    inputs and, when given, the outputs the model produced for them."""
+    inputs and, when given, the outputs the model produced for them. ``names``: feature
+    names by tensor (a CSV header, an .npz's names, the config's class labels)."""
     layouts = layouts or {}
+    names = names or {}
+    repeated = argmax_outputs(outputs)
     tensors: list[TensorProfile] = []
     rows = 0
     sides: tuple[tuple[Role, Mapping[str, Tensor]], ...] = (("input", inputs),
@@ -144,11 +171,18 @@ def build_profile(
         for name, array in arrays.items():
             shape = np.asarray(array).shape
             rows = max(rows, int(shape[0]) if shape else 1)
-            binned = bins_for(name, role, array, layout=layouts.get(name), bins=bins)
+            binned = bins_for(name, role, array, layout=layouts.get(name), bins=bins,
+                              columns=names.get(name, ()), top1=name not in repeated)
             tracker = TensorTracker(binned)
             stats = tracker.empty()
             tracker.update(stats, array)
             tensors.append(with_reference(binned, stats))
+    for role in ("input", "output"):
+        seen = Counter([f.name for t in tensors if t.role == role for f in t.numeric]
+                       + [f.name for t in tensors if t.role == role for f in t.categorical])
+        twice = sorted(n for n, times in seen.items() if times > 1)
+        if twice:
+            raise ProfileError(f"{role} feature name(s) {', '.join(twice)} given twice")
     return Profile(tuple(tensors), rows, source)
 
 

@@ -12,10 +12,9 @@ from gateway.models.served import ServedModel, VersionState
 from gateway.models.shadow import ShadowStats
 from gateway.monitoring.divergence import scores
 from gateway.monitoring.monitor import Monitor, VersionStats
+from gateway.monitoring.verdict import BANDS, MIN_VALUES, verdict
 from gateway.monitoring.windows import WINDOWS, WindowView
 
-# Scores need at least this many live values of a feature (fewer: reported unscored).
-MIN_VALUES: Final = 20
 METHODS: Final = ("psi", "js", "ks")
 
 Entry = dict[str, Any]
@@ -106,9 +105,32 @@ def score(entry: Entry) -> Entry:
     return entry
 
 
+def banded(entries: list[Entry], reference: str = "reference",
+           counts: Callable[[Entry], tuple[list[float], list[float]]] | None = None,
+           ) -> list[Entry]:
+    """Give every entry its band (verdict.py), the scored ones tested together; an entry
+    without a reference gets none."""
+    def both(entry: Entry) -> tuple[list[float], list[float]]:
+        return list(entry[reference]["counts"]), list(entry["live"]["counts"])
+
+    pick = counts or both
+    tested = sum(1 for e in entries if e.get("psi") is not None)
+    for entry in entries:
+        if counts is None and not (entry.get(reference) or {}).get("count"):
+            entry.update(band=None, bound=None, needed=None)
+            continue
+        ref, live = pick(entry)
+        found = verdict(entry.get("psi"), ref, live, tested)
+        entry.update(band=found.band, bound=found.bound, needed=found.needed)
+    return entries
+
+
 def summary(entries: Iterable[Entry]) -> Entry:
+    entries = list(entries)
     scored = [e for e in entries if e.get("psi") is not None]
-    result: Entry = {"features": 0, "scored": len(scored), "worst": None}
+    result: Entry = {"features": 0, "scored": len(scored), "worst": None,
+                     "bands": {band: sum(1 for e in entries if e.get("band") == band)
+                               for band in BANDS}}
     for method in METHODS:
         values = [float(e[method]) for e in scored]
         result[f"{method}_max"] = max(values) if values else None
@@ -118,8 +140,13 @@ def summary(entries: Iterable[Entry]) -> Entry:
     return result
 
 
+_SEVERITY: Final = {"act": 0, "watch": 1}
+
+
 def worst_first(entries: list[Entry]) -> list[Entry]:
-    return sorted(entries, key=lambda e: (e.get("psi") is None, -(e.get("psi") or 0.0)))
+    """act, then watch, then the rest; within each, highest PSI first, unscored last."""
+    return sorted(entries, key=lambda e: (_SEVERITY.get(e.get("band") or "", 2),
+                                          e.get("psi") is None, -(e.get("psi") or 0.0)))
 
 
 def version_report(monitor: Monitor, model: str, number: int, window: str, *,
@@ -153,16 +180,18 @@ def version_report(monitor: Monitor, model: str, number: int, window: str, *,
     else:
         for entry in entries:
             entry["reference"] = None
-    entries = worst_first([score(e) for e in entries])
-    gate = state.gate
+    entries = worst_first(banded([score(e) for e in entries]))
+    gate = monitor.gate_of(state.served)
     report: Entry = {
         "model": model, "version": number,
         "window": {"name": window, "start": view.start if view else None,
                    "end": view.end if view else None, "rows": view.rows if view else 0},
         "reference": {"kind": reference.kind, "source": reference.source,
-                      "reason": reference.reason or None, "rows": reference.rows},
-        "samples": {"taken": gate.taken, "dropped_queue_full": gate.dropped_full,
-                    "dropped_rate_cap": gate.dropped_rate,
+                      "reason": reference.reason or None, "rows": reference.rows,
+                      "built_from": reference.built_from or None},
+        "samples": {"taken": gate.taken if gate else 0,
+                    "dropped_queue_full": gate.dropped_full if gate else 0,
+                    "dropped_rate_cap": gate.dropped_rate if gate else 0,
                     "collecting_bins": state.pending_rows if view is None else 0},
         "summary": {**summary(entries), "features": len(entries)},
         "problems": dict(state.problems),
@@ -245,7 +274,12 @@ def _output_scores(monitor: Monitor, model: str, mine: int, theirs: int,
         enough = min(sum(counts[0]), sum(counts[1])) >= MIN_VALUES
         item.update(scores(counts[1], counts[0]) if enough else {m: None for m in METHODS})
         result.append(item)
-    return worst_first(result)
+    return worst_first(banded(result, counts=compared_counts))
+
+
+def compared_counts(entry: Entry) -> tuple[list[float], list[float]]:
+    """A comparison's two sides: the other version's live counts play the reference."""
+    return list(entry["other_counts"]), list(entry["counts"])
 
 
 def _aligned(a: Entry, b: Entry) -> tuple[list[float], list[float]] | None:

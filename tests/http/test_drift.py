@@ -24,20 +24,22 @@ ROWS = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
 @pytest.fixture(scope="module")
 def drift_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningGateway,
                                                                                 dict[str, str]]]:
-    """``add`` (versions 1 and 2) and ``other``; tenant ``seer`` sees ``add``, tenant
-    ``outsider`` only ``other``; every inference is sampled."""
+    """``add`` (versions 1 and 2), ``fresh`` (never asked), ``quiet`` (not monitored) and
+    ``other``; tenant ``seer`` sees all but ``other``, tenant ``outsider`` only ``other``;
+    every inference is sampled."""
     root = tmp_path_factory.mktemp("drift-store")
     models.write_model(root, "add", 1, models.add_constant(1.0), models.add_model_config(
         "add", extra="version_policy: { all { } }\n"))
     models.write_model(root, "add", 2, models.add_constant(10.0), None)
-    models.write_model(root, "other", 1, models.add_constant(1.0),
-                       models.add_model_config("other"))
+    for name in ("other", "fresh", "quiet"):
+        models.write_model(root, name, 1, models.add_constant(1.0),
+                           models.add_model_config(name))
     tenants = tmp_path_factory.mktemp("drift-tenants") / "tenants.toml"
-    assert admin(tenants, "create", "seer", "--models", "add")[0] == 0
+    assert admin(tenants, "create", "seer", "--models", "add", "fresh", "quiet")[0] == 0
     assert admin(tenants, "create", "outsider", "--models", "other")[0] == 0
     keys = {"seer": issue(tenants, "seer"), "outsider": issue(tenants, "outsider")}
     with running_gateway(root, http_port=0, tenants=tenants, monitoring_sample_every=1,
-                         monitoring_max_rows_per_s=0) as gateway:
+                         monitoring_max_rows_per_s=0, monitoring_exclude=("quiet",)) as gateway:
         yield gateway, keys
 
 
@@ -106,3 +108,22 @@ def test_bad_drift_requests_get_clear_answers(
     post = rest(gateway.gateway.rest_port, "POST", "/v2/models/add/drift", {},
                 {"x-api-key": seer})
     assert post.status == 405 and post.headers["allow"] == "GET"
+    unknown = get(gateway, "/v2/models/nothing/versions/1/drift", seer)
+    assert unknown.status == 404 and "'nothing'" in unknown.json()["error"]
+    quiet = get(gateway, "/v2/models/quiet/versions/1/drift", seer)
+    assert quiet.status == 404
+    assert "not monitored" in quiet.json()["error"] and "monitoring_exclude" in quiet.json()[
+        "error"]
+
+
+def test_a_monitored_version_before_its_first_sample_has_a_report_with_0_samples(
+    drift_gateway: tuple[RunningGateway, dict[str, str]],
+) -> None:
+    gateway, keys = drift_gateway
+    answer = get(gateway, "/v2/models/fresh/versions/1/drift", keys["seer"])
+    assert answer.status == 200, answer.body
+    report = answer.json()
+    assert report["samples"]["taken"] == 0 and report["window"]["rows"] == 0
+    # No profile.json and no earlier version: the report says so, by name.
+    assert report["reference"]["kind"] == "none"
+    assert "no profile.json" in report["reference"]["reason"]
