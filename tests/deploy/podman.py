@@ -59,3 +59,17 @@ def build_image(extra: Sequence[str] = ()) -> str:
         timeout=1500,
     )
     return result.stdout
+
+
+SERVICES_IMAGE = "localhost/modelgate-test-services:bookworm"
+
+
+def build_services() -> None:
+    """Debian's redis-server and nginx on the local base (services.Containerfile), the
+    Compose core's stand-ins for the Redis and Envoy images; kept once built."""
+    build_base()
+    if podman("image", "exists", SERVICES_IMAGE, check=False).returncode == 0:
+        return
+    podman("build", "--network", "host", "--build-arg", f"BASE={BASE_IMAGE}",
+           "-f", str(HERE / "services.Containerfile"), "-t", SERVICES_IMAGE, str(HERE),
+           timeout=1200)

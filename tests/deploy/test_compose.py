@@ -4,21 +4,26 @@ mounted as the stack mounts them, pass `modelgate serve --check-config` in the i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tritonclient.grpc as tc
 import yaml
 
 from tests.deploy import podman as pm
+from tests.deploy.test_container import infer_iris
 from tests.deploy.test_observability import dashboard_queries
-from tests.gateway.test_tenants import admin
+from tests.gateway.test_tenants import admin, issue
 from tests.support.certs import CertificateAuthority
-from tests.support.gateway import REPO_ROOT
+from tests.support.gateway import REPO_ROOT, free_port
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
@@ -162,3 +167,104 @@ def test_envoy_checks_each_gateways_certificate_name() -> None:
                  for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]}
         assert names == {("DNS", host) for host in hosts}, cluster["name"]
         assert context["validation_context"]["trusted_ca"] == {"filename": "/etc/envoy/ca.crt"}
+
+
+CORE = Path(__file__).resolve().parent / "compose.core.yaml"
+CORE_SERVICES = ("redis", "gateway-1", "gateway-2", "envoy")
+DAILY = 10  # the tenant's requests per day: exact whichever gateway serves a call
+NGINX = """worker_processes 1;
+pid /tmp/nginx.pid;
+error_log stderr warn;
+events {{}}
+http {{
+  access_log off;
+  # No upstream keepalive: each call opens its own upstream stream, balanced round robin.
+  upstream gateways {{ server 127.0.0.1:{one}; server 127.0.0.1:{two}; }}
+  server {{
+    listen 127.0.0.1:{port} http2;
+    location / {{ grpc_pass grpc://gateways; }}
+  }}
+}}
+"""
+
+
+def compose(project: str, env: dict[str, str], *args: str,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    executable = shutil.which("podman-compose", path=str(Path(sys.executable).parent))
+    assert executable is not None, "podman-compose is not installed (a test extra)"
+    return subprocess.run(
+        [executable, "-p", project, "-f", str(COMPOSE / "compose.yaml"), "-f", str(CORE), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=COMPOSE, check=False,
+        env={**pm.environment(), **env})
+
+
+def test_two_gateways_behind_the_balancer_share_a_tenants_quota_through_redis(
+    image: str, tmp_path: Path
+) -> None:
+    pm.build_services()
+    tenants = tmp_path / "tenants.toml"
+    assert admin(tenants, "create", "acme", "--requests-per-day", str(DAILY))[0] == 0
+    key = issue(tenants, "acme")
+    os.chown(tenants, UID, -1)  # the docs' chown step
+    os.chmod(tmp_path, 0o755)
+    ports = {name: free_port() for name in (
+        "CORE_REDIS_PORT", "CORE_GRPC_1", "CORE_HTTP_1", "CORE_METRICS_1", "CORE_GRPC_2",
+        "CORE_HTTP_2", "CORE_METRICS_2", "LB")}
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX.format(one=ports["CORE_GRPC_1"], two=ports["CORE_GRPC_2"],
+                                 port=ports["LB"]))
+    env = {**{k: str(v) for k, v in ports.items()}, "CORE_TENANTS": str(tenants),
+           "CORE_NGINX_CONF": str(conf)}
+    # The override changes the gateways' command only where the host network needs it.
+    stack = compose_config("compose.yaml")["services"]["gateway-1"]["command"]
+    core = yaml.safe_load(compose(f"core-config-{os.getpid()}", env, "config").stdout)
+    kept = [a for a in stack if not a.startswith(("--triton", "--otlp", "--redis-url"))]
+    assert [a for a in core["services"]["gateway-1"]["command"]
+            if not a.startswith("--redis-url")] == kept
+    project = f"modelgate-core-{os.getpid()}"
+    try:
+        up = compose(project, env, "up", "-d", "--no-build", "--no-deps", *CORE_SERVICES)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        for metrics in (ports["CORE_METRICS_1"], ports["CORE_METRICS_2"]):
+            wait_until(lambda m=metrics: ready(m), f"the gateway on metrics port {metrics}",
+                       timeout=300, interval=0.5)
+        outcomes = []
+        with tc.InferenceServerClient(f"127.0.0.1:{ports['LB']}") as client:
+            for _ in range(3 * DAILY):
+                try:
+                    infer_iris(client, {"x-api-key": key})
+                    outcomes.append("OK")
+                except tc.InferenceServerException as exc:
+                    outcomes.append(str(exc.status()))
+        assert outcomes.count("OK") == DAILY, outcomes
+        assert set(outcomes) == {"OK", "StatusCode.RESOURCE_EXHAUSTED"}, outcomes
+        # Each gateway served some of the calls, and their access logs add up to the client's.
+        served = {name: access_codes(project, name) for name in ("gateway-1", "gateway-2")}
+        assert all(codes.get("OK", 0) > 0 for codes in served.values()), served
+        assert sum(codes.get("OK", 0) for codes in served.values()) == DAILY, served
+        assert sum(sum(codes.values()) for codes in served.values()) == 3 * DAILY, served
+    finally:
+        compose(project, env, "down", "-t", "5", timeout=300)
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+def access_codes(project: str, service: str) -> dict[str, int]:
+    """gRPC ModelInfer codes in one service's JSON access log (its container's stdout)."""
+    listed = pm.podman("ps", "-a", "--filter", f"label=io.podman.compose.project={project}",
+                       "--filter", f"label=com.docker.compose.service={service}",
+                       "--format", "{{.Names}}").stdout.split()
+    assert len(listed) == 1, listed
+    codes: dict[str, int] = {}
+    for line in pm.podman("logs", listed[0]).stdout.splitlines():
+        if line.startswith("{"):
+            entry = json.loads(line)
+            if entry["method"].endswith("ModelInfer"):
+                codes[entry["code"]] = codes.get(entry["code"], 0) + 1
+    return codes
