@@ -78,6 +78,9 @@ class H2loadRun:
     latencies_s: list[float] = field(default_factory=list)  # of HTTP 200 answers
     http_errors: Counter[str] = field(default_factory=Counter)  # other statuses
     command: list[str] = field(default_factory=list)  # what ran (temporary file paths)
+    # When each logged request ended (any status), in seconds since the epoch: what counts
+    # the answers of a window inside the run.
+    ended_s: list[float] = field(default_factory=list)
 
 
 _FINISHED = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
@@ -105,6 +108,7 @@ def read_log(run: H2loadRun, log: str) -> H2loadRun:
         if len(parts) < 3:
             continue
         status, micros = parts[1], int(parts[2])
+        run.ended_s.append((int(parts[0]) + micros) / 1e6)
         if status == "200":
             run.latencies_s.append(micros / 1e6)
         else:

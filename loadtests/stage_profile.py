@@ -1,0 +1,209 @@
+"""Where a serving process's event-loop thread spends its time, by sampling: py-spy's native
+stacks of the loop thread, each sample put in one bucket (a stage of the request path, the
+native transport under no frame of ours, or idle).
+
+A sample's bucket is decided by its innermost frame of our own code (gateway/, runtimes/,
+model_store/, loadtests/): the stage that called whatever runs at the leaf, native calls
+included. A sample without such a frame is the transport's and the loop's own work (grpc's
+Cython layer and core, uvloop and libuv, the interpreter). A sample whose innermost named
+native frame is a wait (epoll, a condition variable, a sleep) is idle."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EDGE, DECODE, PIPELINE, BATCHER = "edge", "decode", "pipeline", "batcher"
+HANDOFF, MODEL, OBSERVERS, ENCODE = "runtime hand-off", "model on the loop", "observers", "encode"
+GC, OTHER_OURS = "garbage collection", "other (ours)"
+GRPC, UVLOOP, NATIVE_OTHER = "grpc (Cython, core)", "uvloop, libuv", "interpreter, other native"
+IDLE = "idle"
+# The stages of docs/architecture.md's request path, in its order, then the rest.
+OURS = (EDGE, DECODE, PIPELINE, BATCHER, HANDOFF, MODEL, OBSERVERS, ENCODE, GC, OTHER_OURS)
+TRANSPORT = (GRPC, UVLOOP, NATIVE_OTHER)
+BUCKETS = (*OURS, *TRANSPORT)
+
+# (file prefix, function pattern or None for any, stage): the first match of a sample's
+# innermost frame of ours decides. Files are as py-spy shortens them (package-relative).
+RULES: tuple[tuple[str, str | None, str], ...] = (
+    ("gateway/wire/edge.py", r"deserialize|_check_decoded", DECODE),
+    ("gateway/wire/edge.py", r"serialize", ENCODE),
+    ("gateway/wire/codec.py", r"encode|varint|_length_delimited|_meta|ResponseEncoder|\bof\b",
+     ENCODE),
+    ("gateway/wire/codec.py", None, DECODE),
+    ("gateway/wire/conversion.py", r"encode|_fill_contents|wants_typed", ENCODE),
+    ("gateway/wire/conversion.py", None, DECODE),
+    ("gateway/wire/rpc_observer.py", None, OBSERVERS),
+    ("gateway/wire/stream_observer.py", None, OBSERVERS),
+    ("gateway/wire/", None, EDGE),
+    ("gateway/http/infer_body.py", None, DECODE),
+    ("gateway/http/header_plans.py", None, DECODE),
+    ("gateway/http/json_tensors.py", r"encode|respon|output", ENCODE),
+    ("gateway/http/json_tensors.py", None, DECODE),
+    ("gateway/http/", None, EDGE),
+    ("gateway/tenancy/", None, EDGE),
+    ("gateway/pipeline/limits.py", None, EDGE),
+    ("gateway/observability/", None, OBSERVERS),
+    ("gateway/batching/", None, BATCHER),
+    ("runtimes/", None, HANDOFF),
+    ("gateway/process/", None, OTHER_OURS),
+    ("gateway/", None, PIPELINE),  # pipeline, models, quota, request, monitoring hooks
+    ("model_store/", None, PIPELINE),
+    ("loadtests/", None, OTHER_OURS),  # the no-op server's handler
+)
+# The loop thread runs everything under this module's run: it and the frames above it
+# (the command's main, the no-op server's supervisor) are no stage.
+LOOP_RUNNER = "gateway/process/event_loop.py"
+OUR_PACKAGES = ("gateway/", "runtimes/", "model_store/", "loadtests/")
+WAITS = frozenset({
+    "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect",
+    "pthread_cond_wait", "pthread_cond_timedwait", "pthread_cond_clockwait", "sem_wait",
+    "sem_timedwait", "sem_clockwait", "clock_nanosleep", "nanosleep", "do_futex_wait",
+    "__futex_abstimed_wait_common", "futex_wait",
+})
+_FRAME = re.compile(r"^(.*) \(([^()]*)\)$")
+_COMPILED = tuple((prefix, re.compile(p) if p else None, stage) for prefix, p, stage in RULES)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    function: str
+    location: str  # "file:line", "file" or a shared library's name
+
+    @property
+    def file(self) -> str:
+        head, _, line = self.location.rpartition(":")
+        return head if head and line.isdigit() else self.location
+
+
+def parse_frame(text: str) -> Frame:
+    found = _FRAME.match(text)
+    return Frame(found.group(1), found.group(2)) if found else Frame(text, "")
+
+
+def is_ours(frame: Frame) -> bool:
+    return frame.file.startswith(OUR_PACKAGES)
+
+
+def below_loop(frames: list[Frame]) -> list[Frame]:
+    """The frames the loop called: those after the innermost one of the loop's runner."""
+    for index in range(len(frames) - 1, -1, -1):
+        if frames[index].file == LOOP_RUNNER:
+            return frames[index + 1:]
+    return frames
+
+
+def stage_of(frame: Frame) -> str:
+    """The stage of one frame of ours (OTHER_OURS if no rule names its file)."""
+    for prefix, pattern, stage in _COMPILED:
+        if frame.file.startswith(prefix) and (pattern is None or pattern.search(frame.function)):
+            return stage
+    return OTHER_OURS
+
+
+def bucket_of(frames: list[Frame]) -> str:
+    """The bucket of one sample's stack (root first)."""
+    frames = below_loop(frames)
+    named = [f for f in frames if not f.function.startswith("0x")]
+    if named and named[-1].function in WAITS:
+        return IDLE
+    if any(f.function == "gc_collect_main" for f in frames):
+        return GC
+    if any(f.file.startswith("onnxruntime/") for f in frames):
+        return MODEL
+    for frame in reversed(frames):
+        if is_ours(frame):
+            return stage_of(frame)
+    for frame in reversed(frames):
+        if "cygrpc" in frame.location or frame.function.startswith(("grpc_", "gpr_")):
+            return GRPC
+        if frame.file == "loop.c" or frame.function.startswith("uv_"):
+            return UVLOOP
+    return NATIVE_OTHER
+
+
+@dataclass
+class LoopProfile:
+    """The loop thread's samples by bucket (idle included), the sample count of every
+    thread, Python's names of the threads, and what py-spy reported."""
+
+    buckets: Counter[str] = field(default_factory=Counter)
+    thread_names: dict[int, str] = field(default_factory=dict)
+    errors: int = 0
+    # The loop thread's hottest stacks of ours: (innermost frames, samples), for a report.
+    functions: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.buckets.values())
+
+    def share(self, bucket: str) -> float:
+        """The fraction of the loop thread's samples (of its wall time) in ``bucket``."""
+        return self.buckets[bucket] / self.samples if self.samples else 0.0
+
+
+_LINE = re.compile(r"^thread \((\d+)\): ([^;]*);?(.*) (\d+)$")
+_ERRORS = re.compile(r"Errors: (\d+)")
+
+
+def parse_raw(text: str, loop_tid: int) -> LoopProfile:
+    """py-spy's ``--format raw --threads`` output (one ``stack count`` line per distinct
+    stack) reduced to the loop thread's buckets."""
+    profile = LoopProfile()
+    for line in text.splitlines():
+        found = _LINE.match(line.strip())
+        if found is None:
+            continue
+        tid, name, stack, count = found.groups()
+        profile.thread_names[int(tid)] = name
+        if int(tid) != loop_tid:
+            continue
+        frames = [parse_frame(part) for part in stack.split(";") if part]
+        bucket = bucket_of(frames)
+        profile.buckets[bucket] += int(count)
+        ours = [f for f in below_loop(frames) if is_ours(f)]
+        if bucket in OURS and ours:
+            profile.functions[f"{ours[-1].function} ({ours[-1].file})"] += int(count)
+    return profile
+
+
+def py_spy() -> str | None:
+    """The py-spy executable: beside this interpreter (the test extras install it), or on
+    PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def record(pid: int, loop_tid: int, seconds: float, rate: int) -> LoopProfile:
+    """Samples ``pid``'s threads (native frames, idle ones included) ``rate`` times a second
+    for ``seconds``; needs ptrace rights over ``pid`` (root, or the same user with
+    ptrace_scope 0)."""
+    executable = py_spy()
+    if executable is None:
+        raise RuntimeError("py-spy not found (pip install -e '.[test]' installs it)")
+    if not 0 < seconds <= 120 or not 0 < rate <= 1000:
+        raise ValueError("py-spy records for (0, 120] seconds at (0, 1000] samples/s")
+    with tempfile.TemporaryDirectory(prefix="modelgate-py-spy-") as folder:
+        output = Path(folder) / "raw.txt"
+        done = subprocess.run(
+            [executable, "record", "--pid", str(pid), "--format", "raw", "--threads",
+             "--idle", "--native", "--duration", str(max(1, round(seconds))), "--rate",
+             str(rate), "--output", str(output)],
+            capture_output=True, text=True, check=False, timeout=seconds + 60,
+        )
+        if done.returncode != 0 or not output.exists():
+            raise RuntimeError(f"py-spy failed ({done.returncode}): {done.stderr[-2000:]}")
+        raw = output.read_text()
+    out, err = done.stdout, done.stderr
+    profile = parse_raw(raw, loop_tid)
+    errors = _ERRORS.search(out + err)
+    profile.errors = int(errors.group(1)) if errors else 0
+    if profile.samples == 0:
+        raise RuntimeError(f"py-spy recorded no sample of thread {loop_tid}: {err[-2000:]}")
+    return profile
