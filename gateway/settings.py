@@ -56,8 +56,10 @@ class Settings:
         default=64 * 1024 * 1024, metadata={"help": "largest gRPC message received or sent"}
     )
     max_inflight_requests: int = field(
-        default=256, metadata={"help": "ModelInfer RPCs served at once; more are answered "
-                               "RESOURCE_EXHAUSTED at once (0: unlimited)"}
+        default=256, metadata={"help": "inference requests served at once (ModelInfer, REST "
+                               "infer, each ModelStreamInfer message; an open stream holds "
+                               "none); more are answered RESOURCE_EXHAUSTED at once "
+                               "(0: unlimited)"}
     )
     max_concurrent_streams: int = field(
         default=64, metadata={"help": "RPCs (HTTP/2 streams) open at once on one client "
@@ -70,8 +72,22 @@ class Settings:
                                "(HTTP/2 flow control pushes back on the client)"}
     )
     max_connections: int = field(
-        default=0, metadata={"help": "client connections held at once; further ones are "
-                             "closed as they are accepted (0: unlimited)"}
+        default=1000, metadata={"help": "client connections held at once, per port (gRPC and "
+                                "REST); further ones are closed as they are accepted "
+                                "(0: unlimited)"}
+    )
+    http_body_budget_bytes: int = field(
+        default=256 * 1024 * 1024, metadata={
+            "help": "REST request body bytes all connections may hold at once; a body that "
+                    "would pass it is refused 503 with Retry-After (0: unlimited)"}
+    )
+    max_open_streams: int = field(
+        default=1024, metadata={"help": "ModelStreamInfer streams open at once in a serving "
+                                "process; more are refused RESOURCE_EXHAUSTED (0: unlimited)"}
+    )
+    stream_idle_s: float = field(
+        default=300.0, metadata={"help": "seconds a ModelStreamInfer stream may stay open with "
+                                 "no message in flight; then it ends UNAVAILABLE (0: never)"}
     )
     device: str = field(default="auto", metadata={"help": "onnxruntime device: auto|cpu|cuda"})
     intra_op_threads: int = field(
@@ -213,6 +229,12 @@ _CHECKS: Final[Mapping[str, Callable[[Any], str | None]]] = {
     "must lie in 0..1000000 (0: unlimited)",
     "max_connections": lambda n: None if 0 <= n <= 1_000_000 else
     "must lie in 0..1000000 (0: unlimited)",
+    "http_body_budget_bytes": lambda n: None if n == 0 or 1024 <= n <= 2**40 else
+    "must be 0 (unlimited) or lie in 1024..1099511627776",
+    "max_open_streams": lambda n: None if 0 <= n <= 1_000_000 else
+    "must lie in 0..1000000 (0: unlimited)",
+    "stream_idle_s": lambda s: None if s == 0 or 0.1 <= s <= 86400 else
+    "must be 0 (never) or lie in 0.1..86400",
     "device": lambda d: None if d in ("auto", "cpu", "cuda") else "must be auto, cpu or cuda",
     "intra_op_threads": lambda n: None if 0 <= n <= 256 else "must lie in 0..256",
     "inter_op_threads": lambda n: None if 0 <= n <= 256 else "must lie in 0..256",

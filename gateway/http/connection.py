@@ -1,7 +1,9 @@
 """One client connection of the REST port: an asyncio protocol around the httptools parser.
-It bounds what a client may make the server hold (head size, body size, time to send a
-request, idle keep-alive time), serves a connection's requests one at a time, in order,
-and on drain finishes the request in progress before closing."""
+It bounds what a client may make the server hold (head size, body size and the port's body
+budget, time to send a request, idle keep-alive time), screens a request's head (its API
+key) before reading its body, serves a connection's requests one at a time, in order (a
+framing error is answered after every complete request before it), and on drain finishes
+the request in progress before closing."""
 
 from __future__ import annotations
 
@@ -14,11 +16,15 @@ from typing import Any, Final, cast
 
 import httptools
 
+from gateway.http.body_budget import BodyBudget
 from gateway.http.messages import HttpRequest, HttpResponse, error_response
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+# Sees a request with a body when its head is complete, before the body is read: an answer
+# refuses it (then the connection closes, the body unread); None lets the body be read.
+Screen = Callable[[HttpRequest], "HttpResponse | None"]
 
 REASONS: Final = {
     100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
@@ -38,6 +44,8 @@ class Limits:
     max_head_bytes: int = 16 * 1024
     read_timeout_s: float = 30.0  # from a request's first byte to its last
     keepalive_s: float = 60.0  # an idle connection is closed after this long
+    max_connections: int = 0  # connections held at once; later ones close at once (0: any)
+    body_budget_bytes: int = 0  # body bytes all connections may hold together (0: any)
 
 
 # After refusing a request the server keeps reading (and dropping) up to this much, for up to
@@ -47,24 +55,39 @@ _LINGER_S: Final = 2.0
 
 
 class _Refused(Exception):
-    """A request refused while it is read (too large, malformed): answered, then closed."""
+    """A request refused while it is read (too large, malformed, no valid key): answered
+    after the complete requests before it, then the connection closes."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
-        self.status = status
+        self.response = error_response(status, message, headers)
+
+    @classmethod
+    def answering(cls, response: HttpResponse) -> _Refused:
+        refused = cls(response.status, "")
+        refused.response = response
+        return refused
 
 
 class Connections:
-    """The open connections of one server, for drain."""
+    """The open connections of one server (for drain and ``max_connections``) and the body
+    budget they share."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
         self.open: set[HttpConnection] = set()
         self.closed = asyncio.Event()
         self.draining = False  # set on shutdown: a connection accepted late closes at once
+        self.max_open = limits.max_connections if limits is not None else 0
+        self.budget = BodyBudget(limits.body_budget_bytes if limits is not None else 0)
 
-    def add(self, connection: HttpConnection) -> None:
+    def add(self, connection: HttpConnection) -> bool:
+        """Count ``connection`` in; False when the server holds ``max_connections``."""
+        if self.max_open and len(self.open) >= self.max_open:
+            return False
         self.open.add(connection)
         self.closed.clear()
+        return True
 
     def discard(self, connection: HttpConnection) -> None:
         self.open.discard(connection)
@@ -75,14 +98,19 @@ class Connections:
 class HttpConnection(asyncio.Protocol):
     """HTTP/1.1 with keep-alive; pipelined requests are queued and answered in order."""
 
-    def __init__(self, handler: Handler, limits: Limits, connections: Connections) -> None:
+    def __init__(self, handler: Handler, limits: Limits, connections: Connections,
+                 screen: Screen | None = None) -> None:
         self._handler = handler
+        self._screen = screen
+        self._budget = connections.budget
+        self._held = 0  # body bytes this connection holds in the budget
         self._limits = limits
         self._connections = connections
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._peer = "-"
         self._queue: collections.deque[tuple[HttpRequest, bool]] = collections.deque()
+        self._request: HttpRequest | None = None  # the one whose head is complete
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._writable = asyncio.Event()
@@ -97,8 +125,9 @@ class HttpConnection(asyncio.Protocol):
         self._url = b""
         self._headers: dict[str, str] = {}
         self._head_bytes = 0
-        self._body: list[bytes] = []
-        self._body_bytes = 0
+        # The first chunk is kept as it came; later ones join one growing buffer, so a body
+        # of a million tiny chunks costs its bytes, not a million objects.
+        self._body: bytes | bytearray = b""
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -108,7 +137,10 @@ class HttpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._peer = f"{peer[0]}:{peer[1]}"
-        self._connections.add(self)
+        if not self._connections.add(self):
+            self._transport.abort()  # max_connections: closed as it is accepted
+            self._transport = None
+            return
         if self._connections.draining:
             self._close()
             return
@@ -118,6 +150,9 @@ class HttpConnection(asyncio.Protocol):
         self._disarm()
         self._connections.discard(self)
         self._queue.clear()
+        self._budget.give(self._held)
+        self._held = 0
+        self._body = b""
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client is gone: nobody reads the answer
         self._transport = None
@@ -130,8 +165,9 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refused is not None:
-            # Lingering close: what a refused client still sends is read and dropped, so
-            # it reads our answer instead of a reset; bounded in bytes and time.
+            # Lingering close (and before it, while the complete requests ahead of the
+            # refused one are answered): what the client still sends is read and dropped,
+            # so it reads our answers instead of a reset; bounded in bytes and time.
             self._lingering -= len(data)
             if self._lingering < 0:
                 self._close()
@@ -166,34 +202,58 @@ class HttpConnection(asyncio.Protocol):
         self._headers[key] = text if previous is None else f"{previous}, {text}"
 
     def on_headers_complete(self) -> None:
-        length = self._headers.get("content-length")
-        if length is not None and length.strip().isdigit() and (
-            int(length) > self._limits.max_body_bytes
-        ):
-            raise _Refused(413, f"the request body ({int(length)} bytes) is over the limit "
-                                f"of {self._limits.max_body_bytes} bytes")
-        if self._headers.get("expect", "").lower() == "100-continue" and self._transport:
-            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def on_body(self, body: bytes) -> None:
-        self._body_bytes += len(body)
-        if self._body_bytes > self._limits.max_body_bytes:
-            raise _Refused(413, f"the request body is over the limit of "
-                                f"{self._limits.max_body_bytes} bytes")
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        self._reading = False
         url = httptools.parse_url(self._url)
         request = HttpRequest(
             method=self._parser.get_method().decode("ascii", "replace"),
             path=url.path.decode("latin-1"),
             query=(url.query or b"").decode("latin-1"),
             headers=self._headers,
-            body=self._body[0] if len(self._body) == 1 else b"".join(self._body),
+            body=b"",
             peer=self._peer,
             peer_subject=self._peer_subject,
         )
+        self._request = request
+        length = self._headers.get("content-length", "").strip()
+        declared = int(length) if length.isdigit() else 0
+        if declared > self._limits.max_body_bytes:
+            raise _Refused(413, f"the request body ({declared} bytes) is over the limit "
+                                f"of {self._limits.max_body_bytes} bytes")
+        if declared or "transfer-encoding" in self._headers:
+            # Who sends it is known before a byte of the body is held (a request without a
+            # valid key gets its 401 now), and so is whether the port can hold it.
+            if self._screen is not None:
+                refusal = self._screen(request)
+                if refusal is not None:
+                    raise _Refused.answering(refusal)
+            budget = self._budget
+            if budget.limit and budget.held + declared > budget.limit:
+                raise self._over_budget()
+        if self._headers.get("expect", "").lower() == "100-continue" and self._transport:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        size = len(self._body) + len(body)
+        if size > self._limits.max_body_bytes:
+            raise _Refused(413, f"the request body is over the limit of "
+                                f"{self._limits.max_body_bytes} bytes")
+        if not self._budget.take(len(body)):
+            raise self._over_budget()
+        self._held += len(body)
+        if not self._body:
+            self._body = body
+        elif isinstance(self._body, bytearray):
+            self._body += body
+        else:
+            self._body = bytearray(self._body) + body
+
+    def on_message_complete(self) -> None:
+        self._reading = False
+        request = self._request
+        if request is None:  # httptools completes only a message whose head it completed
+            raise _Refused(400, "malformed HTTP request")
+        self._request = None
+        body = self._body
+        request.body = body if isinstance(body, bytes) else bytes(body)
         self._queue.append((request, self._parser.should_keep_alive()))
         self._reset()
         if self._task is None:
@@ -212,6 +272,9 @@ class HttpConnection(asyncio.Protocol):
             except Exception:
                 log.exception("the REST handler failed")
                 response = error_response(500, "internal error")
+            finally:
+                self._budget.give(len(request.body))
+                self._held -= len(request.body)
             keep_alive = keep_alive and not self._closing
             self._write(response, keep_alive)
             if not keep_alive:
@@ -221,6 +284,10 @@ class HttpConnection(asyncio.Protocol):
                 await self._writable.wait()
         self._task = None
         if self._transport is None:
+            return
+        if self._refused is not None:  # every complete request before it is answered
+            self._write(self._refused.response, keep_alive=False)
+            self._linger()
             return
         if self._closing:
             self._close()
@@ -248,17 +315,21 @@ class HttpConnection(asyncio.Protocol):
             self._transport.write(response.body)
 
     def _refuse(self, refused: _Refused) -> None:
-        """Answer a request that could not be read, then close (its bytes are unparsed)."""
+        """Answer a request that could not be read, then close (its bytes are unparsed).
+        Complete requests queued before it are answered first, in order (_serve ends with
+        this answer); meanwhile what the client sends is dropped, bounded as when
+        lingering."""
         if self._refused is not None:
             return
         self._refused = refused
-        self._queue.clear()
+        self._lingering = _LINGER_BYTES
         self._disarm()
+        self._budget.give(len(self._body))  # the refused request's partial body
+        self._held -= len(self._body)
+        self._request, self._body = None, b""
         if self._task is None:
-            self._write(error_response(refused.status, str(refused)), keep_alive=False)
+            self._write(refused.response, keep_alive=False)
             self._linger()
-        else:
-            self._closing = True  # the request in progress is answered first
 
     def _linger(self) -> None:
         transport = self._transport
@@ -266,7 +337,6 @@ class HttpConnection(asyncio.Protocol):
             self._close()  # TLS cannot half-close
             return
         transport.write_eof()
-        self._lingering = _LINGER_BYTES
         self._arm(_LINGER_S, self._close)
 
     def _close(self) -> None:
@@ -286,6 +356,10 @@ class HttpConnection(asyncio.Protocol):
             self._transport.abort()
 
     # -- limits --------------------------------------------------------------------------
+
+    def _over_budget(self) -> _Refused:
+        return _Refused(503, f"the server holds its limit of {self._budget.limit} bytes of "
+                             "request bodies; retry shortly", (("Retry-After", "1"),))
 
     def _count_head(self, size: int) -> None:
         self._head_bytes += size

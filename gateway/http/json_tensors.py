@@ -10,7 +10,7 @@ from typing import Any, Final
 import numpy as np
 
 from gateway.errors import InvalidRequestError
-from gateway.pipeline.tensors import MAX_RANK, element_bytes
+from gateway.pipeline.tensors import element_bytes
 from model_store.datatypes import DataType
 from runtimes.base import Tensor
 
@@ -20,37 +20,54 @@ _NUMBER: Final = frozenset("iuf")
 _FLOATS: Final = frozenset({DataType.FP16, DataType.FP32, DataType.FP64, DataType.BF16})
 
 
-def flatten(name: str, data: Any) -> list[Any]:
-    """The elements of a (possibly nested) list in row-major order."""
+def flatten(name: str, data: Any, shape: tuple[int, ...]) -> list[Any]:
+    """The elements of ``data`` in row-major order: a flat list, or lists nested exactly as
+    ``shape`` (one level per dimension, each as long as its dimension); any other nesting
+    is refused naming the first place it goes wrong."""
     if not isinstance(data, list):
         raise InvalidRequestError(f"input '{name}': 'data' must be a list")
     if list not in set(map(type, data)):
         return data
     out: list[Any] = []
-    _extend(name, data, out, 1)
+    _extend(name, data, shape, 0, "", out=out)
     return out
 
 
-def _extend(name: str, items: list[Any], out: list[Any], depth: int) -> None:
-    if depth > MAX_RANK:
-        raise InvalidRequestError(f"input '{name}': 'data' nests deeper than {MAX_RANK}")
-    for item in items:
-        if isinstance(item, list):
-            _extend(name, item, out, depth + 1)
+def _extend(name: str, items: list[Any], shape: tuple[int, ...], level: int, path: str, *,
+            out: list[Any]) -> None:
+    if level >= len(shape) or len(items) != shape[level]:
+        where = f"data{path}"
+        if level >= len(shape):
+            problem = f"{where} is a list nested deeper than the shape's {len(shape)} levels"
         else:
+            problem = (f"{where} holds {len(items)} items where dimension {level} of the "
+                       f"shape is {shape[level]}")
+        raise InvalidRequestError(f"input '{name}': nested 'data' must follow the shape "
+                                  f"{list(shape)}; {problem}")
+    leaf = level == len(shape) - 1
+    for index, item in enumerate(items):
+        if isinstance(item, list) == leaf:
+            what = "a list where a value" if leaf else f"{_json_kind(item)} where a list"
+            raise InvalidRequestError(
+                f"input '{name}': nested 'data' must follow the shape {list(shape)}; "
+                f"data{path}[{index}] is {what} was expected"
+            )
+        if leaf:
             out.append(item)
+        else:
+            _extend(name, item, shape, level + 1, f"{path}[{index}]", out=out)
 
 
 def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) -> Tensor:
     """An array of ``datatype`` and ``shape`` from the JSON ``data`` of one input."""
     count = math.prod(shape)
     if datatype in _FLOATS and isinstance(data, list):
-        fast = _numbers(data, count)
+        fast = _numbers(data, shape)
         if fast is not None:
             if datatype is DataType.BF16:
                 return _to_bf16(fast.astype(np.float32)).reshape(shape)
             return fast.astype(datatype.numpy_dtype).reshape(shape)
-    flat = flatten(name, data)
+    flat = flatten(name, data, shape)
     if len(flat) != count:
         raise InvalidRequestError(
             f"input '{name}': shape {list(shape)} needs {count} elements, 'data' holds "
@@ -75,7 +92,7 @@ def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) 
         return np.empty(shape, dtype=datatype.numpy_dtype)
     if datatype in _FLOATS:
         inferred = np.asarray(flat)
-        if inferred.dtype.kind not in _NUMBER:
+        if inferred.dtype.kind not in _NUMBER or bool in set(map(type, flat)):
             raise InvalidRequestError(
                 f"input '{name}': {datatype.value} data must be {_wanted(datatype)}; "
                 f"{_offender(flat, datatype)}"
@@ -100,17 +117,25 @@ def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) 
         ) from None
 
 
-def _numbers(data: list[Any], count: int) -> np.ndarray[Any, Any] | None:
-    """``data`` (flat, or nested evenly within MAX_RANK) as numpy infers it, when that is
-    ``count`` numbers; else None, and the element-wise path says what is wrong."""
+def _numbers(data: list[Any], shape: tuple[int, ...]) -> np.ndarray[Any, Any] | None:
+    """``data`` (flat, or nested as ``shape``) as numpy infers it, when that is numbers and
+    no boolean (numpy would read true as 1.0); else None, and the element-wise path says
+    what is wrong."""
     try:
         inferred = np.asarray(data)
     except (ValueError, TypeError, RecursionError):  # ragged nesting, too deep for numpy
         return None
-    if (inferred.dtype.kind not in _NUMBER or inferred.size != count
-            or inferred.ndim > MAX_RANK):
+    if (inferred.dtype.kind not in _NUMBER or inferred.size != math.prod(shape)
+            or (inferred.ndim > 1 and inferred.shape != shape) or _holds_bool(data)):
         return None
     return inferred
+
+
+def _holds_bool(data: list[Any]) -> bool:
+    """Whether evenly nested ``data`` holds a boolean (type checks run in C per row)."""
+    if not data or type(data[0]) is not list:
+        return bool in set(map(type, data))
+    return any(_holds_bool(row) for row in data)
 
 
 def to_json(name: str, datatype: DataType, array: Tensor) -> list[Any] | Tensor:

@@ -12,7 +12,7 @@ import os
 import ssl
 from pathlib import Path
 
-from gateway.http.connection import Connections, Handler, HttpConnection, Limits
+from gateway.http.connection import Connections, Handler, HttpConnection, Limits, Screen
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,20 @@ class TlsFiles:
 class HttpListener:
     """Serves ``handler`` on one port until stopped."""
 
-    def __init__(self, handler: Handler, limits: Limits, tls: TlsFiles | None = None) -> None:
+    def __init__(self, handler: Handler, limits: Limits, tls: TlsFiles | None = None,
+                 screen: Screen | None = None) -> None:
         self._handler = handler
         self._limits = limits
         self._tls = tls
-        self._connections = Connections()
+        self._screen = screen
+        self._connections = Connections(limits)
         self._server: asyncio.Server | None = None
         self.port = 0
 
     def _connection(self) -> HttpConnection:
         if self._tls is not None:
             self._tls.refresh()  # applies to the handshakes after this one
-        return HttpConnection(self._handler, self._limits, self._connections)
+        return HttpConnection(self._handler, self._limits, self._connections, self._screen)
 
     async def start(self, host: str, port: int, reuse_port: bool) -> int:
         """Bind and serve; returns the bound port (``port`` 0 picks a free one). Raises
@@ -92,6 +94,11 @@ class HttpListener:
     @property
     def open_connections(self) -> int:
         return len(self._connections.open)
+
+    @property
+    def body_bytes_held(self) -> int:
+        """Request body bytes the port's connections hold now (the body budget's count)."""
+        return self._connections.budget.held
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; idle connections close now, requests in progress get ``grace``

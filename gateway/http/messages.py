@@ -8,13 +8,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from gateway.tenancy.tenants import Tenant
+
 JSON: Final = "application/json"
 
 
 @dataclass(slots=True)
 class HttpRequest:
     """A complete request. Header names are lower case; repeated headers are joined with
-    ', '. ``peer_subject`` looks up the verified client certificate's subject (mTLS)."""
+    ', '. ``peer_subject`` looks up the verified client certificate's subject (mTLS);
+    ``tenant`` is set when the head was authenticated before the body was read."""
 
     method: str
     path: str
@@ -23,6 +26,7 @@ class HttpRequest:
     body: bytes
     peer: str
     peer_subject: Callable[[], str | None] = field(default=lambda: None)
+    tenant: Tenant | None = None
 
 
 @dataclass(slots=True)

@@ -142,7 +142,9 @@ class Gateway:
         self.streams = StreamInfer(
             self.pipeline, Codecs(),
             StreamObserver(self.metrics, self.tracing, self.access_log),
-            self.authenticator, settings.stream_max_inflight, max_message_bytes=limit,
+            self.authenticator, settings.stream_max_inflight, inflight=self.inflight,
+            max_open=settings.max_open_streams, idle_s=settings.stream_idle_s,
+            max_message_bytes=limit,
         )
         streams, connections = settings.max_concurrent_streams, settings.max_connections
         self.server = grpc.aio.server(
@@ -196,8 +198,10 @@ class Gateway:
             tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         limits = Limits(max_body_bytes=settings.max_message_bytes,
                         read_timeout_s=settings.http_read_timeout_s,
-                        keepalive_s=settings.http_keepalive_s)
-        return HttpListener(edge.handle, limits, tls)
+                        keepalive_s=settings.http_keepalive_s,
+                        max_connections=settings.max_connections,
+                        body_budget_bytes=settings.http_body_budget_bytes)
+        return HttpListener(edge.handle, limits, tls, screen=edge.screen)
 
     async def start(self) -> int:
         """Bind and start serving, then load the models (health and ServerLive answer

@@ -41,10 +41,9 @@ from modelgate_pb import grpc_service_pb2 as pb
 INFERENCE_SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # The RPCs that carry tensors and do work; every other RPC is cheap and stays uncapped, so
 # probes (grpc.health, ServerLive/Ready, ModelReady) answer however loaded the server is.
-CAPPED_METHODS: Final = frozenset({
-    f"/{INFERENCE_SERVICE}/ModelInfer",
-    f"/{INFERENCE_SERVICE}/ModelStreamInfer",
-})
+# ModelStreamInfer is not among them: an open stream costs no inference, and each of its
+# messages takes a slot while it runs (gateway/wire/stream.py).
+CAPPED_METHODS: Final = frozenset({f"/{INFERENCE_SERVICE}/ModelInfer"})
 
 # What a compressed request may inflate to unless the server says (settings' default).
 DEFAULT_MESSAGE_BYTES: Final = Settings().max_message_bytes

@@ -6,9 +6,12 @@ Semantics (docs/streaming.md): every ModelInferRequest gets one ModelStreamInfer
 message's id; answers go out as each message completes, so messages that take different
 paths (batches, models) may be answered out of order. The API key is checked when the stream
 opens (by the edge) and again whenever the tenants file changes: a revoked key ends the
-stream UNAUTHENTICATED. At most ``max_inflight`` messages are read and not yet answered; at
-the bound the stream is not read, so HTTP/2 flow control pushes back on the client. Client
-half-close: in-flight messages finish, then OK. Cancel or disconnect: queued messages never
+stream UNAUTHENTICATED. An open stream holds no place of the in-flight cap; each message
+takes one while it runs (refused in-stream at the cap). At most ``max_open`` streams are
+open at once, and one with no message in flight for ``idle_s`` ends UNAVAILABLE. At most
+``max_inflight`` messages are read and not yet answered; at the bound the stream is not
+read, so HTTP/2 flow control pushes back on the client. Client half-close: in-flight
+messages finish, then OK. Cancel or disconnect: queued messages never
 run and running ones are dropped. On shutdown open streams get the grace period, then end
 UNAVAILABLE."""
 
@@ -23,8 +26,15 @@ from typing import Any, Final, TypeAlias
 
 import grpc
 
-from gateway.errors import AuthenticationError, GatewayError, InvalidRequestError
+from gateway.errors import (
+    RETRY_AFTER_KEY,
+    AuthenticationError,
+    GatewayError,
+    InvalidRequestError,
+    OverloadedError,
+)
 from gateway.models.routing import LABEL_KEY, ROUTING_KEY, request_metadata
+from gateway.pipeline.limits import InflightLimit
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.request.context import RequestContext
 from gateway.sanitize import echoed
@@ -44,6 +54,9 @@ CODE_PARAMETER: Final = "modelgate-code"  # an error answer's status, as its gRP
 TRACEPARENT: Final = "traceparent"
 SHUTTING_DOWN: Final = "the server is shutting down"
 REVOKED: Final = "the stream's API key is no longer valid"
+# A stream refused at max_open is told to wait about this long (a stream's lifetime is
+# unknown; a second is a polite first retry).
+_OPEN_RETRY_MS: Final = "1000"
 _REVOCATION_POLL_S: Final = 1.0
 # ModelStreamInferResponse field 2 (infer_response), length-delimited: the encoded answer is
 # wrapped without a re-parse.
@@ -129,14 +142,16 @@ class _Outbox:
 
 
 class StreamInfer:
-    """The ModelStreamInfer behavior the edge wraps (it authenticates the stream once and
-    holds one in-flight slot for it). Registered with no (de)serializers: each message is
-    parsed here, so one that does not parse is answered in-stream instead of ending it."""
+    """The ModelStreamInfer behavior the edge wraps (it authenticates the stream once; the
+    stream holds no in-flight slot, its messages each take one of ``inflight`` while they
+    run). Registered with no (de)serializers: each message is parsed here, so one that does
+    not parse is answered in-stream instead of ending it."""
 
     def __init__(
         self, pipeline: InferencePipeline, codecs: Codecs, observer: StreamObserver,
-        authenticator: Authenticator, max_inflight: int,
-        *, max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
+        authenticator: Authenticator, max_inflight: int, *,
+        inflight: InflightLimit | None = None, max_open: int = 0, idle_s: float = 0.0,
+        max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
     ) -> None:
         self._max_message = max_message_bytes  # a compressed message's inflated limit
         self._pipeline = pipeline
@@ -144,6 +159,9 @@ class StreamInfer:
         self._observer = observer
         self._authenticator = authenticator
         self._max_inflight = max_inflight
+        self._inflight = inflight
+        self._max_open = max_open  # streams open at once (0: any)
+        self._idle_s = idle_s  # a stream with nothing in flight this long ends (0: never)
         self._open: set[_Stream] = set()
         self._none_open: asyncio.Event | None = None  # set when the last stream ends
 
@@ -164,6 +182,11 @@ class StreamInfer:
 
     async def __call__(self, requests: AsyncIterator[bytes], context: Context
                        ) -> AsyncIterator[bytes]:
+        if self._max_open and len(self._open) >= self._max_open:
+            raise OverloadedError(
+                f"the gateway is at its limit of {self._max_open} open streams; retry shortly",
+                trailers={RETRY_AFTER_KEY: _OPEN_RETRY_MS},
+            )
         stream = _Stream(self, caller_of(context), tuple(context.invocation_metadata() or ()),
                          context)
         self._open.add(stream)
@@ -198,6 +221,8 @@ class _Stream:
         self.messages = 0
         self.trace: StreamTrace | None = None
         self.peer: str | None = None
+        self.active = time.monotonic()  # the last message read or answer taken
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     async def run(self, requests: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         self.trace = self.owner._observer.open_stream(self.metadata, self.tenant.id)
@@ -205,6 +230,9 @@ class _Stream:
         # Only a gateway with a tenants file has keys to revoke.
         watcher = (asyncio.create_task(self._watch()) if self.tenants_seen is not None
                    else None)
+        if self.owner._idle_s:
+            self.idle_timer = asyncio.get_running_loop().call_later(
+                self.owner._idle_s, self._idle_check)
         code = "OK"
         outbox, places = self.outbox, self.places
         try:
@@ -220,6 +248,7 @@ class _Stream:
                 # Released once grpc took the answer: a client that reads no answers stops
                 # the reader after max_inflight messages, so what a stream holds is bounded.
                 places.release()
+                self.active = time.monotonic()
         except (asyncio.CancelledError, GeneratorExit):
             code = "CANCELLED"
             raise
@@ -231,6 +260,8 @@ class _Stream:
             # are cancelled), running ones finish in their instance and are dropped.
             if watcher is not None:
                 watcher.cancel()
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
             reader.cancel()
             for task in list(self.tasks):
                 task.cancel()
@@ -248,6 +279,7 @@ class _Stream:
                     places.release()
                     break
                 self.messages += 1
+                self.active = time.monotonic()
                 task = asyncio.create_task(self._one(raw))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -261,6 +293,18 @@ class _Stream:
             # The transport failed under the reader (a reset stream): end with its status.
             status = status_of(exc)
             self.outbox.end(_End(status.code, status.message))
+
+    def _idle_check(self) -> None:
+        """End the stream once nothing has been in flight for ``idle_s``: a stream that
+        sends nothing must not hold its place (per connection, server, tenant) for ever."""
+        idle_s = self.owner._idle_s
+        quiet = time.monotonic() - self.active
+        if self.tasks or self.outbox.items or quiet < idle_s:
+            delay = idle_s - quiet if quiet < idle_s else idle_s
+            self.idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_check)
+            return
+        self.idle_timer = None
+        self.outbox.end(_End(grpc.StatusCode.UNAVAILABLE, idle_message(idle_s)))
 
     async def _watch(self) -> None:
         """Re-check the stream's key whenever the tenants in force change (a reload), also
@@ -312,10 +356,13 @@ class _Stream:
                                        request.model_name if request is not None else "")
         error: BaseException | None = None
         code = "OK"
+        limit, started = owner._inflight, None
         try:
             if request is None:
                 raise refused or InvalidRequestError(
                     "the message is not a valid ModelInferRequest")
+            if limit is not None:  # each message in flight counts, as a unary call does
+                started = limit.enter()
             answer = await self._infer(request, record, traceparent, parameters)
         except asyncio.CancelledError as exc:
             # The stream went away: nothing to answer, but the message is still counted.
@@ -324,6 +371,9 @@ class _Stream:
         except Exception as exc:
             error = exc
             answer, code = error_answer(exc, request)
+        finally:
+            if started is not None and limit is not None:
+                limit.leave(started)
         observer.close_message(record, code, error, self.peer or self._peer(),
                                _asked(request))
         self.outbox.put(answer)
@@ -342,6 +392,12 @@ class _Stream:
         inference = await self.owner._pipeline.infer(
             context, request.model_name, request.model_version, codecs.decode(request))
         return wrap_answer(codecs.encode(request, inference))
+
+
+def idle_message(idle_s: float) -> str:
+    """What a stream ended for idleness is told."""
+    return (f"the stream had no message in flight for {idle_s:g} s (stream_idle_s); "
+            "open a new stream to send more")
 
 
 def _asked(request: pb.ModelInferRequest | None) -> tuple[str, str]:
