@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,11 +18,12 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_digits, load_iris
 
 from gateway.process.cli import main
 from gateway.settings import demo_store
-from tests.support.gateway import RunningGateway, running_gateway
+from tests.support.gateway import REPO_ROOT, RunningGateway, running_gateway
 from tests.support.models import add_constant, add_model_config, write_model
 from tests.support.waiting import wait_until
 
@@ -31,7 +33,9 @@ SHIFTED = 10  # the digits pixel shifted by one standard deviation
 # The stated detection: act on the shifted pixel within this many sampled rows.
 SHIFT_ROWS = 200
 HEADER = ("sepal_length", "sepal_width", "petal_length", "petal_width")
-COPIES = {"digits_shift": "digits", "iris_few": "iris", "iris_reload": "iris"}
+COPIES = {"digits_shift": "digits", "iris_few": "iris", "iris_reload": "iris",
+          "iris_alert": "iris"}
+ALERTS = REPO_ROOT / "docs" / "monitoring-alerts.yml"
 
 
 def _copy(source: Path, target: Path, name: str) -> None:
@@ -193,3 +197,48 @@ def test_each_case_of_the_drift_route_gets_its_own_answer(gateway: RunningGatewa
     assert status == 400 and "by number" in body["error"] and "'stable'" in body["error"]
     status, body = _get(gateway, "/v2/models/iris/versions/1/drift?window=2d")
     assert status == 400 and "window must be one of" in body["error"]
+
+
+def test_the_example_alert_rules_fire_on_act_and_never_on_too_few_samples(
+    gateway: RunningGateway, client: tc.InferenceServerClient, tmp_path: Path,
+) -> None:
+    shifted = load_iris().data.copy()
+    shifted[:, 2] += 3 * shifted[:, 2].std()
+    _send(client, "iris_alert", "features", shifted, "1")
+    _send(client, "iris_few", "features", load_iris().data[::10], "2")  # 15 rows: too few
+    assert _report(gateway, "iris_alert", 1, len(shifted))["summary"]["bands"]["act"] > 0
+    assert _report(gateway, "iris_few", 2, 15)["summary"]["bands"]["insufficient"] > 0
+    url = f"http://127.0.0.1:{gateway.gateway.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        exposition = answer.read().decode()
+    bands = [s for f in text_string_to_metric_families(exposition)
+             if f.name == "modelgate_drift_features" for s in f.samples]
+    acting = sorted({(s.labels["model"], s.labels["version"]) for s in bands
+                     if s.labels["status"] == "act" and s.value > 0})
+    assert ("iris_alert", "1") in acting and ("iris_few", "2") not in acting
+    # The scraped band series, held for 30 minutes, through the rules as Prometheus runs them.
+    series = [{"series": "modelgate_drift_features{" + ",".join(
+        f'{k}="{v}"' for k, v in sorted(s.labels.items())) + "}", "values": f"{s.value:g}x30"}
+        for s in bands]
+    expected = [{"exp_labels": {"severity": "warning", "model": m, "version": v},
+                 "exp_annotations": {
+                     "summary": f"{m} v{v}: drift, act ({_act_count(bands, m, v)} feature(s))",
+                     "description": f"Run: modelgate drift {m} --version {v}"}}
+                for m, v in acting]
+    tests = tmp_path / "drift_alerts_test.yml"
+    tests.write_text(json.dumps({  # JSON is YAML too
+        "rule_files": [str(ALERTS)], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": [
+            {"eval_time": "20m", "alertname": "ModelInputDriftAct", "exp_alerts": expected},
+            {"eval_time": "20m", "alertname": "ModelInputDriftWatch", "exp_alerts": []}]}]}))
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not on PATH: run scripts/install_test_deps.sh")
+    result = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _act_count(samples: list[Any], model: str, version: str) -> str:
+    return next(f"{s.value:g}" for s in samples if s.labels == {
+        "model": model, "version": version, "status": "act"})
