@@ -29,7 +29,8 @@ class InferRequest:
     request is a warm-up rather than traffic (not counted). ``members``: a batch merged by
     the batcher carries the requests it merged, so wrappers below it reach each one.
     ``context``: the caller's context, opaque here; the gateway reads it through
-    gateway/request/context.py."""
+    gateway/request/context.py. ``ran_ns``: when the model itself ran (perf_counter ns,
+    start and end), set by a runtime that knows, so statistics can tell waiting from running."""
 
     inputs: TensorMap
     outputs: tuple[str, ...] = ()
@@ -41,6 +42,7 @@ class InferRequest:
     warmup: str | None = None
     members: tuple[InferRequest, ...] = ()
     context: object = None
+    ran_ns: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,10 +199,10 @@ class OnnxRuntime(Runtime):
         self._active += 1
         try:
             if inline:
-                results, elapsed = _timed_run(self._sessions[0], wanted, feeds)
+                results, elapsed, request.ran_ns = _timed_run(self._sessions[0], wanted, feeds)
             else:
                 loop = asyncio.get_running_loop()
-                results, elapsed = await loop.run_in_executor(
+                results, elapsed, request.ran_ns = await loop.run_in_executor(
                     self._pool, self._run_owned, wanted, feeds
                 )
         except (InvalidTensorError, RuntimeClosedError):
@@ -218,9 +218,7 @@ class OnnxRuntime(Runtime):
         self._run_s = elapsed if run_s == float("inf") else 0.8 * run_s + 0.2 * elapsed
         return {name: _from_ort(value) for name, value in zip(wanted, results, strict=True)}
 
-    def _run_owned(
-        self, wanted: list[str], feeds: dict[str, Tensor]
-    ) -> tuple[list[Any], float]:
+    def _run_owned(self, wanted: list[str], feeds: dict[str, Tensor]) -> _Ran:
         # On a worker thread: the pool has one thread per instance, and each takes one
         # session for good at its first run.
         session: ort.InferenceSession | None = getattr(self._owned, "session", None)
@@ -253,14 +251,19 @@ class OnnxRuntime(Runtime):
         )
 
 
+# A run's outputs, the CPU time it took in its thread, and when it began and ended.
+_Ran = tuple[list[Any], float, tuple[int, int]]
+
+
 def _timed_run(
     session: ort.InferenceSession, wanted: list[str], feeds: dict[str, Tensor]
-) -> tuple[list[Any], float]:
-    """The run's outputs and the CPU time it took in this thread: unlike the wall time,
-    that leaves out waiting for the GIL and for a core, which inlining would not save."""
-    start = time.thread_time()
+) -> _Ran:
+    """The run's outputs; the CPU time it took in this thread (unlike the wall time, that
+    leaves out waiting for the GIL and for a core, which inlining would not save); and its
+    start and end (perf_counter ns), which tell the statistics its queue from its run."""
+    began, start = time.perf_counter_ns(), time.thread_time()
     results = session.run(wanted, feeds)
-    return results, time.thread_time() - start
+    return results, time.thread_time() - start, (began, time.perf_counter_ns())
 
 
 def _check_signature(

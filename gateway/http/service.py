@@ -29,7 +29,7 @@ from gateway.http.routes import Route
 from gateway.models.model_control import ModelControl
 from gateway.models.routing import request_metadata
 from gateway.monitoring.endpoint import DriftEndpoint, encode, window_of
-from gateway.observability.statistics import Duration, StatisticsSnapshot
+from gateway.observability.statistics import Duration, StatisticsSnapshot, record_encoding
 from gateway.pipeline.catalog import NOT_SERVED, Catalog, server_info
 from gateway.pipeline.classification import output_types
 from gateway.pipeline.pipeline import InferencePipeline
@@ -212,12 +212,14 @@ class RestService:
             header = parse_header(view[:binary_start] if header_length is not None else body)
             decoded, answer = self._decode(header, view, body, binary_start, key)
         inference = await self._pipeline.infer(context, route.model, route.version, decoded)
+        started = time.perf_counter_ns()
         served = inference.version
         options = inference.options
         payload, head_length = encode_infer(
             served.spec, served.id.version, inference.outputs, answer,
             None if options is None else output_types(served.spec, options.classes),
         )
+        record_encoding(served.statistics, started)
         if head_length is None:
             return HttpResponse(200, payload)
         return HttpResponse(200, payload, BINARY_TYPE,

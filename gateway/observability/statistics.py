@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gateway.request.context import context_of
 from model_store.spec import ModelId
 from runtimes.base import InferRequest, Runtime, RuntimeWrapper, Tensor
 
@@ -78,9 +79,23 @@ class ModelStatistics:
         self._batches: dict[int, BatchDurations] = {}
 
     def record_request(self, ok: bool, duration_ns: int) -> None:
-        """One request finished (end to end inside the gateway's runtime stack)."""
+        """One request finished: from its arrival at the edge to its runtime stack's answer
+        (an answered one's encoding is added by record_encoded)."""
         with self._lock:
             (self._success if ok else self._fail).add(duration_ns)
+
+    def record_prepared(self, ns: int) -> None:
+        """A batched request's time from its arrival to the batcher (decode, checks,
+        admission): compute input, beside the batch's merge the batcher counts."""
+        with self._lock:
+            self._compute_input.ns += max(0, ns)
+
+    def record_encoded(self, ns: int) -> None:
+        """A successful request's answer took ``ns`` to encode: compute output, and part of
+        its success duration (both already counted it)."""
+        with self._lock:
+            self._compute_output.ns += max(0, ns)
+            self._success.ns += max(0, ns)
 
     def record_queued(
         self, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int, count: int = 1
@@ -133,8 +148,12 @@ def _copy(duration: Duration) -> Duration:
 
 class StatisticsRuntime(RuntimeWrapper):
     """Wraps a runtime to count its requests. With ``records_executions`` every request is
-    one execution (a model without a batcher); otherwise the batcher below records the
-    queue, compute and execution figures into the same ModelStatistics."""
+    one execution (a model without a batcher), broken down as Triton does: queue from
+    entering the stack to the run's start (waiting for an instance), compute input from the
+    request's arrival at the edge (decode, checks, admission), infer the run itself (as the
+    runtime reports it in ``ran_ns``), output from its end to the answer; the adapter adds
+    the encoding (record_encoded). Otherwise the batcher below records the queue, compute
+    and execution figures into the same ModelStatistics."""
 
     def __init__(
         self, inner: Runtime, statistics: ModelStatistics, records_executions: bool
@@ -146,16 +165,29 @@ class StatisticsRuntime(RuntimeWrapper):
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
         if request.warmup is not None:
             return await self.inner.infer(request)
-        start = time.perf_counter_ns()
+        entered = time.perf_counter_ns()
+        context = context_of(request)
+        arrived = min(context.arrived_ns, entered) if context is not None else entered
         ok = False
         try:
             outputs = await self.inner.infer(request)
             ok = True
         finally:
-            elapsed = time.perf_counter_ns() - start
+            left = time.perf_counter_ns()
             # A cancelled caller counts as a failure too: the request did not complete.
-            self.statistics.record_request(ok, elapsed)
+            self.statistics.record_request(ok, left - arrived)
         if self._records_executions:
-            self.statistics.record_queued(0, 0, elapsed, 0)
-            self.statistics.record_execution(request.rows, 0, elapsed, 0)
+            started, ended = request.ran_ns or (entered, left)
+            input_ns, infer_ns, output_ns = entered - arrived, ended - started, left - ended
+            self.statistics.record_queued(started - entered, input_ns, infer_ns, output_ns)
+            self.statistics.record_execution(request.rows, input_ns, infer_ns, output_ns)
+        else:
+            self.statistics.record_prepared(entered - arrived)
         return outputs
+
+
+def record_encoding(statistics: ModelStatistics | None, started_ns: int) -> None:
+    """What an adapter calls once it has encoded an answer it began encoding at
+    ``started_ns`` (perf_counter ns), with the statistics of the version that ran."""
+    if statistics is not None:
+        statistics.record_encoded(time.perf_counter_ns() - started_ns)

@@ -6,6 +6,7 @@ gateway's wrappers read it back through ``context_of`` / ``record_of``."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -45,7 +46,8 @@ class RequestRecord:
 class RequestContext:
     """One request's caller context, built by the transport adapter and read by the
     pipeline. ``deadline`` is on the monotonic clock; ``priority`` 0 means none asked (the
-    tenant's level applies); ``record`` is None for an unobserved request."""
+    tenant's level applies); ``record`` is None for an unobserved request. ``arrived_ns``
+    (perf_counter) is when the edge took the request: its statistics' durations start there."""
 
     tenant: Tenant
     protocol: Protocol = "grpc"
@@ -56,6 +58,7 @@ class RequestContext:
     timeout_us: int | None = None
     trace_headers: dict[str, str] = field(default_factory=dict)
     record: RequestRecord | None = None
+    arrived_ns: int = field(default_factory=time.perf_counter_ns)
 
 
 def context_of(request: InferRequest) -> RequestContext | None:

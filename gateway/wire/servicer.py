@@ -11,7 +11,7 @@ from gateway.errors import InvalidRequestError, NotSupportedError
 from gateway.models.model_control import ModelControl
 from gateway.models.routing import request_metadata
 from gateway.observability.log_settings import Value
-from gateway.observability.statistics import Duration, StatisticsSnapshot
+from gateway.observability.statistics import Duration, StatisticsSnapshot, record_encoding
 from gateway.pipeline.catalog import Catalog, IndexEntry, not_served, server_info
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.pipeline.server_settings import ServerSettings
@@ -110,7 +110,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         inference = await self._pipeline.infer(
             caller, request.model_name, request.model_version, codecs.decode(request)
         )
-        return codecs.encode(request, inference)
+        started = time.perf_counter_ns()
+        answer = codecs.encode(request, inference)
+        record_encoding(inference.version.statistics, started)
+        return answer
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context

@@ -34,6 +34,7 @@ from gateway.errors import (
     OverloadedError,
 )
 from gateway.models.routing import LABEL_KEY, ROUTING_KEY, request_metadata
+from gateway.observability.statistics import record_encoding
 from gateway.pipeline.limits import InflightLimit
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.request.context import RequestContext
@@ -391,7 +392,10 @@ class _Stream:
         codecs = self.owner._codecs
         inference = await self.owner._pipeline.infer(
             context, request.model_name, request.model_version, codecs.decode(request))
-        return wrap_answer(codecs.encode(request, inference))
+        started = time.perf_counter_ns()
+        answer = wrap_answer(codecs.encode(request, inference))
+        record_encoding(inference.version.statistics, started)
+        return answer
 
 
 def idle_message(idle_s: float) -> str:

@@ -7,15 +7,19 @@ import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.http as tch
 
 from gateway.batching.batcher import DynamicBatcher
 from gateway.models.backends import with_scheduling
 from gateway.observability.statistics import ModelStatistics, StatisticsRuntime
 from model_store.datatypes import DataType
 from model_store.spec import DynamicBatchingSpec, ModelId, ModelSpec, TensorSpec
+from modelgate_pb import grpc_service_pb2 as pb
+from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from runtimes.base import InferRequest
 from runtimes.errors import InferenceFailed
 from tests.support import models
@@ -112,7 +116,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway
             "batched", extra="dynamic_batching { max_queue_delay_microseconds: 100 }\n"
         ),
     )
-    with running_gateway(root) as gw:
+    models.write_model(root, "solo", 1, models.add_constant(1.0),
+                       models.add_model_config("solo"))
+    with running_gateway(root, http_port=0) as gw:
         yield gw
 
 
@@ -145,6 +151,7 @@ def test_get_inference_statistics_through_tritonclient(gateway: RunningGateway) 
             ("plain", "1"),
             ("plain", "2"),
             ("batched", "1"),
+            ("solo", "1"),
         }
         batched = client.get_inference_statistics("batched", "1").model_stats[0]
         assert batched.execution_count == 1 and batched.inference_count == 2
@@ -157,3 +164,57 @@ def test_get_inference_statistics_through_tritonclient(gateway: RunningGateway) 
         assert info.value.status() == "StatusCode.NOT_FOUND"
         extensions = client.get_server_metadata().extensions
         assert "statistics" in extensions and "schedule_policy" in extensions
+
+
+def _infer_request(model: str) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="x", datatype="FP32", shape=[2, 4])
+    request.raw_input_contents.append(np.zeros((2, 4), dtype=np.float32).tobytes())
+    return request
+
+
+def test_a_model_without_batcher_reports_tritons_breakdown(gateway: RunningGateway) -> None:
+    """Queue (entering the runtime stack to the run), input (arrival at the edge to the
+    stack: decode, checks), infer (the run) and output (the run's end to the encoded
+    answer) each count every successful request, and add up to its success duration; the
+    same figures over gRPC and REST."""
+    x = tc.InferInput("x", [2, 4], "FP32")
+    x.set_data_from_numpy(np.zeros((2, 4), dtype=np.float32))
+    with tc.InferenceServerClient(gateway.target) as client:
+        for _ in range(2):
+            client.infer("solo", [x])
+        with grpc.insecure_channel(gateway.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            (streamed,) = stub.ModelStreamInfer(iter([_infer_request("solo")]), timeout=30)
+            assert not streamed.error_message
+        rest = f"127.0.0.1:{gateway.gateway.rest_port}"
+        with tch.InferenceServerClient(rest) as http_client:
+            hx = tch.InferInput("x", [2, 4], "FP32")
+            hx.set_data_from_numpy(np.zeros((2, 4), dtype=np.float32))
+            http_client.infer("solo", [hx])
+            over_rest = http_client.get_inference_statistics("solo", "1")["model_stats"][0]
+        stats = client.get_inference_statistics("solo", "1").model_stats[0].inference_stats
+        batched = client.get_inference_statistics("batched", "1").model_stats[0]
+
+    parts = (stats.queue, stats.compute_input, stats.compute_infer, stats.compute_output)
+    assert [p.count for p in parts] == [4, 4, 4, 4] and stats.success.count == 4
+    assert stats.compute_input.ns > 0 and stats.compute_output.ns > 0
+    assert stats.success.ns == sum(p.ns for p in parts)
+    assert stats.compute_infer.ns < stats.success.ns
+    rest_stats = over_rest["inference_stats"]
+    for name, part in (("success", stats.success), ("queue", stats.queue),
+                       ("compute_input", stats.compute_input),
+                       ("compute_infer", stats.compute_infer),
+                       ("compute_output", stats.compute_output)):
+        assert (int(rest_stats[name]["count"]), int(rest_stats[name]["ns"])) == (
+            part.count, part.ns), name
+    (per_size,) = over_rest["batch_stats"]
+    assert int(per_size["batch_size"]) == 2
+    assert int(per_size["compute_input"]["count"]) == 4
+
+    # A batched model's breakdown is the batcher's (queue to dispatch, merge, run, split)
+    # plus the same arrival and encoding: never more than its success duration.
+    b = batched.inference_stats
+    assert b.compute_input.ns > 0 and b.compute_output.ns > 0
+    assert b.queue.ns + b.compute_input.ns + b.compute_infer.ns + b.compute_output.ns \
+        <= b.success.ns

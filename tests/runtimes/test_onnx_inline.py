@@ -47,8 +47,8 @@ def threads_used(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadsUsed]:
 
     def spy(*args: Any) -> Any:
         used.append(threading.current_thread().name)
-        results, elapsed = original(*args)
-        return results, elapsed if used.reported_s is None else used.reported_s
+        results, elapsed, ran = original(*args)
+        return results, elapsed if used.reported_s is None else used.reported_s, ran
 
     monkeypatch.setattr(module, "_timed_run", spy)
     yield used
