@@ -32,10 +32,11 @@ Values = Sequence[str]
 @dataclass(frozen=True, slots=True)
 class _Scope:
     """One scope's sampling: ``ratio`` None = not set here (a model: the global one; the
-    global scope: the OTEL_TRACES_SAMPLER sampler decides); ``off`` = trace_level OFF."""
+    global scope: the OTEL_TRACES_SAMPLER sampler decides); ``off`` = trace_level OFF
+    (True), TIMESTAMPS (False) or not set here (None: a model follows the global level)."""
 
     ratio: float | None = None
-    off: bool = False
+    off: bool | None = None
 
 
 class TraceSettings:
@@ -68,8 +69,13 @@ class TraceSettings:
         return report
 
     def _effective(self, model: str | None) -> _Scope:
-        # A model's own scope only exists while something is set in it.
-        return self._models.get(model, self._global) if model else self._global
+        """What applies to ``model``: each of its settings, else the global one."""
+        own = self._models.get(model) if model else None
+        scope = self._global
+        if own is None:
+            return _Scope(scope.ratio, bool(scope.off))
+        return _Scope(scope.ratio if own.ratio is None else own.ratio,
+                      bool(scope.off if own.off is None else own.off))
 
     def update(self, model: str, settings: Mapping[str, Values]) -> dict[str, list[str]]:
         """Apply ``settings`` to ``model`` ('' = global) all or nothing; returns the report."""
@@ -82,7 +88,7 @@ class TraceSettings:
                         raise InvalidRequestError(
                             f"trace setting '{name}' is {_FIXED[name]!r} in modelgate")
                 elif name == LEVEL:
-                    off = self._level(values, current)
+                    off = self._level(values)
                 elif name in (RATE, RATIO):
                     ratio = self._ratio(name, values, current)
                 else:
@@ -99,9 +105,9 @@ class TraceSettings:
                 self._global = scope
         return self.report(model)
 
-    def _level(self, values: Values, current: _Scope) -> bool:
+    def _level(self, values: Values) -> bool | None:
         if not values:
-            return self._start.off if current is self._global else False
+            return None  # cleared: the global level (for the global scope: not off)
         unknown = [v for v in values if v not in _LEVELS]
         if unknown:
             raise InvalidRequestError(

@@ -160,6 +160,16 @@ def test_only_a_successful_inference_is_compressed(open_gateway: RunningGateway)
         assert answer.json()
 
 
+def test_an_extension_not_served_is_501_naming_it(open_gateway: RunningGateway) -> None:
+    port = port_of(open_gateway)
+    for method, path in (("GET", "/v2/cudasharedmemory/status"),
+                         ("POST", "/v2/cudasharedmemory/region/r0/register"),
+                         ("POST", "/v2/cudasharedmemory/unregister")):
+        assert "the cuda_shared_memory extension" in error_of(rest(port, method, path), 501)
+    settings = rest(port, "PUT", "/v2/logging")
+    assert error_of(settings, 405) and settings.headers["allow"] == "GET, POST"
+
+
 def test_config_gives_64_bit_integers_as_numbers(open_gateway: RunningGateway) -> None:
     config = rest(port_of(open_gateway), "GET", "/v2/models/batched/config").json()
     assert config["input"][0]["dims"] == [4]
