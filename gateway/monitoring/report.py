@@ -117,11 +117,12 @@ def banded(entries: list[Entry], reference: str = "reference",
     tested = sum(1 for e in entries if e.get("psi") is not None)
     for entry in entries:
         if counts is None and not (entry.get(reference) or {}).get("count"):
-            entry.update(band=None, bound=None, needed=None)
+            entry.update(band=None, bound=None, needed=None, p_value=None)
             continue
         ref, live = pick(entry)
         found = verdict(entry.get("psi"), ref, live, tested)
-        entry.update(band=found.band, bound=found.bound, needed=found.needed)
+        entry.update(band=found.band, bound=found.bound, needed=found.needed,
+                     p_value=found.p_value)
     return entries
 
 

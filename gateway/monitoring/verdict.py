@@ -3,10 +3,10 @@ from its null distribution for the bin count and both sample sizes (docs/monitor
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Final
 
 # PSI bands: a moderate shift to watch, a shift to act on.
@@ -20,31 +20,73 @@ FALSE_ALARM: Final = 0.01
 MIN_VALUES: Final = 20
 BANDS: Final = ("ok", "watch", "act", "insufficient")
 
-_NORMAL: Final = NormalDist()
-
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """``bound``: the PSI that undrifted data exceeds with probability ``alpha`` at these
-    sample sizes; ``needed``: live values for a band, when insufficient (None: the
-    reference itself has too few rows for an act-sized shift to be told from noise)."""
+    """``bound``: the PSI that undrifted data exceeds with probability ``alpha / tested`` at
+    these sample sizes; ``p_value``: the chance that undrifted data scores at least this
+    PSI (one feature alone); ``needed``: live values for a band, when insufficient (None:
+    the reference itself has too few rows for an act-sized shift to be told from noise)."""
 
     band: str
     bound: float | None
     needed: int | None
+    p_value: float | None = None
 
 
+def chi2_survival(x: float, df: int) -> float:
+    """P(X > x) for X chi-square with ``df`` degrees of freedom: the regularized upper
+    incomplete gamma function Q(df/2, x/2), by its series below a + 1 and its continued
+    fraction above (both converge fast there)."""
+    a, y = df / 2.0, x / 2.0
+    if y <= 0.0:
+        return 1.0
+    scale = math.exp(-y + a * math.log(y) - math.lgamma(a))
+    if y < a + 1.0:
+        term = total = 1.0 / a
+        n = a
+        for _ in range(1000):
+            n += 1.0
+            term *= y / n
+            total += term
+            if term < total * 1e-15:
+                break
+        return max(0.0, 1.0 - total * scale)
+    tiny = 1e-300
+    b = y + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for i in range(1, 1000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = d if abs(d) > tiny else tiny
+        c = b + an / c
+        c = c if abs(c) > tiny else tiny
+        d = 1.0 / d
+        h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return scale * h
+
+
+@functools.lru_cache(maxsize=4096)
 def chi2_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile of the chi-square distribution with ``df`` degrees of freedom:
-    exact for 1 and 2, else the Wilson-Hilferty cube approximation (within about 1 % for
-    the upper tail used here)."""
-    if df <= 1:
-        return _NORMAL.inv_cdf((1.0 + p) / 2.0) ** 2
-    if df == 2:
-        return -2.0 * math.log(1.0 - p)
-    z = _NORMAL.inv_cdf(p)
-    h = 2.0 / (9.0 * df)
-    return df * (1.0 - h + z * math.sqrt(h)) ** 3
+    """The ``p`` quantile of the chi-square distribution with ``df`` degrees of freedom, by
+    bisection on chi2_survival (a report asks for few distinct ones: cached)."""
+    tail = 1.0 - p
+    low, high = 0.0, float(df) + 10.0
+    while chi2_survival(high, df) > tail:
+        high *= 2.0
+    for _ in range(100):
+        middle = (low + high) / 2.0
+        if chi2_survival(middle, df) > tail:
+            low = middle
+        else:
+            high = middle
+        if high - low < 1e-9 * high:
+            break
+    return (low + high) / 2.0
 
 
 def degrees_of_freedom(reference: Sequence[float], live: Sequence[float]) -> int:
@@ -70,15 +112,18 @@ def verdict(psi: float | None, reference: Sequence[float], live: Sequence[float]
     n_ref, n_live = float(sum(reference)), float(sum(live))
     if psi is None or n_ref <= 0:
         return Verdict("insufficient", None, None)
-    critical = chi2_quantile(1.0 - alpha / max(1, tested), degrees_of_freedom(reference, live))
+    df = degrees_of_freedom(reference, live)
+    critical = chi2_quantile(1.0 - alpha / max(1, tested), df)
     needed = needed_values(critical, n_ref)
     if n_live < MIN_VALUES:
         return Verdict("insufficient", None, needed)
-    bound = critical * (1.0 / n_ref + 1.0 / n_live)
+    spread = 1.0 / n_ref + 1.0 / n_live
+    bound = critical * spread
+    p_value = chi2_survival(psi / spread, df)
     if psi >= max(ACT, bound):
-        return Verdict("act", bound, None)
+        return Verdict("act", bound, None, p_value)
     if psi >= max(WATCH, bound):
-        return Verdict("watch", bound, None)
+        return Verdict("watch", bound, None, p_value)
     if bound <= ACT:
-        return Verdict("ok", bound, None)
-    return Verdict("insufficient", bound, needed)
+        return Verdict("ok", bound, None, p_value)
+    return Verdict("insufficient", bound, needed, p_value)

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gateway.monitoring.accumulator import TensorTracker
 from gateway.monitoring.divergence import js_distance, ks, psi
+from gateway.monitoring.profile import NumericFeature, TensorProfile
 from gateway.monitoring.report import version_report
 from tests.monitoring.synthetic import every_sample, reference_rows, send, version, write_profile
 
@@ -124,3 +126,15 @@ def test_no_profile_and_no_earlier_version_still_gets_statistics(tmp_path: Path)
     x0 = next(f for f in report["features"] if f["name"] == "x[0]")
     assert x0["live"]["count"] == 500 and x0["psi"] is None
     assert len(x0["cuts"]) >= 5  # bins fixed from the first rows
+
+
+def test_values_a_few_ulps_past_a_cut_count_where_the_reference_put_them() -> None:
+    tracker = TensorTracker(TensorProfile("p", "output", "numeric", "columns",
+                                          (NumericFeature("p[0]", (0.0, 1.0)),)))
+    stats = tracker.empty()
+    one = np.float32(1.0)
+    values = [np.nextafter(one, np.float32(2.0)), one, np.float32(1.001), np.float32(-5.0),
+              np.float32(1e30)]
+    tracker.update(stats, np.array(values, dtype=np.float32).reshape(-1, 1))
+    # 1.0000001 is on the cut 1.0 (bin 1); 1.001 is past it; the outer bins are open-ended.
+    assert list(stats.hist[0]) == [1.0, 2.0, 2.0]

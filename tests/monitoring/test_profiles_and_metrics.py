@@ -4,18 +4,22 @@ the hand-off that drops rather than waits, and merging several workers' reports.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from sklearn.datasets import load_iris
 
 from gateway.monitoring.collector import DriftCollector
 from gateway.monitoring.endpoint import DriftEndpoint, merge_reports
 from gateway.monitoring.profile import ProfileError, dumps, load, parse
 from gateway.monitoring.reference import build_profile, profile_from_report
 from gateway.monitoring.report import version_report
+from gateway.process.cli import main
+from gateway.settings import demo_store
 from tests.monitoring.synthetic import every_sample, reference_rows, send, version, write_profile
 
 
@@ -194,3 +198,25 @@ def test_workers_reports_merge_into_the_report_of_all_their_rows(tmp_path: Path)
     assert merged["summary"]["worst"] == "x[1]"
     assert merged["samples"]["taken"] == sum(p["samples"]["taken"] for p in parts if p)
     assert merged["window"]["rows"] == expected["window"]["rows"] == 2000
+
+
+def test_profile_names_features_by_the_npz_then_the_configs_class_labels(
+        tmp_path: Path) -> None:
+    shutil.copytree(demo_store() / "iris", tmp_path / "iris")
+    config = tmp_path / "iris" / "config.pbtxt"
+    config.write_text(config.read_text(encoding="utf-8").replace(
+        'name: "probabilities"', 'name: "probabilities"\n    label_filename: "species.txt"'),
+        encoding="utf-8")
+    (tmp_path / "iris" / "species.txt").write_text("setosa\nversicolor\nvirginica\n",
+                                                   encoding="utf-8")
+    data = tmp_path / "iris.npz"
+    columns = np.array(["sepal_length", "sepal_width", "petal_length", "petal_width"])
+    np.savez(data, **{"features": load_iris().data, "features.names": columns})
+    assert main(["profile", "iris", "1", "--store", str(tmp_path), "--data", str(data),
+                 "--force"]) == 0
+    profile = load(tmp_path / "iris" / "1" / "profile.json")
+    names = {t.name: [f.name for f in (*t.numeric, *t.categorical)] for t in profile.tensors}
+    assert names["features"] == list(columns)
+    assert names["probabilities"] == [
+        "probabilities[setosa]", "probabilities[versicolor]", "probabilities[virginica]"]
+    assert names["label"] == ["label"]  # the top-1 class on every row: no probabilities.top1
