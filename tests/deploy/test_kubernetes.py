@@ -363,8 +363,14 @@ def test_the_built_pod_serves_the_docs_keyed_call(
                   "--user", f"{UID}:{UID}", "--health-interval", "disable",
                   *volumes(container, mounts_of), *env, pm.IMAGE, *container["args"])
         probe = container["startupProbe"]["httpGet"]["path"]
-        wait_until(lambda: status(ports["METRICS"], probe) == 200 or not running(name),
-                   "the pod's startup probe", timeout=180, interval=0.2)
+        try:
+            # Generous: two workers load the demo store on a machine the tests share.
+            wait_until(lambda: status(ports["METRICS"], probe) == 200 or not running(name),
+                       "the pod's startup probe", timeout=600, interval=0.2)
+        except TimeoutError as exc:
+            logs = pm.podman("logs", name, check=False)
+            raise AssertionError(f"never ready:\n{logs.stdout[-3000:]}\n{logs.stderr[-3000:]}"
+                                 ) from exc
         assert running(name), pm.podman("logs", name, check=False).stderr
         curl = next(s for s in docs_steps() if s.startswith("curl"))
         body = json.loads(shlex.split(curl)[shlex.split(curl).index("-d") + 1])
