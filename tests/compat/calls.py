@@ -146,14 +146,22 @@ def _add_inputs(module: ModuleType, kind: str, binary: bool = True,
 
 
 def _infer(binary: bool = True, model: str = "add", data: np.ndarray = X,
-           **kwargs: Any) -> Build:
+           class_count: int = 0, compression: str | None = None, **kwargs: Any) -> Build:
+    """An inference of ``model``; ``outputs`` names those asked for (each with
+    ``class_count``), ``compression`` compresses both ways where the client can."""
     def build(module: ModuleType, kind: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
         extra = dict(kwargs)
         outputs = extra.pop("outputs", None)
         if outputs is not None:
             extra["outputs"] = [
-                module.InferRequestedOutput(name, binary_data=binary) if kind in HTTP
-                else module.InferRequestedOutput(name) for name in outputs]
+                module.InferRequestedOutput(name, binary_data=binary, class_count=class_count)
+                if kind in HTTP else module.InferRequestedOutput(name, class_count=class_count)
+                for name in outputs]
+        if compression is not None and kind in HTTP:
+            extra["request_compression_algorithm"] = compression
+            extra["response_compression_algorithm"] = compression
+        elif compression is not None:
+            extra["compression_algorithm"] = compression
         return (model, _add_inputs(module, kind, binary, data)), extra
     return build
 

@@ -184,9 +184,20 @@ SHARED_MEMORY_CASES: Final = [
     *(SERVED_SHARED_MEMORY_CASES if "system_shared_memory" in EXTENSIONS else SYSTEM_REFUSED),
     *CUDA_REFUSED,
 ]
-# Classification (class_count) and compression cases: 23B adds rows here.
-CLASSIFICATION_CASES: Final[list[Case]] = []
-COMPRESSION_CASES: Final[list[Case]] = []
+# Classification (class_count) and compression: compared with Triton like CASES; 23B adds
+# its hostile rows (bad counts, BYTES outputs, gzip bombs) here.
+CLASSIFICATION_CASES: Final[list[Case]] = [
+    Case("classification-top-2", "infer", _infer(outputs=["y"], class_count=2),
+         project=_outputs),
+    Case("classification-json-top-1", "infer",
+         _infer(binary=False, outputs=["y", "doubled"], class_count=1), kinds=HTTP,
+         project=_outputs),
+]
+COMPRESSION_CASES: Final[list[Case]] = [
+    Case(f"infer-compressed-{algorithm}", "infer", _infer(compression=algorithm),
+         project=_outputs)
+    for algorithm in ("gzip", "deflate")
+]
 
 ALL_CASES: Final = [*CASES, *SHARED_MEMORY_CASES, *CLASSIFICATION_CASES, *COMPRESSION_CASES]
 # Methods made elsewhere: load/unload with model control on (test_model_control.py).
@@ -220,7 +231,8 @@ def test_modelgate_answers(modelgate: Server, kind: str, case: Case) -> None:
     _assert_outcome(call(modelgate, kind, case), case, kind)
 
 
-@pytest.mark.parametrize(("kind", "case"), _grid(CASES))
+@pytest.mark.parametrize(("kind", "case"),
+                         _grid([*CASES, *CLASSIFICATION_CASES, *COMPRESSION_CASES]))
 def test_triton_answers_alike(modelgate: Server, triton: Server, kind: str,
                               case: Case) -> None:
     """The same call to tritonserver: both fail (with the same status, unless the case
