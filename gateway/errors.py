@@ -34,6 +34,15 @@ class ModelNotFoundError(GatewayError):
     """No such model or version (or one the caller may not see)."""
 
 
+class SharedMemoryNotFoundError(GatewayError):
+    """No such shared-memory region or object for this caller (another tenant's reads the
+    same)."""
+
+
+class SharedMemoryLimitError(GatewayError):
+    """A tenant's shared-memory regions are at their bound."""
+
+
 class ModelNotReadyError(GatewayError):
     """The version exists but is loading, unloading or failed to load."""
 

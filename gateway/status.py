@@ -23,6 +23,8 @@ STATUS_TABLE: Final[tuple[tuple[type[BaseException], grpc.StatusCode, int], ...]
     (gw.UnsupportedCodingError, grpc.StatusCode.INVALID_ARGUMENT, 415),
     (gw.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT, 400),
     (gw.ModelNotFoundError, grpc.StatusCode.NOT_FOUND, 404),
+    (gw.SharedMemoryNotFoundError, grpc.StatusCode.NOT_FOUND, 404),
+    (gw.SharedMemoryLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     (gw.ModelNotReadyError, grpc.StatusCode.UNAVAILABLE, 503),
     (gw.OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     (gw.PayloadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED, 413),

@@ -93,8 +93,10 @@ class HeaderPlans:
               body: InferBody) -> None:
         """Remember a header whose request decoded without error; ``layout`` gives each
         input's datatype, shape and place in the binary data after the header."""
-        if len(header) > MAX_HEADER_BYTES or decoded.invalid is not None:
-            return
+        options = decoded.options
+        if (len(header) > MAX_HEADER_BYTES or decoded.invalid is not None
+                or (options is not None and options.regions)):
+            return  # outputs to shared memory: checked against the caller's regions each time
         inputs = decoded.request.inputs
         planned = tuple(
             _Input(name, datatype, inputs[name].dtype, shape, start, end)

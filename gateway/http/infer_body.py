@@ -13,9 +13,17 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from gateway.errors import InvalidRequestError
+from gateway.errors import InvalidRequestError, NotSupportedError
 from gateway.http.json_tensors import from_json, to_json
 from gateway.pipeline.classification import class_count
+from gateway.pipeline.shared_memory import (
+    BYTE_SIZE,
+    OFFSET,
+    REGION,
+    MemoryRef,
+    TenantMemory,
+    memory_ref,
+)
 from gateway.pipeline.tensors import (
     MAX_TENSORS,
     DecodedRequest,
@@ -94,13 +102,15 @@ def parse_header(text: bytes | memoryview, exact: bool = False) -> Mapping[str, 
 
 
 def decode_infer(
-    header: Mapping[str, Any], body: bytes, binary_start: int
+    header: Mapping[str, Any], body: bytes, binary_start: int,
+    memory: TenantMemory | None = None,
 ) -> tuple[DecodedRequest, InferBody, BinaryLayout | None]:
     """Turn an infer request into plain tensors in its own datatypes and shapes (the spec
     check is the pipeline's). Every binary_data_size is checked against the bytes present
     before any tensor is built. What is wrong with the header's structure raises here; what
     is wrong with its tensors' data travels as ``invalid`` (see DecodedRequest). The layout
-    is None when an input came as JSON data."""
+    is None when an input came as JSON data or from shared memory (``memory``, the
+    caller's, which inputs and outputs naming a region use)."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequestError("'inputs' must be a non-empty list")
@@ -114,7 +124,8 @@ def decode_infer(
         raise InvalidRequestError("'id' must be a string")
     parameters = _object(header.get("parameters"), "'parameters'")
     declared: dict[str, InputLayout] = {}
-    sources: dict[str, Any] = {}  # an input's JSON data, or its (start, end) in the body
+    # An input's JSON data, its (start, end) in the body, or its place in shared memory.
+    sources: dict[str, Any] = {}
     offset = binary_start
     for entry in inputs:
         name, datatype, shape, source, offset = _input(entry, body, offset)
@@ -129,25 +140,10 @@ def decode_infer(
     binary_outputs = _requested_outputs(outputs, _binary_default(parameters))
     answer = InferBody(request_id, binary_outputs, _binary_default(parameters))
     names = tuple(binary_outputs)
-    options = _output_options(outputs)
+    options = _output_options(outputs, memory)
     requested = RequestLayout(tuple(declared.values()), names)
-    arrays: dict[str, Tensor] = {}
-    layout: BinaryLayout | None = {}
-    view = memoryview(body)
     try:
-        # Answered after the model's signature check (the pipeline's), which names the
-        # dimension it wants: that check is integer arithmetic only, as is this one.
-        for name, datatype, shape in requested.inputs:
-            check_size(name, shape)
-            source = sources[name]
-            if isinstance(source, tuple):
-                start, end = source
-                arrays[name] = from_raw(name, datatype, shape, view[start:end])
-                if layout is not None:
-                    layout[name] = (datatype, shape, start - binary_start, end - binary_start)
-            else:
-                arrays[name] = from_json(name, datatype, shape, source)
-                layout = None
+        arrays, layout = _tensors(requested, sources, body, binary_start, memory)
         priority = _int_parameter(parameters, "priority") or 0
         timeout_us = _int_parameter(parameters, "timeout")
     except InvalidRequestError as exc:
@@ -155,6 +151,36 @@ def decode_infer(
                 answer, None)
     request = InferRequest(inputs=arrays, outputs=names, priority=priority, timeout_us=timeout_us)
     return DecodedRequest(request, requested, None, options), answer, layout
+
+
+def _tensors(
+    requested: RequestLayout, sources: Mapping[str, Any], body: bytes, binary_start: int,
+    memory: TenantMemory | None,
+) -> tuple[dict[str, Tensor], BinaryLayout | None]:
+    """Each input's array from its source (JSON data, binary data, shared memory), and the
+    binary layout when every input came as binary data."""
+    arrays: dict[str, Tensor] = {}
+    layout: BinaryLayout | None = {}
+    view = memoryview(body)
+    # Answered after the model's signature check (the pipeline's), which names the
+    # dimension it wants: that check is integer arithmetic only, as is this one.
+    for name, datatype, shape in requested.inputs:
+        check_size(name, shape)
+        source = sources[name]
+        if isinstance(source, MemoryRef):
+            if memory is None:
+                raise NotSupportedError("shared memory inputs are not served here")
+            arrays[name] = from_raw(name, datatype, shape, memory.read(source))
+            layout = None
+        elif isinstance(source, tuple):
+            start, end = source
+            arrays[name] = from_raw(name, datatype, shape, view[start:end])
+            if layout is not None:
+                layout[name] = (datatype, shape, start - binary_start, end - binary_start)
+        else:
+            arrays[name] = from_json(name, datatype, shape, source)
+            layout = None
+    return arrays, layout
 
 
 def _input(
@@ -173,7 +199,15 @@ def _input(
     if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
         raise InvalidRequestError(f"input '{name}': 'shape' must be a list of integers")
     datatype, checked = datatype_of(name, wire), check_shape(name, shape)
-    size = _object(item.get("parameters"), f"input '{name}' parameters").get("binary_data_size")
+    parameters = _object(item.get("parameters"), f"input '{name}' parameters")
+    size = parameters.get("binary_data_size")
+    if REGION in parameters:
+        if "data" in item or size is not None:
+            raise InvalidRequestError(
+                f"input '{name}' names a shared memory region and also carries data; send one")
+        ref = memory_ref(f"input '{name}'", parameters[REGION], parameters.get(BYTE_SIZE),
+                         parameters.get(OFFSET))
+        return name, datatype, checked, ref, offset
     if size is None:
         if "data" not in item:
             raise InvalidRequestError(f"input '{name}' has neither 'data' nor binary data")
@@ -212,24 +246,36 @@ def _requested_outputs(outputs: list[Any], default: bool) -> dict[str, bool]:
     return binary
 
 
-def _output_options(outputs: list[Any]) -> OutputOptions | None:
+def _output_options(outputs: list[Any], memory: TenantMemory | None) -> OutputOptions | None:
     """A class count asked with an output's ``classification`` parameter (the
-    classification extension); None when no output asks one. Entries are objects here
-    (_requested_outputs checked them)."""
+    classification extension), a place in the caller's shared memory (checked against the
+    region before the model runs); None when no output asks either. Entries are objects
+    here (_requested_outputs checked them)."""
     classes: dict[str, int] = {}
+    regions: dict[str, MemoryRef] = {}
     for item in outputs:
         parameters = item.get("parameters") or {}
+        name = item["name"]
         if "classification" in parameters:
-            classes[item["name"]] = class_count(item["name"], parameters["classification"])
-    return OutputOptions(classes) if classes else None
+            classes[name] = class_count(name, parameters["classification"])
+        if REGION in parameters:
+            if memory is None:
+                raise NotSupportedError("shared memory outputs are not served here")
+            ref = memory_ref(f"output '{name}'", parameters[REGION],
+                             parameters.get(BYTE_SIZE), parameters.get(OFFSET))
+            memory.check(ref)
+            regions[name] = ref
+    return OutputOptions(classes, regions) if classes or regions else None
 
 
 def encode_infer(
     spec: ModelSpec, version: int, outputs: Mapping[str, Tensor], body: InferBody,
     datatypes: Mapping[str, DataType] | None = None,
+    *, written: Mapping[str, MemoryRef] | None = None,
 ) -> tuple[bytes, int | None]:
     """The response body and, when it carries binary outputs, its JSON header's length.
-    ``datatypes``: each output's answered datatype, where it is not the spec's."""
+    ``datatypes``: each output's answered datatype, where it is not the spec's;
+    ``written``: the outputs already written to shared memory (described, no data)."""
     declared = datatypes or {t.name: t.datatype for t in spec.outputs}
     described: list[dict[str, Any]] = []
     raw: list[bytes] = []
@@ -238,7 +284,11 @@ def encode_infer(
         datatype = declared[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatype.value,
                                  "shape": list(array.shape)}
-        if body.binary_outputs.get(name, body.binary_default):
+        ref = written.get(name) if written else None
+        if ref is not None:
+            entry["parameters"] = {REGION: ref.region, BYTE_SIZE: ref.byte_size,
+                                   **({OFFSET: ref.offset} if ref.offset else {})}
+        elif body.binary_outputs.get(name, body.binary_default):
             data = to_raw(datatype, array)
             entry["parameters"] = {"binary_data_size": len(data)}
             raw.append(data)

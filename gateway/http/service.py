@@ -24,6 +24,7 @@ from gateway.http.infer_body import (
     header_end,
     parse_header,
 )
+from gateway.http.memory_endpoints import SharedMemoryEndpoints
 from gateway.http.messages import HttpRequest, HttpResponse, json_response
 from gateway.http.routes import Route
 from gateway.models.model_control import ModelControl
@@ -34,6 +35,7 @@ from gateway.pipeline.catalog import NOT_SERVED, Catalog, server_info
 from gateway.pipeline.classification import output_types
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.pipeline.server_settings import ServerSettings
+from gateway.pipeline.shared_memory import SharedMemory, TenantMemory, write_outputs
 from gateway.pipeline.tensors import DecodedRequest
 from gateway.request.context import RequestContext
 from model_store.config import config_document
@@ -59,9 +61,10 @@ class RestService:
     def __init__(
         self, pipeline: InferencePipeline, catalog: Catalog, control: ModelControl,
         server_ready: Callable[[], bool], max_body_bytes: int, *, settings: ServerSettings,
-        drift: DriftEndpoint | None = None,
+        memory: SharedMemory, drift: DriftEndpoint | None = None,
     ) -> None:
         self._pipeline = pipeline
+        self._memory = memory
         self._catalog = catalog
         self._control = control
         self._server_ready = server_ready
@@ -86,6 +89,12 @@ class RestService:
             "ModelDrift": self.model_drift,
             "TraceSetting": extensions.trace_setting, "LogSettings": extensions.log_settings,
         }
+        regions = SharedMemoryEndpoints(memory)
+        self.endpoints.update({
+            "SystemSharedMemoryStatus": regions.status,
+            "SystemSharedMemoryRegister": regions.register,
+            "SystemSharedMemoryUnregister": regions.unregister,
+        })
         # Triton's extensions not served answer 501 naming the extension.
         self.endpoints.update({f"{prefix}{action}": extensions.not_served
                                for prefix in NOT_SERVED
@@ -204,21 +213,28 @@ class RestService:
         key = (body[:binary_start]
                if header_length is not None and binary_start <= MAX_HEADER_BYTES else b"")
         plan = self._plans.get(key) if key else None
+        memory = self._memory.of(context.tenant.id)
         if plan is not None and plan.binary_size == len(body) - binary_start:
             decoded = plan.decode(memoryview(body)[binary_start:])
             answer = plan.body
         else:
             view = memoryview(body)
             header = parse_header(view[:binary_start] if header_length is not None else body)
-            decoded, answer = self._decode(header, view, body, binary_start, key)
+            decoded, answer = self._decode(header, view, body, binary_start, key,
+                                           memory=memory)
         inference = await self._pipeline.infer(context, route.model, route.version, decoded)
         started = time.perf_counter_ns()
         served = inference.version
         options = inference.options
-        payload, head_length = encode_infer(
-            served.spec, served.id.version, inference.outputs, answer,
-            None if options is None else output_types(served.spec, options.classes),
-        )
+        if options is None:
+            payload, head_length = encode_infer(
+                served.spec, served.id.version, inference.outputs, answer)
+        else:
+            types = output_types(served.spec, options.classes)
+            written = write_outputs(memory, options.regions, inference.outputs, types)
+            payload, head_length = encode_infer(
+                served.spec, served.id.version, inference.outputs, answer, types,
+                written=written)
         record_encoding(served.statistics, started)
         if head_length is None:
             return HttpResponse(200, payload)
@@ -226,18 +242,20 @@ class RestService:
                             (("Inference-Header-Content-Length", str(head_length)),))
 
     def _decode(self, header: Mapping[str, Any], view: memoryview, body: bytes,
-                binary_start: int, key: bytes) -> tuple[DecodedRequest, InferBody]:
+                binary_start: int, key: bytes, *,
+                memory: TenantMemory) -> tuple[DecodedRequest, InferBody]:
         """The full decode of a request whose header has no plan (learning one for it)."""
         try:
-            decoded, answer, layout = decode_infer(header, body, binary_start)
+            decoded, answer, layout = decode_infer(header, body, binary_start, memory)
         except InvalidRequestError:
             # orjson turned an integer past 64 bits into a float: the standard library's
             # parse names what is wrong exactly (or raises the same).
-            decode_infer(parse_header(view[:binary_start], exact=True), body, binary_start)
+            decode_infer(parse_header(view[:binary_start], exact=True), body, binary_start,
+                         memory)
             raise
         if decoded.invalid is not None:
             exact, exact_answer, _ = decode_infer(
-                parse_header(view[:binary_start], exact=True), body, binary_start)
+                parse_header(view[:binary_start], exact=True), body, binary_start, memory)
             if exact.invalid is not None:
                 return exact, exact_answer
         elif key and layout is not None:

@@ -122,6 +122,11 @@ class Metrics:
             "spans_dropped", "Trace spans never delivered to the collector, by reason",
             ("reason",), namespace=ns, registry=r,
         )
+        shared_memory = Counter(
+            "shared_memory_bytes", "Tensor bytes read from (input) and written to (output) "
+            "system shared memory regions", ("direction",), namespace=ns, registry=r,
+        )
+        self._shared_memory = {d: shared_memory.labels(d) for d in ("input", "output")}
         self._models: dict[ModelId, ModelMetrics] = {}
         # (model, tenant, code, protocol) -> the children one answered RPC counts into.
         self._answered: dict[
@@ -129,6 +134,10 @@ class Metrics:
         ] = {}
         self._tenants: set[str] = set()
         self._lock = threading.Lock()
+
+    def count_shared_memory(self, direction: str, size: int) -> None:
+        """Count ``size`` tensor bytes passed through shared memory ("input"/"output")."""
+        self._shared_memory[direction].inc(size)
 
     def model(self, model: ModelId) -> ModelMetrics:
         """The bound children of one model version (created on first use)."""

@@ -21,16 +21,16 @@ from model_store.spec import ModelSpec
 
 # The Triton protocol extensions both transports serve, by Triton's names: exactly those
 # implemented, for ServerMetadata.extensions on gRPC and GET /v2 over REST. An extension
-# that lands (system_shared_memory) adds its name here and nowhere else.
+# that lands adds its name here and nowhere else.
 EXTENSIONS: Final = (
     "model_configuration", "model_repository", "binary_tensor_data", "parameters",
     "statistics", "schedule_policy", "classification", "trace", "logging",
+    "system_shared_memory",
 )
 SERVER_NAME: Final = "modelgate"
-# Triton extensions not served, by the name prefix of their methods (SystemSharedMemory-
+# Triton extensions not served, by the name prefix of their methods (CudaSharedMemory-
 # Status, ...): both transports answer them UNIMPLEMENTED / 501 naming the extension.
-NOT_SERVED: Final = {"SystemSharedMemory": "system_shared_memory",
-                     "CudaSharedMemory": "cuda_shared_memory"}
+NOT_SERVED: Final = {"CudaSharedMemory": "cuda_shared_memory"}
 
 
 def not_served(method: str) -> str:

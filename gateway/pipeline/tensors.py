@@ -9,8 +9,8 @@ import math
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from gateway.sanitize import echoed
 from model_store.datatypes import DataType
 from model_store.spec import ModelSpec
 from runtimes.base import InferRequest, Tensor
+
+if TYPE_CHECKING:  # shared_memory checks region names with check_name, from here
+    from gateway.pipeline.shared_memory import MemoryRef
 
 MAX_RANK: Final = 16
 MAX_TENSORS: Final = 128
@@ -76,7 +79,7 @@ def check_size(name: str, shape: tuple[int, ...]) -> None:
 
 
 def from_raw(
-    name: str, datatype: DataType, shape: tuple[int, ...], data: bytes | memoryview
+    name: str, datatype: DataType, shape: tuple[int, ...], data: bytes | bytearray | memoryview
 ) -> Tensor:
     """A tensor from its raw bytes, whose length must be exactly what the shape needs."""
     count = math.prod(shape)
@@ -93,7 +96,7 @@ def from_raw(
 
 
 def _bytes_from_raw(
-    name: str, shape: tuple[int, ...], count: int, data: bytes | memoryview
+    name: str, shape: tuple[int, ...], count: int, data: bytes | bytearray | memoryview
 ) -> Tensor:
     # Every element costs at least its 4-byte length prefix: reject impossible counts before
     # allocating the element array.
@@ -186,9 +189,11 @@ class RequestLayout:
 class OutputOptions:
     """What a request asked of its outputs beyond their names (None on a request that asks
     nothing more): ``classes``, the class count of each output answered by classification
-    (the classification extension)."""
+    (the classification extension); ``regions``, where in the tenant's shared memory each
+    output asked to go there is written (the system shared memory extension)."""
 
     classes: Mapping[str, int]
+    regions: Mapping[str, MemoryRef] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ from gateway.pipeline.catalog import Catalog
 from gateway.pipeline.limits import InflightLimit
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.pipeline.server_settings import ServerSettings
+from gateway.pipeline.shared_memory import SharedMemory
 from gateway.process.http_endpoints import HttpEndpoints, manager_readiness
 from gateway.process.tls import CertificateFiles
 from gateway.quota.redis_store import build_quota_store
@@ -121,6 +122,9 @@ class Gateway:
         # What every transport adapter calls: inference, and what a tenant may learn.
         self.pipeline = InferencePipeline(self.manager, self.quota, self.monitor.hooks())
         self.catalog = Catalog(self.manager)
+        # Triton's system shared memory: each tenant's regions (this process's only).
+        self.shared_memory = SharedMemory(settings.max_message_bytes,
+                                          self.metrics.count_shared_memory)
         # Triton's trace and logging extensions, over this process's tracing and root logger.
         self.server_settings = ServerSettings(
             self.manager, self.tracing.settings if self.tracing is not None else None,
@@ -189,6 +193,7 @@ class Gateway:
             self.pipeline, self.catalog,
             ModelControl(self.manager, settings.enable_model_control), self.manager.ready,
             settings.max_message_bytes, settings=self.server_settings,
+            memory=self.shared_memory,
             drift=DriftEndpoint(self.monitor, self.manager.models, self.manager.shadow.stats),
         )
         edge = RestEdge(service, self.inflight, self.authenticator, self.metrics,
@@ -210,7 +215,7 @@ class Gateway:
             InferenceServicer(
                 self.pipeline, self.catalog,
                 ModelControl(self.manager, self.settings.enable_model_control),
-                self.manager.ready, self.server_settings,
+                self.manager.ready, self.server_settings, memory=self.shared_memory,
             ),
             self.edge,
         )
@@ -320,6 +325,7 @@ class Gateway:
             *([self.rest.stop(grace_s)] if self.rest is not None else []),
         )
         await self.quota.close()
+        self.shared_memory.close()
         if self.tenants is not None:
             await self.tenants.stop()
         await self.manager.stop()

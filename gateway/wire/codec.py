@@ -14,6 +14,7 @@ from gateway.errors import InvalidRequestError
 from gateway.models.served import ServedVersion
 from gateway.pipeline.classification import output_types
 from gateway.pipeline.pipeline import Inference
+from gateway.pipeline.shared_memory import TenantMemory, write_outputs
 from gateway.pipeline.tensors import DecodedRequest, RequestLayout
 from gateway.wire.conversion import (
     MAX_TENSORS,
@@ -66,15 +67,18 @@ class RequestDecoder:
     def __init__(self) -> None:
         self._plans: dict[PlanKey, _Plan] = {}
 
-    def decode(self, request: pb.ModelInferRequest) -> DecodedRequest:
-        """The request as plain tensors; raises (or defers) what decode_request does."""
+    def decode(
+        self, request: pb.ModelInferRequest, memory: TenantMemory | None = None
+    ) -> DecodedRequest:
+        """The request as plain tensors; raises (or defers) what decode_request does.
+        ``memory``: the caller's shared memory, for tensors that name a region."""
         inputs = request.inputs
         raw = request.raw_input_contents
         requested = request.outputs
         count = len(inputs)
         if (not raw or len(raw) != count or count > MAX_TENSORS
                 or len(requested) > MAX_TENSORS):
-            return decode_request(request)
+            return decode_request(request, memory)
         if count == 1:  # the common case, without the generator
             tensor = inputs[0]
             layout: tuple[tuple[str, str, tuple[int, ...]], ...] = (
@@ -85,24 +89,24 @@ class RequestDecoder:
         key: PlanKey = (layout, tuple([o.name for o in requested]) if requested else ())
         plan = self._plans.get(key)
         if plan is None:
-            decoded = decode_request(request)  # every check; raises on bad input
+            decoded = decode_request(request, memory)  # every check; raises on bad input
             self._learn(key, decoded)
             return decoded
         arrays: dict[str, Tensor] = {}
         for index, spec in enumerate(plan.inputs):
             data = raw[index]
             if len(data) != spec.nbytes or inputs[index].HasField("contents"):
-                return decode_request(request)  # the full message
+                return decode_request(request, memory)  # the full message
             # Zero-copy view of the request's bytes; read-only, which runtimes respect.
             arrays[spec.name] = np.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
         outputs = plan.layout.outputs
-        options = output_options(requested) if requested else None
+        options = output_options(requested, memory) if requested else None
         params = request.parameters
         if params:
             try:
                 priority, timeout_us = request_parameters(params)
             except InvalidRequestError:
-                return decode_request(request)  # deferred like any data error
+                return decode_request(request, memory)  # deferred like any data error
             return DecodedRequest(InferRequest(arrays, outputs, 1, priority, timeout_us),
                                   plan.layout, None, options)
         return DecodedRequest(InferRequest(arrays, outputs), plan.layout, None, options)
@@ -217,18 +221,25 @@ class Codecs:
         self._encoders: dict[ServedVersion, ResponseEncoder] = {}
         self._limit = limit
 
-    def decode(self, request: pb.ModelInferRequest) -> DecodedRequest:
-        return self.decoder.decode(request)
+    def decode(
+        self, request: pb.ModelInferRequest, memory: TenantMemory | None = None
+    ) -> DecodedRequest:
+        return self.decoder.decode(request, memory)
 
     def encode(
-        self, request: pb.ModelInferRequest, inference: Inference
+        self, request: pb.ModelInferRequest, inference: Inference,
+        memory: TenantMemory | None = None,
     ) -> bytes | pb.ModelInferResponse:
-        """The answer to ``request`` from what the pipeline returned."""
+        """The answer to ``request`` from what the pipeline returned; outputs asked for in
+        shared memory are written to ``memory`` (the caller's) and only described."""
         options = inference.options
-        if options is not None:  # classified outputs: not the types the encoder knows
+        if options is not None:  # classified or shared-memory outputs: the full encoder
             spec = inference.version.spec
+            types = output_types(spec, options.classes)
+            written = (write_outputs(memory, options.regions, inference.outputs, types)
+                       if options.regions and memory is not None else None)
             return encode_response(request, spec, inference.version.id.version,
-                                   inference.outputs, output_types(spec, options.classes))
+                                   inference.outputs, types, written=written)
         return self.of(inference.version).encode(request, inference.outputs)
 
     def of(self, version: ServedVersion) -> ResponseEncoder:

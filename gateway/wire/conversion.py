@@ -10,8 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from gateway.errors import InvalidRequestError
+from gateway.errors import InvalidRequestError, NotSupportedError
 from gateway.pipeline.classification import class_count
+from gateway.pipeline.shared_memory import (
+    BYTE_SIZE,
+    OFFSET,
+    REGION,
+    MemoryRef,
+    TenantMemory,
+    memory_ref,
+)
 from gateway.pipeline.tensors import (
     MAX_ELEMENTS,
     MAX_TENSORS,
@@ -39,19 +47,27 @@ __all__ = [
 ]
 
 
-def decode_request(request: pb.ModelInferRequest) -> DecodedRequest:
+def decode_request(
+    request: pb.ModelInferRequest, memory: TenantMemory | None = None
+) -> DecodedRequest:
     """Turn a request into plain tensors in its own datatypes and shapes, checking every
     claimed size against the bytes present first; the spec check is the pipeline's. What
     is wrong with the message's structure raises here; what is wrong with its tensors' data
-    travels as ``invalid`` (see DecodedRequest)."""
+    travels as ``invalid`` (see DecodedRequest). ``memory``: the caller's shared memory,
+    which inputs naming a region are read from (and outputs checked against)."""
     inputs = request.inputs
     raw = request.raw_input_contents
     if len(inputs) > MAX_TENSORS or len(request.outputs) > MAX_TENSORS:
         raise InvalidRequestError(f"a request may carry at most {MAX_TENSORS} inputs and outputs")
-    if raw and len(raw) != len(inputs):
+    refs = {t.name: _memory_ref("input", t.name, t.parameters)
+            for t in inputs if t.parameters and REGION in t.parameters}
+    if refs and memory is None:
+        raise NotSupportedError("shared memory inputs are not served on this method")
+    if raw and len(raw) != len(inputs) - len(refs):
         raise InvalidRequestError(
-            f"raw_input_contents has {len(raw)} entries but the request has {len(inputs)} inputs; "
-            "with raw contents every input must have one"
+            f"raw_input_contents has {len(raw)} entries but the request has "
+            f"{len(inputs) - len(refs)} inputs not in shared memory; with raw contents every "
+            "such input must have one"
         )
     if raw and any(t.HasField("contents") for t in inputs):
         raise InvalidRequestError(
@@ -74,16 +90,21 @@ def decode_request(request: pb.ModelInferRequest) -> DecodedRequest:
         requested.add(output.name)
     names = tuple(o.name for o in request.outputs)
     layout = RequestLayout(tuple(declared.values()), names)
-    options = output_options(request.outputs)
+    options = output_options(request.outputs, memory)
     try:
         # Sizes are checked here but answered after the model's signature check (the
         # pipeline's), which names the dimension it wants: integer arithmetic only so far.
         for name, _, shape in layout.inputs:
             check_size(name, shape)
         arrays: dict[str, Tensor] = {}
+        raw_index = 0  # raw contents are listed for the inputs not in shared memory only
         for index, (name, datatype, shape) in enumerate(layout.inputs):
-            if raw:
-                arrays[name] = from_raw(name, datatype, shape, raw[index])
+            ref = refs.get(name)
+            if ref is not None and memory is not None:
+                arrays[name] = from_raw(name, datatype, shape, memory.read(ref))
+            elif raw:
+                arrays[name] = from_raw(name, datatype, shape, raw[raw_index])
+                raw_index += 1
             else:
                 arrays[name] = _from_contents(inputs[index], datatype, shape)
         priority, timeout_us = request_parameters(request.parameters)
@@ -97,19 +118,43 @@ def decode_request(request: pb.ModelInferRequest) -> DecodedRequest:
 
 def output_options(
     requested: Sequence[pb.ModelInferRequest.InferRequestedOutputTensor],
+    memory: TenantMemory | None = None,
 ) -> OutputOptions | None:
     """What the requested outputs ask beyond their names: a class count in the parameter
-    ``classification`` (the classification extension). None when nothing is asked."""
+    ``classification`` (the classification extension), a place in the caller's shared
+    memory (``shared_memory_region`` ..., checked against the region here, before the
+    model runs). None when nothing is asked."""
     classes: dict[str, int] = {}
+    regions: dict[str, MemoryRef] = {}
     for output in requested:
         params = output.parameters
-        if params and "classification" in params:
-            param = params["classification"]
-            which = param.WhichOneof("parameter_choice")
-            value = (param.int64_param if which == "int64_param"
-                     else param.uint64_param if which == "uint64_param" else None)
-            classes[output.name] = class_count(output.name, value)
-    return OutputOptions(classes) if classes else None
+        if not params:
+            continue
+        if "classification" in params:
+            classes[output.name] = class_count(
+                output.name, _value(params["classification"], numbers_only=True))
+        if REGION in params:
+            if memory is None:
+                raise NotSupportedError("shared memory outputs are not served on this method")
+            ref = _memory_ref("output", output.name, params)
+            memory.check(ref)
+            regions[output.name] = ref
+    return OutputOptions(classes, regions) if classes or regions else None
+
+
+def _value(param: pb.InferParameter, numbers_only: bool = False) -> object:
+    """A parameter's value (None when unset; a number only, if ``numbers_only``)."""
+    which = param.WhichOneof("parameter_choice")
+    if which is None or (numbers_only and which not in ("int64_param", "uint64_param")):
+        return None
+    return getattr(param, which)
+
+
+def _memory_ref(kind: str, name: str, params: Mapping[str, pb.InferParameter]) -> MemoryRef:
+    def get(key: str) -> object:
+        return _value(params[key]) if key in params else None
+
+    return memory_ref(f"{kind} '{name}'", get(REGION), get(BYTE_SIZE), get(OFFSET))
 
 
 def request_parameters(params: Mapping[str, pb.InferParameter]) -> tuple[int, int | None]:
@@ -176,10 +221,12 @@ def encode_response(
     version: int,
     outputs: Mapping[str, Tensor],
     datatypes: Mapping[str, DataType] | None = None,
+    *, written: Mapping[str, MemoryRef] | None = None,
 ) -> pb.ModelInferResponse:
     """Build the response; raw_output_contents unless an output asked for
     ``binary_data: false``, in which case that output comes as typed contents.
-    ``datatypes``: each output's answered datatype, where it is not the spec's."""
+    ``datatypes``: each output's answered datatype, where it is not the spec's;
+    ``written``: the outputs already written to shared memory (described, no data)."""
     response = pb.ModelInferResponse(
         model_name=spec.name, model_version=str(version), id=request.id
     )
@@ -190,7 +237,13 @@ def encode_response(
     for name, array in outputs.items():
         datatype = declared[name]
         out = response.outputs.add(name=name, datatype=datatype.value, shape=array.shape)
-        if typed:
+        ref = written.get(name) if written else None
+        if ref is not None:
+            out.parameters[REGION].string_param = ref.region
+            out.parameters[BYTE_SIZE].int64_param = ref.byte_size
+            if ref.offset:
+                out.parameters[OFFSET].int64_param = ref.offset
+        elif typed:
             _fill_contents(out, datatype, array)
         else:
             response.raw_output_contents.append(to_raw(datatype, array))

@@ -15,6 +15,7 @@ from gateway.observability.statistics import Duration, StatisticsSnapshot, recor
 from gateway.pipeline.catalog import Catalog, IndexEntry, not_served, server_info
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.pipeline.server_settings import ServerSettings
+from gateway.pipeline.shared_memory import SharedMemory
 from gateway.sanitize import strip_paths
 from gateway.wire.call import caller_of
 from gateway.wire.codec import Codecs
@@ -34,6 +35,7 @@ IMPLEMENTED = frozenset({
     "ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata",
     "ModelInfer", "ModelStreamInfer", "ModelConfig", "RepositoryIndex", "RepositoryModelLoad",
     "RepositoryModelUnload", "ModelStatistics", "TraceSetting", "LogSettings",
+    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
 })
 
 
@@ -42,9 +44,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(
         self, pipeline: InferencePipeline, catalog: Catalog, control: ModelControl,
-        server_ready: Callable[[], bool], settings: ServerSettings,
+        server_ready: Callable[[], bool], settings: ServerSettings, *, memory: SharedMemory,
     ) -> None:
         self._pipeline = pipeline
+        self._memory = memory
         self._catalog = catalog
         self._control = control
         self._server_ready = server_ready
@@ -107,13 +110,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if remaining is not None:
             caller.deadline = time.monotonic() + remaining
         codecs = self._codecs
+        memory = self._memory.of(caller.tenant.id)
         inference = await self._pipeline.infer(
-            caller, request.model_name, request.model_version, codecs.decode(request)
+            caller, request.model_name, request.model_version, codecs.decode(request, memory)
         )
         started = time.perf_counter_ns()
-        answer = codecs.encode(request, inference)
+        answer = codecs.encode(request, inference, memory)
         record_encoding(inference.version.statistics, started)
         return answer
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> Any:
+        self._memory.register(caller_of(context).tenant.id, request.name, request.key,
+                              request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> Any:
+        self._memory.unregister(caller_of(context).tenant.id, request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> Any:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._memory.status(caller_of(context).tenant.id, request.name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset,
+                    byte_size=region.byte_size))
+        return response
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context

@@ -366,7 +366,7 @@ def test_server_still_serves_after_every_bad_request(client: tc.InferenceServerC
 
 def test_unimplemented_methods(gateway: RunningGateway) -> None:
     with pytest.raises(grpc.RpcError) as excinfo:
-        gateway.stub().SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=10)
+        gateway.stub().CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(), timeout=10)
     assert excinfo.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
