@@ -26,12 +26,14 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 _SCRAPE_TIMEOUT_S: Final = 2.0
 
 # Samples that do not add up across processes: the earliest start time is the process's;
-# a drift score is each worker's on its share of the samples, the highest one is kept;
+# a drift score is each worker's on its share of the samples, the highest one is kept (so
+# is a count of features per band: the worst worker's, not a sum over shares);
 # a dependency is up only while every worker finds it up, and a worker in fail-open makes
 # the gateway's limits per process.
 _TAKE_MIN: Final = ("process_start_time_seconds", "modelgate_upstream_up", "modelgate_redis_up")
 _TAKE_MAX: Final = ("modelgate_drift", "modelgate_drift_max", "modelgate_drift_mean",
-                    "modelgate_drift_comparison", "modelgate_redis_fail_open")
+                    "modelgate_drift_comparison", "modelgate_drift_features",
+                    "modelgate_drift_comparison_features", "modelgate_redis_fail_open")
 _TAKE_FIRST_TYPES: Final = frozenset({"info"})
 
 

@@ -19,6 +19,7 @@ from gateway.monitoring.profile import ProfileError, dumps, load, parse
 from gateway.monitoring.reference import build_profile, profile_from_report
 from gateway.monitoring.report import version_report
 from gateway.process.cli import main
+from gateway.process.metrics_fanin import merge_expositions
 from gateway.settings import demo_store
 from tests.monitoring.synthetic import every_sample, reference_rows, send, version, write_profile
 
@@ -220,3 +221,15 @@ def test_profile_names_features_by_the_npz_then_the_configs_class_labels(
     assert names["probabilities"] == [
         "probabilities[setosa]", "probabilities[versicolor]", "probabilities[virginica]"]
     assert names["label"] == ["label"]  # the top-1 class on every row: no probabilities.top1
+
+
+def test_the_supervisor_keeps_the_worst_workers_band_counts() -> None:
+    def worker(act: int) -> str:
+        return "".join(
+            f'modelgate_drift_features{{model="m",version="1",status="{status}"}} {value}\n'
+            for status, value in (("all", 9), ("act", act), ("ok", 9 - act)))
+
+    merged = merge_expositions([worker(0), worker(2)]).decode()
+    counts = {s.labels["status"]: s.value for f in text_string_to_metric_families(merged)
+              for s in f.samples}
+    assert counts == {"all": 9.0, "act": 2.0, "ok": 9.0}
