@@ -59,6 +59,11 @@ class InferencePipeline:
         self._hooks = tuple(hooks)
         self._checks = LayoutChecks()
 
+    @property
+    def quota(self) -> QuotaStore:
+        """The store requests are charged to; a transport charges its open streams there."""
+        return self._quota
+
     async def infer(
         self, context: RequestContext, model: str, version: str, decoded: DecodedRequest
     ) -> Inference:

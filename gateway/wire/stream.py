@@ -188,13 +188,17 @@ class StreamInfer:
                 f"the gateway is at its limit of {self._max_open} open streams; retry shortly",
                 trailers={RETRY_AFTER_KEY: _OPEN_RETRY_MS},
             )
-        stream = _Stream(self, caller_of(context), tuple(context.invocation_metadata() or ()),
-                         context)
+        caller = caller_of(context)
+        # The tenant's ``streams`` limit: refused RESOURCE_EXHAUSTED (modelgate-limit:
+        # streams); the held stream is given back however the stream ends.
+        held = await self._pipeline.quota.open_stream(caller.tenant.stream_scopes())
+        stream = _Stream(self, caller, tuple(context.invocation_metadata() or ()), context)
         self._open.add(stream)
         try:
             async for answer in stream.run(requests):
                 yield answer
         finally:
+            held.release()
             self._open.discard(stream)
             if not self._open and self._none_open is not None:
                 self._none_open.set()
