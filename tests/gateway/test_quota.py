@@ -4,7 +4,6 @@ behaviour."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import shutil
@@ -20,6 +19,7 @@ from gateway.quota.shared import SharedQuotaStore
 from gateway.quota.store import DAY_S, Admission, Limits, LocalQuotaStore, QuotaStore, Scope
 from gateway.quota.table import create_table
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -207,14 +207,6 @@ def _paused(server: RedisServer) -> None:
         assert probe.connect_ex(("127.0.0.1", server.port)) != 0
 
 
-async def _until(condition: object, limit_s: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + limit_s
-    while not condition():  # type: ignore[operator]
-        assert loop.time() < give_up, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_fail_open_serves_under_local_limits_and_resumes_shared(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -235,7 +227,7 @@ async def test_fail_open_serves_under_local_limits_and_resumes_shared(
     assert not store.available and store.outages == 1
     assert sum("unreachable" in r.message for r in caplog.records) == 1
     redis_server.start()
-    await _until(lambda: store.available)
+    await until(lambda: store.available, "Redis shared again")
     assert sum("shared again" in r.message for r in caplog.records) == 1
     # Shared again: a fresh Redis has a full bucket (the restart lost the counters).
     for _ in range(3):
@@ -259,7 +251,7 @@ async def test_fail_closed_answers_unavailable_until_redis_is_back(
             await store.charge(scopes, 1)
         assert info.value.trailers["modelgate-limit"] == "quota_store"
     redis_server.start()
-    await _until(lambda: store.available)
+    await until(lambda: store.available, "Redis shared again")
     await store.charge(scopes, 1)
     await store.close()
 
@@ -271,7 +263,7 @@ async def test_redis_down_at_start_fails_over_and_recovers(redis_server: RedisSe
     assert not store.available
     await store.charge(scope(requests_per_s=5), 1)
     redis_server.start()
-    await _until(lambda: store.available)
+    await until(lambda: store.available, "Redis shared again")
     await store.close()
 
 

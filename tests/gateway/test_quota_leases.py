@@ -21,6 +21,7 @@ from gateway.quota.leases import BLOCK_MAX, block_size
 from gateway.quota.redis_store import FAIL_OPEN, RedisQuotaStore
 from gateway.quota.store import Admission, Limits, Scope
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,24 +62,20 @@ async def take(store: RedisQuotaStore, scopes: tuple[Scope, ...], count: int) ->
     return held
 
 
-async def until(condition: Callable[[], object], limit_s: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + limit_s
-    while not condition():
-        assert loop.time() < give_up, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def until_taken(store: RedisQuotaStore, scopes: tuple[Scope, ...], count: int,
-                      limit_s: float = 10) -> list[Admission]:
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + limit_s
-    while True:
+                      ) -> list[Admission]:
+    """Take ``count`` slots as soon as they are there."""
+    taken: list[Admission] = []
+
+    async def took() -> bool:
         try:
-            return await take(store, scopes, count)
+            taken[:] = await take(store, scopes, count)
         except QuotaExceededError:
-            assert loop.time() < give_up, f"could not take {count} slots in time"
-            await asyncio.sleep(0.02)
+            return False
+        return True
+
+    await until(took, f"{count} slots taken", interval=0.02)
+    return taken
 
 
 async def holdings(url: str) -> dict[str, int]:
@@ -189,10 +186,13 @@ async def test_a_held_slot_stays_held_past_the_hold_time(
             seconds, micros = await client.time()
             return int(seconds) * 1000 + int(micros) // 1000
 
-        # Wait on Redis's own clock until the first grant's expiry has passed.
-        while (now_ms := await redis_ms()) <= granted_until + 50:
+        async def expired() -> bool:
+            now_ms = await redis_ms()
             assert now_ms > granted_until - 10_000
-            await asyncio.sleep(0.05)
+            return now_ms > granted_until + 50
+
+        # Wait on Redis's own clock until the first grant's expiry has passed.
+        await until(expired, "the first grant's expiry on Redis's clock", interval=0.05)
     finally:
         await client.aclose()
     with pytest.raises(QuotaExceededError):  # the heartbeat kept the holding

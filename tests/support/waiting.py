@@ -4,6 +4,7 @@ a give-up time that raises, never an assertion about how fast something happened
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable
 
@@ -29,9 +30,15 @@ async def until(
     interval: float = 0.005,
 ) -> None:
     """``wait_until`` for a coroutine: the event loop keeps running while it polls, so the
-    tasks that make ``predicate()`` true get their turns."""
+    tasks that make ``predicate()`` true get their turns. The predicate may be a coroutine
+    function (a check that asks a server)."""
     give_up = time.monotonic() + limit_s
-    while not predicate():
+    while not await _holds(predicate):
         if time.monotonic() >= give_up:
             raise TimeoutError(f"{what} not reached within {limit_s:g} s")
         await asyncio.sleep(interval)
+
+
+async def _holds(predicate: Callable[[], object]) -> object:
+    result = predicate()
+    return await result if inspect.isawaitable(result) else result
