@@ -96,6 +96,8 @@ class DynamicBatcher(RuntimeWrapper):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if isinstance(self._clock, MonotonicClock):
+            self._clock.close()
         await self.inner.unload()
 
     # -- queueing ----------------------------------------------------------------------
