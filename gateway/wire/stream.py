@@ -32,6 +32,7 @@ from gateway.errors import (
     GatewayError,
     InvalidRequestError,
     OverloadedError,
+    QuotaExceededError,
 )
 from gateway.models.routing import LABEL_KEY, ROUTING_KEY, request_metadata
 from gateway.observability.statistics import record_encoding
@@ -191,7 +192,11 @@ class StreamInfer:
         caller = caller_of(context)
         # The tenant's ``streams`` limit: refused RESOURCE_EXHAUSTED (modelgate-limit:
         # streams); the held stream is given back however the stream ends.
-        held = await self._pipeline.quota.open_stream(caller.tenant.stream_scopes())
+        try:
+            held = await self._pipeline.quota.open_stream(caller.tenant.stream_scopes())
+        except QuotaExceededError as exc:
+            self._observer.refused_stream(caller.tenant.id, exc)
+            raise
         stream = _Stream(self, caller, tuple(context.invocation_metadata() or ()), context)
         self._open.add(stream)
         try:

@@ -67,6 +67,10 @@ class StreamObserver:
                         "rpc.method": METHOD, ATTR_TENANT: tenant})
         return StreamTrace(parent, span)
 
+    def refused_stream(self, tenant: str, error: QuotaExceededError) -> None:
+        """Count a stream the tenant's quota refused as it opened (its ``streams``)."""
+        self._metrics.count_quota_rejection(tenant, limit_of(error))
+
     @staticmethod
     def close_stream(stream: StreamTrace | None, code: str, messages: int) -> None:
         if stream is None:

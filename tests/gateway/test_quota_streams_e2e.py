@@ -124,6 +124,11 @@ def test_a_tenant_at_its_streams_limit_is_refused_and_gets_it_back(served: Serve
                 trailers = await streams.refused(two)
                 assert trailers["modelgate-limit"] == "streams"
                 assert int(trailers["retry-after-ms"]) > 0
+            if served.running is not None:  # counted by limit, like a refused request
+                registry = served.running.gateway.metrics.registry
+                assert registry.get_sample_value(
+                    "modelgate_tenant_quota_rejections_total",
+                    {"tenant": "two", "limit": "streams"}) == 2
             # The other tenant is not starved: its requests and its streams pass.
             await _unary_ok(served.target, served.keys["other"])
             others = [await streams.open(served.keys["other"]) for _ in range(2)]
