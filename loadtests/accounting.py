@@ -48,8 +48,10 @@ class Plan:
     kinds: tuple[str, ...] = ("unary",)
     warmup_s: float = 2.0
     plain_s: float = 5.0
-    profile_s: float = 5.0
-    rate: int = 100  # py-spy samples per second
+    profile_s: float = 16.0
+    # py-spy samples per second: each stops the server for a millisecond or more (native
+    # stacks of every thread), so a low rate over a long window disturbs it least.
+    rate: int = 25
     messages: int = 4  # per h2load stream body, for the stream kind
 
 
@@ -250,8 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kinds", default="unary", help="unary, stream or both")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     parser.add_argument("--plain", type=float, default=5.0, help="seconds of per-thread CPU")
-    parser.add_argument("--profile", type=float, default=5.0, help="seconds of py-spy")
-    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument("--profile", type=float, default=16.0, help="seconds of py-spy")
+    parser.add_argument("--rate", type=int, default=25, help="py-spy samples per second")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args(argv)
     kinds = tuple(args.kinds.split(","))
