@@ -141,7 +141,7 @@ class RedisQuotaStore(QuotaStore):
         await self.slots.close()
         if self.available:
             with contextlib.suppress(RedisError, OSError):
-                await self._return_day_leases()
+                await self._return_period_leases()
         await self._client.aclose()
 
     async def drain(self) -> None:
@@ -321,7 +321,7 @@ class RedisQuotaStore(QuotaStore):
             # Tokens and slots granted to other ops stay leased for the next request.
             raise exceeded(*denial)
 
-    async def _return_day_leases(self) -> None:
+    async def _return_period_leases(self) -> None:
         for lease_key, lease in self.leases.items():
             if not lease.lapses and lease.tokens >= 1:
                 await self._return(keys=[self.prefix + lease_key], args=[int(lease.tokens)])

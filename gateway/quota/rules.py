@@ -346,9 +346,6 @@ class LimitRegistry:
     def __iter__(self) -> Iterator[AnyRule]:
         return iter(self._rules)
 
-    def __len__(self) -> int:
-        return len(self._rules)
-
     def register(self, rule: AnyRule) -> None:
         """Add a rule; its keys must be new."""
         taken = {f.name for f in self.fields()} | {r.key for r in self._rules}
@@ -382,16 +379,6 @@ class LimitRegistry:
     def per_row(self, on: On) -> tuple[AnyRule, ...]:
         """The rules for ``on`` whose charge costs its rows (which may never fit)."""
         return self._per_row[on]
-
-    def get(self, name: str) -> AnyRule:
-        for rule in self._rules:
-            if rule.name == name:
-                return rule
-        raise KeyError(name)
-
-    def layout(self) -> str:
-        """What the shared table's layout depends on, in words (hashed into its magic)."""
-        return ";".join(f"{r.name}/{r.key}:{r.layout}:{int(r.counters)}" for r in self._rules)
 
     def docs_table(self) -> list[str]:
         """The docs' table of limits (docs/tenants.md), one Markdown row per rule."""
