@@ -178,8 +178,17 @@ CUDA_REFUSED: Final[list[Case]] = [
     Case("cuda_shared_memory-unregister", "unregister_cuda_shared_memory", _args("region"),
          error=True, status=UNIMPLEMENTED),
 ]
-# 23B: the served system shared memory's rows (register, infer, status, unregister).
-SERVED_SHARED_MEMORY_CASES: Final[list[Case]] = []
+# The served extension's refusals; test_shared_memory.py has register, infer, status and
+# unregister succeeding.
+SERVED_SHARED_MEMORY_CASES: Final[list[Case]] = [
+    Case("system_shared_memory-register-missing-key", "register_system_shared_memory",
+         _args("region", "/modelgate-compat-missing", 64), error=True,
+         why="Triton: INTERNAL / 500; modelgate: NOT_FOUND / 404 naming the object"),
+    Case("system_shared_memory-status-unknown-region", "get_system_shared_memory_status",
+         _json(region_name="nope"), error=True),
+    Case("system_shared_memory-unregister-unknown-region",
+         "unregister_system_shared_memory", _args("nope")),
+]
 SHARED_MEMORY_CASES: Final = [
     *(SERVED_SHARED_MEMORY_CASES if "system_shared_memory" in EXTENSIONS else SYSTEM_REFUSED),
     *CUDA_REFUSED,
@@ -231,8 +240,10 @@ def test_modelgate_answers(modelgate: Server, kind: str, case: Case) -> None:
     _assert_outcome(call(modelgate, kind, case), case, kind)
 
 
-@pytest.mark.parametrize(("kind", "case"),
-                         _grid([*CASES, *CLASSIFICATION_CASES, *COMPRESSION_CASES]))
+@pytest.mark.parametrize(("kind", "case"), _grid([
+    *CASES, *CLASSIFICATION_CASES, *COMPRESSION_CASES,
+    *(SERVED_SHARED_MEMORY_CASES if "system_shared_memory" in EXTENSIONS else []),
+]))
 def test_triton_answers_alike(modelgate: Server, triton: Server, kind: str,
                               case: Case) -> None:
     """The same call to tritonserver: both fail (with the same status, unless the case
@@ -255,7 +266,9 @@ def test_every_public_method_is_called() -> None:
         assert methods <= called, (kind, sorted(methods - called))
         errors = {c.method for c in ALL_CASES if kind in c.kinds and c.error}
         # These take nothing a server could refuse.
+        # Unregistering a region that is not there is a no-op on both servers.
         no_error = {"is_server_live", "is_server_ready", "is_model_ready", "get_server_metadata",
+                    "unregister_system_shared_memory",
                     "get_model_repository_index", "get_log_settings"}
         assert methods - no_error <= errors, (kind, sorted(methods - no_error - errors))
 
