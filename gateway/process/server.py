@@ -148,7 +148,7 @@ class Gateway:
             StreamObserver(self.metrics, self.tracing, self.access_log),
             self.authenticator, settings.stream_max_inflight, inflight=self.inflight,
             max_open=settings.max_open_streams, idle_s=settings.stream_idle_s,
-            max_message_bytes=limit,
+            max_message_bytes=limit, memory=self.shared_memory,
         )
         streams, connections = settings.max_concurrent_streams, settings.max_connections
         self.server = grpc.aio.server(

@@ -38,6 +38,7 @@ from gateway.models.routing import LABEL_KEY, ROUTING_KEY, request_metadata
 from gateway.observability.statistics import record_encoding
 from gateway.pipeline.limits import InflightLimit
 from gateway.pipeline.pipeline import InferencePipeline
+from gateway.pipeline.shared_memory import SharedMemory
 from gateway.request.context import RequestContext
 from gateway.sanitize import echoed
 from gateway.status import status_of
@@ -153,9 +154,10 @@ class StreamInfer:
         self, pipeline: InferencePipeline, codecs: Codecs, observer: StreamObserver,
         authenticator: Authenticator, max_inflight: int, *,
         inflight: InflightLimit | None = None, max_open: int = 0, idle_s: float = 0.0,
-        max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
+        max_message_bytes: int = DEFAULT_MESSAGE_BYTES, memory: SharedMemory | None = None,
     ) -> None:
         self._max_message = max_message_bytes  # a compressed message's inflated limit
+        self._memory = memory  # system shared memory, for messages that name regions
         self._pipeline = pipeline
         self._codecs = codecs
         self._observer = observer
@@ -399,10 +401,12 @@ class _Stream:
         context = RequestContext(self.tenant, "grpc_stream", label, routing_key,
                                  self.deadline, trace_headers=trace_headers, record=record)
         codecs = self.owner._codecs
+        shared = self.owner._memory
+        memory = None if shared is None else shared.of(self.tenant.id)
         inference = await self.owner._pipeline.infer(
-            context, request.model_name, request.model_version, codecs.decode(request))
+            context, request.model_name, request.model_version, codecs.decode(request, memory))
         started = time.perf_counter_ns()
-        answer = wrap_answer(codecs.encode(request, inference))
+        answer = wrap_answer(codecs.encode(request, inference, memory))
         record_encoding(inference.version.statistics, started)
         return answer
 

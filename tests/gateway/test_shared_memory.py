@@ -8,6 +8,7 @@ memory answers UNIMPLEMENTED / 501 naming it."""
 from __future__ import annotations
 
 import os
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,35 @@ def test_grpc_register_infer_status_unregister(
     assert "no shared memory region 'in' is registered" in caught.value.message()
     client.unregister_system_shared_memory(headers=headers)  # all of them
     assert not client.get_system_shared_memory_status(headers=headers, as_json=True)
+    client.close()
+
+
+def test_grpc_stream_messages_use_shared_memory(
+    gateway: RunningGateway, keys: tuple[Path, str, str], regions: dict[str, Any]
+) -> None:
+    client, headers = _grpc(gateway), _bearer(keys[1])
+    client.register_system_shared_memory("in", regions["in_key"], NBYTES, headers=headers)
+    client.register_system_shared_memory("out", regions["out_key"], 2 * NBYTES,
+                                         headers=headers)
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)),
+                        headers=headers)
+    inp = grpcclient.InferInput("x", [2, 4], "FP32")
+    inp.set_shared_memory("in", NBYTES)
+    y = grpcclient.InferRequestedOutput("y")
+    y.set_shared_memory("out", NBYTES)
+    client.async_stream_infer("add", [inp], outputs=[y], request_id="s-1")
+    missing = grpcclient.InferInput("x", [2, 4], "FP32")
+    missing.set_shared_memory("nope", NBYTES)
+    client.async_stream_infer("add", [missing], request_id="s-2")
+    result, error = answers.get(timeout=30)
+    assert error is None and result.get_response().id == "s-1"
+    np.testing.assert_array_equal(
+        shm.get_contents_as_numpy(regions["out"], np.float32, [2, 4]), X + 1)
+    result, error = answers.get(timeout=30)
+    assert result is None and "no shared memory region 'nope'" in str(error)
+    client.stop_stream()
+    client.unregister_system_shared_memory(headers=headers)
     client.close()
 
 
