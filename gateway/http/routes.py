@@ -15,7 +15,10 @@ CAPPED: Final = frozenset({"ModelInfer"})
 # ModelDrift has no gRPC twin: the drift report (docs/monitoring.md), as on the metrics port.
 _MODEL_ACTIONS: Final = {"ready": ("GET", "ModelReady"), "config": ("GET", "ModelConfig"),
                          "stats": ("GET", "ModelStatistics"), "infer": ("POST", "ModelInfer"),
-                         "drift": ("GET", "ModelDrift")}
+                         "drift": ("GET", "ModelDrift"),
+                         # Triton's generate extension (not served: 501 naming it).
+                         "generate": ("POST", "ModelGenerate"),
+                         "generate_stream": ("POST", "ModelGenerateStream")}
 _CONTROL: Final = {"load": "RepositoryModelLoad", "unload": "RepositoryModelUnload"}
 # Read with GET, changed with POST (Triton's trace and logging extensions).
 READ_OR_CHANGE: Final = "GET POST"
@@ -32,6 +35,7 @@ ROUTES: Final = (
     ("GET", "/v2/models/stats"), ("GET", "/v2/models/{m}/stats"),
     ("GET", "/v2/models/{m}/versions/{v}/stats"),
     ("POST", "/v2/models/{m}/infer"), ("POST", "/v2/models/{m}/versions/{v}/infer"),
+    ("POST", "/v2/models/{m}/generate"), ("POST", "/v2/models/{m}/generate_stream"),
     ("GET", "/v2/models/{m}/drift"), ("GET", "/v2/models/{m}/versions/{v}/drift"),
     ("POST", "/v2/repository/index"),
     ("POST", "/v2/repository/models/{m}/load"), ("POST", "/v2/repository/models/{m}/unload"),

@@ -99,6 +99,8 @@ class RestService:
         self.endpoints.update({f"{prefix}{action}": extensions.not_served
                                for prefix in NOT_SERVED
                                for action in ("Status", "Register", "Unregister")})
+        self.endpoints.update({name: extensions.not_served
+                               for name in ("ModelGenerate", "ModelGenerateStream")})
 
     def server_live(self) -> HttpResponse:
         return json_response(200, {"live": True})

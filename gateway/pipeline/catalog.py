@@ -30,7 +30,7 @@ EXTENSIONS: Final = (
 SERVER_NAME: Final = "modelgate"
 # Triton extensions not served, by the name prefix of their methods (CudaSharedMemory-
 # Status, ...): both transports answer them UNIMPLEMENTED / 501 naming the extension.
-NOT_SERVED: Final = {"CudaSharedMemory": "cuda_shared_memory"}
+NOT_SERVED: Final = {"CudaSharedMemory": "cuda_shared_memory", "ModelGenerate": "generate"}
 
 
 def not_served(method: str) -> str:

@@ -222,7 +222,8 @@ def test_every_rest_route_is_listed_and_served() -> None:
     assert names == {"ServerLive", "ServerReady", "ServerMetadata", "ModelMetadata",
                      "ModelReady", "ModelConfig", "ModelStatistics", "ModelInfer",
                      "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
-                     "ModelDrift", "TraceSetting", "LogSettings",
+                     "ModelDrift", "TraceSetting", "LogSettings", "ModelGenerate",
+                     "ModelGenerateStream",
                      *(f"{kind}SharedMemory{action}" for kind in ("System", "Cuda")
                        for action in ("Status", "Register", "Unregister"))}
 

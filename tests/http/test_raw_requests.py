@@ -166,6 +166,8 @@ def test_an_extension_not_served_is_501_naming_it(open_gateway: RunningGateway) 
                          ("POST", "/v2/cudasharedmemory/region/r0/register"),
                          ("POST", "/v2/cudasharedmemory/unregister")):
         assert "the cuda_shared_memory extension" in error_of(rest(port, method, path), 501)
+    for path in ("/v2/models/add/generate", "/v2/models/add/versions/1/generate_stream"):
+        assert "the generate extension" in error_of(rest(port, "POST", path, {}), 501)
     settings = rest(port, "PUT", "/v2/logging")
     assert error_of(settings, 405) and settings.headers["allow"] == "GET, POST"
 
