@@ -51,6 +51,8 @@ def table(accounts: Sequence[Account], where: dict[str, object]) -> str:
         _row("**loop: sum of the buckets**", [_us(a.stages_sum_us) for a in accounts]),
         _row("**loop: measured CPU** (profiled window)", [_us(a.loop_cpu_us) for a in accounts]),
         _row("loop: waiting for a core (run queue)", [_us(a.loop_waiting_us) for a in accounts]),
+        _row("loop: measured CPU less the buckets' sum",
+             [_us(a.loop_cpu_us - a.stages_sum_us) for a in accounts]),
         _row("loop: went to sleep, times per request (plain window)",
              [f"{a.loop_sleeps:.2f}" for a in accounts]),
         _row("closure (sampled busy ÷ ran or waited)",
