@@ -159,6 +159,11 @@ def _tensors(
 ) -> tuple[dict[str, Tensor], BinaryLayout | None]:
     """Each input's array from its source (JSON data, binary data, shared memory), and the
     binary layout when every input came as binary data."""
+    refs = [source for source in sources.values() if isinstance(source, MemoryRef)]
+    if refs:
+        if memory is None:
+            raise NotSupportedError("shared memory inputs are not served here")
+        memory.check_reads(refs)
     arrays: dict[str, Tensor] = {}
     layout: BinaryLayout | None = {}
     view = memoryview(body)
@@ -167,9 +172,7 @@ def _tensors(
     for name, datatype, shape in requested.inputs:
         check_size(name, shape)
         source = sources[name]
-        if isinstance(source, MemoryRef):
-            if memory is None:
-                raise NotSupportedError("shared memory inputs are not served here")
+        if isinstance(source, MemoryRef) and memory is not None:
             arrays[name] = from_raw(name, datatype, shape, memory.read(source))
             layout = None
         elif isinstance(source, tuple):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -90,7 +90,7 @@ class SharedMemory:
     def __init__(self, max_bytes: int, count: ByteCounter | None = None) -> None:
         self._regions: dict[str, dict[str, _Region]] = {}
         self._views: dict[str, TenantMemory] = {}
-        self._max_bytes = max_bytes  # one tensor's bytes, read or written
+        self.max_bytes = max_bytes  # a request's bytes read, or one tensor's written
         self._count = count
 
     def register(self, tenant: str, name: str, key: str, offset: int, byte_size: int) -> None:
@@ -187,10 +187,10 @@ class SharedMemory:
             raise InvalidRequestError(
                 f"offset {ref.offset} and byte_size {ref.byte_size} lie outside shared "
                 f"memory region '{ref.region}' ({size} bytes)")
-        if ref.byte_size > self._max_bytes:
+        if ref.byte_size > self.max_bytes:
             raise PayloadTooLargeError(
                 f"a tensor in shared memory may take at most max_message_bytes "
-                f"({self._max_bytes} bytes), not {ref.byte_size}")
+                f"({self.max_bytes} bytes), not {ref.byte_size}")
         return region
 
     def _region(self, tenant: str, name: str) -> _Region:
@@ -238,6 +238,15 @@ class TenantMemory:
 
     def read(self, ref: MemoryRef) -> bytearray:
         return self.memory.read(self.tenant, ref)
+
+    def check_reads(self, refs: Iterable[MemoryRef]) -> None:
+        """Refuse a request whose inputs in shared memory add up to more than one message
+        may hold, before any is read (each is read into memory of its own)."""
+        total = sum(ref.byte_size for ref in refs)
+        if total > self.memory.max_bytes:
+            raise PayloadTooLargeError(
+                f"the request's inputs in shared memory take {total} bytes, more than "
+                f"max_message_bytes ({self.memory.max_bytes})")
 
     def check(self, ref: MemoryRef) -> None:
         self.memory.check(self.tenant, ref)

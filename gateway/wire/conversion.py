@@ -61,8 +61,10 @@ def decode_request(
         raise InvalidRequestError(f"a request may carry at most {MAX_TENSORS} inputs and outputs")
     refs = {t.name: _memory_ref("input", t.name, t.parameters)
             for t in inputs if t.parameters and REGION in t.parameters}
-    if refs and memory is None:
-        raise NotSupportedError("shared memory inputs are not served on this method")
+    if refs:
+        if memory is None:
+            raise NotSupportedError("shared memory inputs are not served on this method")
+        memory.check_reads(refs.values())
     if raw and len(raw) != len(inputs) - len(refs):
         raise InvalidRequestError(
             f"raw_input_contents has {len(raw)} entries but the request has "

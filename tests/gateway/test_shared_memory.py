@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -21,6 +22,8 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from gateway.pipeline.shared_memory import MAX_REGIONS
+from modelgate_pb import grpc_service_pb2 as pb
+from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway.test_tenants import admin, issue
 from tests.http.conftest import rest
 from tests.support import models
@@ -30,6 +33,7 @@ pytestmark = pytest.mark.timeout(180)
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 NBYTES = X.nbytes  # 32: one [2, 4] FP32 tensor
+LIMIT = 1 << 20  # the gateway's max_message_bytes
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory,
             keys: tuple[Path, str, str]) -> Iterator[RunningGateway]:
     store = tmp_path_factory.mktemp("shm-store")
     models.write_model(store, "add", 1, models.add_constant(1.0), models.add_model_config("add"))
-    with running_gateway(store, tenants=keys[0], http_port=0) as running:
+    with running_gateway(store, tenants=keys[0], http_port=0,
+                         max_message_bytes=LIMIT) as running:
         yield running
 
 
@@ -249,6 +254,44 @@ def test_keys_cannot_leave_dev_shm_or_reach_the_gateways_own(
                   {"key": key, "offset": 0, "byte_size": 4}, _bearer(keys[1]))
     assert answer.status in (400, 404), answer.body
     assert "shared memory" in answer.json()["error"]
+
+
+def test_inputs_in_shared_memory_are_bounded_like_a_message(
+    gateway: RunningGateway, keys: tuple[Path, str, str]
+) -> None:
+    # Three inputs of half the limit each, all in one region: refused before any is read
+    # (a request naming a region many times must not make the server hold many copies).
+    half = LIMIT // 2
+    region = shm.create_shared_memory_region("big", f"/mg_test_big_{os.getpid()}", half)
+    client, headers = _grpc(gateway), _bearer(keys[1])
+    try:
+        client.register_system_shared_memory("big", f"/mg_test_big_{os.getpid()}", half,
+                                             headers=headers)
+        before = _counted(gateway, "input")
+        request = pb.ModelInferRequest(model_name="add")
+        for index in range(3):
+            tensor = request.inputs.add(name=f"x{index}", datatype="FP32",
+                                        shape=[half // 16, 4])
+            tensor.parameters["shared_memory_region"].string_param = "big"
+            tensor.parameters["shared_memory_byte_size"].int64_param = half
+        with grpc.insecure_channel(gateway.target) as channel, pytest.raises(
+            grpc.RpcError
+        ) as caught:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, metadata=tuple(headers.items()), timeout=30)
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than max_message_bytes" in (caught.value.details() or "")
+        assert _counted(gateway, "input") == before
+        body = {"inputs": [{"name": f"x{index}", "shape": [half // 16, 4], "datatype": "FP32",
+                            "parameters": {"shared_memory_region": "big",
+                                           "shared_memory_byte_size": half}}
+                           for index in range(3)]}
+        answer = rest(gateway.gateway.rest_port, "POST", "/v2/models/add/infer", body, headers)
+        assert answer.status == 413 and "more than max_message_bytes" in answer.json()["error"]
+        client.unregister_system_shared_memory(headers=headers)
+    finally:
+        client.close()
+        shm.destroy_shared_memory_region(region)
 
 
 def test_a_symlink_in_dev_shm_is_not_followed(
