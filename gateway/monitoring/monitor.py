@@ -18,7 +18,7 @@ import numpy as np
 from gateway.models.served import ServedModel, ServedVersion, VersionState
 from gateway.monitoring.accumulator import ShapeMismatch, TensorTracker
 from gateway.monitoring.profile import PROFILE_FILE, Profile, ProfileError, Role, load
-from gateway.monitoring.reference import bins_for
+from gateway.monitoring.reference import argmax_outputs, bins_for
 from gateway.monitoring.windows import Windows
 from gateway.settings import Settings
 from runtimes.base import InferRequest, Tensor
@@ -333,13 +333,17 @@ class Monitor:
         for inputs, outputs in samples:
             names.update({("input", n): None for n in inputs})
             names.update({("output", n): None for n in outputs})
+        first: dict[tuple[Role, str], Tensor] = {}
         for role, name in names:
             arrays = [_batched(a, batched) for s in samples
                       if (a := (s[0] if role == "input" else s[1]).get(name)) is not None]
+            first[(role, name)] = _joined(arrays)[0]
+        # As in a profile: no top-1 feature where a label output already is that class.
+        repeated = argmax_outputs({n: a for (r, n), a in first.items() if r == "output"})
+        for (role, name), array in first.items():
             try:
-                joined = _joined(arrays)
-                state.trackers[(role, name)] = TensorTracker(
-                    bins_for(name, role, joined[0], vocabulary=False))
+                state.trackers[(role, name)] = TensorTracker(bins_for(
+                    name, role, array, vocabulary=False, top1=name not in repeated))
             except (ShapeMismatch, ValueError) as exc:
                 state.problems[f"{role} {name}"] = f"cannot bin: {exc}"
         state.windows = Windows(list(state.trackers.values()), self._clock)

@@ -126,6 +126,19 @@ def test_no_profile_and_no_earlier_version_still_gets_statistics(tmp_path: Path)
     x0 = next(f for f in report["features"] if f["name"] == "x[0]")
     assert x0["live"]["count"] == 500 and x0["psi"] is None
     assert len(x0["cuts"]) >= 5  # bins fixed from the first rows
+    assert "scores.top1" in {f["name"] for f in report["features"]}  # labels are random
+
+
+def test_bins_from_traffic_leave_out_a_top1_that_the_label_output_already_is(
+        tmp_path: Path) -> None:
+    monitor = every_sample()
+    x, _, scores = reference_rows(np.random.default_rng(10), 200)
+    label = scores.argmax(axis=1).reshape(-1, 1).astype(np.int64)
+    send(monitor, version(tmp_path), x, label, scores)
+    report = version_report(monitor, "m", 1, "all")
+    assert report is not None
+    names = {f["name"] for f in report["features"]}
+    assert "label" in names and "scores[0]" in names and "scores.top1" not in names
 
 
 def test_values_a_few_ulps_past_a_cut_count_where_the_reference_put_them() -> None:
