@@ -129,7 +129,7 @@ CASES: Final[list[Case]] = [
     Case("infer-wrong-shape", "infer", _infer(data=X5), error=True, status=INVALID),
     Case("infer-async-unknown-model", "async_infer", _infer(model="nope"),
          kinds=frozenset({"grpc", "http"}), error=True, status=NOT_FOUND),
-    # model_repository: load and unload with model control off (test_model_control.py
+    # model_repository: load and unload with model control off (test_settings_and_control.py
     # has them with it on)
     Case("model_repository-load-control-off", "load_model", _args("add"), error=True,
          status=_status("FAILED_PRECONDITION", 400), why=CONTROL_OFF),
@@ -209,7 +209,8 @@ COMPRESSION_CASES: Final[list[Case]] = [
 ]
 
 ALL_CASES: Final = [*CASES, *SHARED_MEMORY_CASES, *CLASSIFICATION_CASES, *COMPRESSION_CASES]
-# Methods made elsewhere: load/unload with model control on (test_model_control.py).
+# Methods made elsewhere: the stream methods (test_streams.py). load_model and unload_model
+# succeed in test_settings_and_control.py (model control on).
 ELSEWHERE: Final = STREAMS
 
 
