@@ -108,7 +108,9 @@ class SharedMemory:
             raise InvalidRequestError(
                 f"shared memory region '{name}': offset must be >= 0 and byte_size > 0")
         for owner, held in self._regions.items():
-            if owner != tenant and any(r.status.key == key for r in held.values()):
+            # By file name: "/x" and "x" are the same object.
+            if owner != tenant and any(_filename(r.status.key) == filename
+                                       for r in held.values()):
                 # Another tenant's object: the same answer as for one that does not exist.
                 raise SharedMemoryNotFoundError(f"no shared memory object '{echoed(key, 64)}'")
         fd = _open(key, filename)
