@@ -37,6 +37,7 @@ from tests.compat.calls import (
     settings_of,
 )
 from tests.compat.conftest import Server
+from tests.compat.extension_cases import CLASSIFICATION_REFUSALS
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -208,7 +209,9 @@ COMPRESSION_CASES: Final[list[Case]] = [
     for algorithm in ("gzip", "deflate")
 ]
 
-ALL_CASES: Final = [*CASES, *SHARED_MEMORY_CASES, *CLASSIFICATION_CASES, *COMPRESSION_CASES]
+# Modelgate only (extension_cases.py says what Triton does instead).
+ALL_CASES: Final = [*CASES, *SHARED_MEMORY_CASES, *CLASSIFICATION_CASES, *COMPRESSION_CASES,
+                    *CLASSIFICATION_REFUSALS]
 # Methods made elsewhere: the stream methods (test_streams.py). load_model and unload_model
 # succeed in test_settings_and_control.py (model control on).
 ELSEWHERE: Final = STREAMS
