@@ -4,11 +4,10 @@ regions)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from gateway.errors import InvalidRequestError
-from gateway.http.messages import HttpRequest, HttpResponse, json_response
+from gateway.http.messages import HttpRequest, HttpResponse, json_object, json_response
 from gateway.http.routes import Route
 from gateway.pipeline.shared_memory import SharedMemory
 from gateway.request.context import RequestContext
@@ -28,7 +27,7 @@ class SharedMemoryEndpoints:
 
     async def register(self, route: Route, request: HttpRequest,
                        context: RequestContext) -> HttpResponse:
-        body = _object(request.body)
+        body = json_object(request.body)
         key = body.get("key")
         if not isinstance(key, str):
             raise InvalidRequestError("'key' must be the shared memory object's name")
@@ -47,13 +46,3 @@ def _integer(body: dict[str, Any], field: str, default: int | None) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidRequestError(f"'{field}' must be an integer")
     return value
-
-
-def _object(body: bytes) -> dict[str, Any]:
-    try:
-        parsed = json.loads(body) if body.strip() else {}
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InvalidRequestError("the request body is not valid JSON") from None
-    if not isinstance(parsed, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    return parsed

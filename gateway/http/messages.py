@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
+from gateway.errors import InvalidRequestError
 from gateway.tenancy.tenants import Tenant
 
 JSON: Final = "application/json"
@@ -50,3 +51,16 @@ def error_response(status: int, message: str,
                    headers: tuple[tuple[str, str], ...] = ()) -> HttpResponse:
     """The V2 error body: ``{"error": "..."}``."""
     return json_response(status, {"error": message}, headers)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """An optional JSON object body (empty: no fields); InvalidRequestError otherwise."""
+    if not body.strip():
+        return {}
+    try:
+        parsed = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InvalidRequestError("the request body is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return parsed

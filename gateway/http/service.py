@@ -25,7 +25,7 @@ from gateway.http.infer_body import (
     parse_header,
 )
 from gateway.http.memory_endpoints import SharedMemoryEndpoints
-from gateway.http.messages import HttpRequest, HttpResponse, json_response
+from gateway.http.messages import HttpRequest, HttpResponse, json_object, json_response
 from gateway.http.routes import Route
 from gateway.models.model_control import ModelControl
 from gateway.models.routing import request_metadata
@@ -171,7 +171,7 @@ class RestService:
 
     async def repository_index(self, route: Route, request: HttpRequest,
                                context: RequestContext) -> HttpResponse:
-        ready = _json_body(request.body).get("ready", False)
+        ready = json_object(request.body).get("ready", False)
         if not isinstance(ready, bool):
             raise InvalidRequestError("'ready' must be true or false")
         entries = self._catalog.index(context.tenant, "", ready)
@@ -193,7 +193,7 @@ class RestService:
 
     @staticmethod
     def _control_request(route: Route, request: HttpRequest) -> _Control:
-        parameters = _json_body(request.body).get("parameters") or {}
+        parameters = json_object(request.body).get("parameters") or {}
         if not isinstance(parameters, dict):
             raise InvalidRequestError("'parameters' must be a JSON object")
         return _Control(route.model, parameters)
@@ -263,19 +263,6 @@ class RestService:
         elif key and layout is not None:
             self._plans.learn(key, layout, decoded, answer)
         return decoded, answer
-
-
-def _json_body(body: bytes) -> Mapping[str, Any]:
-    """An optional JSON object body (empty: no fields)."""
-    if not body.strip():
-        return {}
-    try:
-        parsed = json.loads(body)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise InvalidRequestError("the request body is not valid JSON") from None
-    if not isinstance(parsed, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    return parsed
 
 
 def _milliseconds(text: str) -> int:
