@@ -18,11 +18,13 @@ import pytest
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway.test_quota_e2e import request, tenants
+from tests.gateway.test_quota_shared_e2e import _accepted_by
 from tests.gateway.test_stream_e2e import bearer, cygrpc_eof, final_code
+from tests.gateway.test_workers import _workers
 from tests.support import models
 from tests.support.gateway import GatewayProcess, RunningGateway, running_gateway
 from tests.support.redis_server import RedisServer, fresh_redis
-from tests.support.waiting import until
+from tests.support.waiting import until, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,6 +43,8 @@ class Served:
     target: str
     keys: dict[str, str]
     running: RunningGateway | None = None
+    workers: list[int] | None = None  # with --workers: their pids
+    port: int = 0
 
 
 @pytest.fixture(params=["local", "redis", "workers"])
@@ -54,7 +58,10 @@ def served(request: pytest.FixtureRequest, tmp_path: Path,
     if request.param == "workers":
         args = ["--workers", "2", "--store", str(store), "--tenants", str(path)]
         with GatewayProcess(args) as process:
-            yield Served(process.target, keys)
+            wait_until(lambda: process.log().count("modelgate serving") >= 2, timeout=60)
+            workers = _workers(process)
+            assert len(workers) == 2, process.log()
+            yield Served(process.target, keys, workers=workers, port=process.port)
         return
     overrides: dict[str, Any] = {"tenants": path}
     if request.param == "redis":
@@ -120,10 +127,16 @@ def test_a_tenant_at_its_streams_limit_is_refused_and_gets_it_back(served: Serve
         try:
             two = served.keys["two"]
             first, second = await streams.open(two), await streams.open(two)
-            for _ in range(2):  # on other connections too (other workers, with --workers)
+            # Refused on other connections too, and with --workers until both workers
+            # have refused one (each connection goes to either).
+            refused = 0
+            while refused < 2 or (served.workers is not None and _accepted_by(
+                    served.workers, served.port) != set(served.workers)):
+                assert refused < 32, "every connection went to one worker"
                 trailers = await streams.refused(two)
                 assert trailers["modelgate-limit"] == "streams"
                 assert int(trailers["retry-after-ms"]) > 0
+                refused += 1
             if served.running is not None:  # counted by limit, like a refused request
                 registry = served.running.gateway.metrics.registry
                 assert registry.get_sample_value(
