@@ -48,7 +48,8 @@ def test_unimplemented_and_unknown_names_come_from_the_table(gateway: RunningGat
     with pytest.raises(grpc.RpcError) as raised:
         stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(), timeout=10)
     assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert "CudaSharedMemoryStatus is not implemented" in (raised.value.details() or "")
+    assert ("CudaSharedMemoryStatus (the cuda_shared_memory extension) is not implemented"
+            in (raised.value.details() or ""))
     with pytest.raises(grpc.RpcError) as raised:
         stub.RepositoryIndex(pb.RepositoryIndexRequest(repository_name="other"), timeout=10)
     assert raised.value.code() is grpc.StatusCode.NOT_FOUND
