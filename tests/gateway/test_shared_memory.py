@@ -296,6 +296,29 @@ def test_inputs_in_shared_memory_are_bounded_like_a_message(
         shm.destroy_shared_memory_region(region)
 
 
+def test_an_object_shrunk_after_registering_is_refused_not_fatal(
+    gateway: RunningGateway, keys: tuple[Path, str, str]
+) -> None:
+    key = f"/mg_test_shrink_{os.getpid()}"
+    region = shm.create_shared_memory_region("shrink", key, NBYTES)
+    shm.set_shared_memory_region(region, [X])
+    client, headers = _grpc(gateway), _bearer(keys[1])
+    try:
+        client.register_system_shared_memory("shrink", key, NBYTES, headers=headers)
+        os.truncate(f"/dev/shm{key}", 8)  # a mapping would now fault past the 8 bytes
+        inp = grpcclient.InferInput("x", [2, 4], "FP32")
+        inp.set_shared_memory("shrink", NBYTES)
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("add", [inp], headers=headers)
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "holds 8 of the 32 bytes" in caught.value.message()
+        assert client.is_server_live(headers=headers)
+        client.unregister_system_shared_memory(headers=headers)
+    finally:
+        client.close()
+        shm.destroy_shared_memory_region(region)
+
+
 def test_a_symlink_in_dev_shm_is_not_followed(
     gateway: RunningGateway, keys: tuple[Path, str, str], tmp_path: Path
 ) -> None:
