@@ -276,7 +276,7 @@ class HttpConnection(asyncio.Protocol):
                 self._budget.give(len(request.body))
                 self._held -= len(request.body)
             keep_alive = keep_alive and not self._closing
-            self._write(response, keep_alive)
+            self._write(response, keep_alive, head_only=request.method == "HEAD")
             if not keep_alive:
                 self._close()
                 return
@@ -298,7 +298,8 @@ class HttpConnection(asyncio.Protocol):
         else:
             self._arm(self._limits.keepalive_s, self._idle_timeout)
 
-    def _write(self, response: HttpResponse, keep_alive: bool) -> None:
+    def _write(self, response: HttpResponse, keep_alive: bool, head_only: bool = False) -> None:
+        """Send ``response``; to HEAD its head only, with the Content-Length a GET gets."""
         if self._transport is None:
             return
         lines = [
@@ -310,9 +311,10 @@ class HttpConnection(asyncio.Protocol):
         if not keep_alive:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self._transport.write(head + response.body if len(response.body) < 65536 else head)
-        if len(response.body) >= 65536:
-            self._transport.write(response.body)
+        body = b"" if head_only else response.body
+        self._transport.write(head + body if len(body) < 65536 else head)
+        if len(body) >= 65536:
+            self._transport.write(body)
 
     def _refuse(self, refused: _Refused) -> None:
         """Answer a request that could not be read, then close (its bytes are unparsed).

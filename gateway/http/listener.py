@@ -1,4 +1,5 @@
-"""The REST port's listening socket: binds (SO_REUSEPORT among the workers of one
+"""An HTTP port's listening socket (the REST port, the metrics port, the workers' merged
+metrics port) and the limits they share: binds (SO_REUSEPORT among the workers of one
 supervisor), wraps connections in TLS when certificates are set (client certificates
 required with a client CA: mTLS; changed files are picked up at the next handshake), and
 drains on shutdown."""
@@ -13,8 +14,20 @@ import ssl
 from pathlib import Path
 
 from gateway.http.connection import Connections, Handler, HttpConnection, Limits, Screen
+from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def port_limits(settings: Settings, max_body_bytes: int) -> Limits:
+    """The limits of every HTTP port a process serves (REST, metrics, the workers' merged
+    metrics): one read timeout, keep-alive, connection cap and body budget from the
+    settings; ``max_body_bytes`` is the port's largest body (0: the port takes none)."""
+    return Limits(max_body_bytes=max_body_bytes,
+                  read_timeout_s=settings.http_read_timeout_s,
+                  keepalive_s=settings.http_keepalive_s,
+                  max_connections=settings.max_connections,
+                  body_budget_bytes=settings.http_body_budget_bytes)
 
 
 class TlsFiles:

@@ -1,116 +1,70 @@
-"""The operator's HTTP port: /metrics (Prometheus text format), /healthz (live), /readyz
-(ready) and the drift reports, served by a small HTTP/1.1 server on the gateway's own event loop."""
+"""The metrics port of one serving process: /metrics (Prometheus text format), /healthz
+(live), /readyz (ready) and the drift reports, a route table on the REST port's HTTP stack."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
 from collections.abc import Callable
-from typing import Final
 
+from gateway.http.connection import Limits
+from gateway.http.listener import HttpListener
+from gateway.http.messages import HttpRequest, HttpResponse
+from gateway.http.route_table import Endpoint, RouteTable, alive, not_found
 from gateway.models.manager import ModelManager, VersionState
 from gateway.monitoring.endpoint import JSON_TYPE, DriftEndpoint, encode
 from gateway.observability.metrics import CONTENT_TYPE, Metrics
 from gateway.sanitize import strip_paths
-
-log = logging.getLogger(__name__)
-
-_MAX_HEAD: Final = 8192
-_READ_TIMEOUT_S: Final = 10.0
-_REASONS: Final = {
-    200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-    408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable",
-}
 
 # Readiness: (ready, details for the body).
 ReadinessCheck = Callable[[], tuple[bool, dict[str, object]]]
 
 
 class HttpEndpoints:
-    """Serves GET/HEAD of the three paths; anything else is 404 or 405. One request per
-    connection (Connection: close), which is all scrapers and probes need."""
+    """Serves GET/HEAD of /metrics, /healthz, /readyz and (with ``drift``) the drift paths
+    under /v2/models/; anything else is 404 or 405."""
 
-    def __init__(self, metrics: Metrics, readiness: ReadinessCheck,
+    def __init__(self, metrics: Metrics, readiness: ReadinessCheck, limits: Limits,
                  drift: DriftEndpoint | None = None) -> None:
         self._metrics = metrics
         self._readiness = readiness
-        self._drift = drift
-        self._server: asyncio.Server | None = None
+        routes = RouteTable({"/metrics": self._scrape, "/healthz": alive,
+                             "/readyz": self._ready},
+                            [("/v2/models/", _drift_reports(drift))] if drift is not None else [])
+        self._listener = HttpListener(routes.handle, limits)
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
-        """Bind and serve; returns the bound port (``port`` 0 picks a free one)."""
-        self._server = await asyncio.start_server(
-            self._handle, host, port, limit=_MAX_HEAD, reuse_address=True
-        )
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        """Bind and serve; returns the bound port (``port`` 0 picks a free one). Raises
+        OSError when the address cannot be bound."""
+        self.port = await self._listener.start(host, port, reuse_port=False)
         return self.port
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            self._server = None
+    async def stop(self, grace: float = 2.0) -> None:
+        await self._listener.stop(grace)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            status, content_type, body, head_only = await self._respond(reader)
-            reason = _REASONS.get(status, "OK")
-            header = (
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-                "Cache-Control: no-store\r\n\r\n"
-            )
-            writer.write(header.encode("ascii") + (b"" if head_only else body))
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away; nothing to answer
-        except Exception:
-            log.exception("HTTP endpoint failed")
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _scrape(self, request: HttpRequest) -> HttpResponse:
+        # Collecting walks every family and reads /proc; keep it off the event loop.
+        return HttpResponse(200, await asyncio.to_thread(self._metrics.exposition),
+                            CONTENT_TYPE)
 
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes, bool]:
-        text = "text/plain; charset=utf-8"
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT_S)
-        except TimeoutError:
-            return 408, text, b"request timeout\n", False
-        except asyncio.LimitOverrunError:
-            return 431, text, b"request head too large\n", False
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = request_line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return 400, text, b"bad request\n", False
-        method, target = parts[0], parts[1].split("?", 1)[0]
-        if self._drift is not None and target.startswith("/v2/models/"):
-            if method not in ("GET", "HEAD"):
-                return 405, text, b"method not allowed\n", False
-            query = parts[1].split("?", 1)[1] if "?" in parts[1] else ""
-            # A report merges windows of every feature; keep it off the event loop.
-            answer = await asyncio.to_thread(self._drift.answer, target, query)
-            if answer is None:
-                return 404, text, b"not found\n", False
-            return answer[0], JSON_TYPE, encode(answer[1]), method == "HEAD"
-        if target not in ("/metrics", "/healthz", "/readyz"):
-            return 404, text, b"not found\n", False
-        if method not in ("GET", "HEAD"):
-            return 405, text, b"method not allowed\n", False
-        head_only = method == "HEAD"
-        if target == "/metrics":
-            # Collecting walks every family and reads /proc; keep it off the event loop.
-            body = await asyncio.to_thread(self._metrics.exposition)
-            return 200, CONTENT_TYPE, body, head_only
-        if target == "/healthz":
-            return 200, text, b"ok\n", head_only
+    async def _ready(self, request: HttpRequest) -> HttpResponse:
         ready, details = self._readiness()
         body = json.dumps({"ready": ready, **details}, sort_keys=True).encode() + b"\n"
-        return (200 if ready else 503), "application/json", body, head_only
+        return HttpResponse(200 if ready else 503, body, JSON_TYPE)
+
+
+def _drift_reports(drift: DriftEndpoint) -> Endpoint:
+    """The endpoint of the drift paths (anything else under the prefix is 404)."""
+
+    async def report(request: HttpRequest) -> HttpResponse:
+        # A report merges windows of every feature; keep it off the event loop.
+        answer = await asyncio.to_thread(drift.answer, request.path, request.query)
+        if answer is None:
+            return not_found()
+        return HttpResponse(answer[0], encode(answer[1]), JSON_TYPE)
+
+    return report
 
 
 def manager_readiness(manager: ModelManager, draining: Callable[[], bool]) -> ReadinessCheck:

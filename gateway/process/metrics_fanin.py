@@ -1,9 +1,10 @@
 """The supervisor's metrics port when several workers serve: scrapes every worker's own
 registry over loopback and answers /metrics with the samples merged, plus /healthz, /readyz
-and the drift reports (every worker's, merged)."""
+and the drift reports (every worker's, merged), on the REST port's HTTP stack."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -11,13 +12,16 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.http.connection import Limits
+from gateway.http.listener import HttpListener
+from gateway.http.messages import HttpRequest, HttpResponse
+from gateway.http.route_table import RouteTable, alive, not_found
 from gateway.monitoring.endpoint import JSON_TYPE, drift_path, encode, merge_answers
 
 log = logging.getLogger(__name__)
@@ -87,80 +91,91 @@ def _get(url: str) -> tuple[int, bytes]:
         return 0, str(exc).encode()
 
 
-class MetricsFanIn:
-    """A small threaded HTTP server; ``worker_ports`` is read on every request, so workers
-    that restart on new ports are picked up."""
+async def _get_all(urls: Iterable[str]) -> list[tuple[int, bytes]]:
+    """GET every url at once (each in a thread: a worker that hangs costs its timeout)."""
+    return list(await asyncio.gather(*(asyncio.to_thread(_get, url) for url in urls)))
 
-    def __init__(self, worker_ports: Callable[[], Mapping[int, int]], expected: int) -> None:
+
+class MetricsFanIn:
+    """The supervisor's metrics port: a route table on the REST port's HTTP stack, served
+    from an event loop in a thread of its own (the supervisor's main thread keeps its
+    signals and the workers). ``worker_ports`` is read on every request, so workers that
+    restart on new ports are picked up."""
+
+    def __init__(self, worker_ports: Callable[[], Mapping[int, int]], expected: int,
+                 limits: Limits) -> None:
         self._ports = worker_ports
         self._expected = expected
-        self._server: ThreadingHTTPServer | None = None
+        routes = RouteTable({"/metrics": self._scrape, "/healthz": alive,
+                             "/readyz": self._ready}, [("/v2/models/", self._drift)])
+        self._listener = HttpListener(routes.handle, limits)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self.port = 0
 
     def start(self, host: str, port: int) -> int:
-        fan_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path, _, query = self.path.partition("?")
-                status, content_type, body = fan_in.respond(path, query)
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # scrapes and probes every few seconds are not news
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        threading.Thread(target=self._server.serve_forever, name="metrics-fan-in",
-                         daemon=True).start()
+        """Bind and serve; returns the bound port. Raises OSError when it cannot bind."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="metrics-fan-in", daemon=True)
+        thread.start()
+        self._loop, self._thread = loop, thread
+        bound = asyncio.run_coroutine_threadsafe(
+            self._listener.start(host, port, reuse_port=False), loop)
+        try:
+            self.port = bound.result()
+        except OSError:
+            self.stop()
+            raise
         return self.port
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+    def stop(self, grace: float = 2.0) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        self._loop = self._thread = None
+        stopped = asyncio.run_coroutine_threadsafe(self._listener.stop(grace), loop)
+        with contextlib.suppress(Exception):
+            stopped.result(grace + 5.0)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5.0)
+        if not thread.is_alive():
+            loop.close()
 
-    def respond(self, path: str, query: str = "") -> tuple[int, str, bytes]:
-        """The answer to GET ``path``: (status, content type, body)."""
-        text = "text/plain; charset=utf-8"
-        ports = dict(self._ports())
-        if drift_path(path) is not None:
-            # Every worker's report of its share, merged histogram by histogram.
-            suffix = f"{path}?{query}" if query else path
-            answers: list[tuple[int, dict[str, Any]]] = []
-            for worker_port in ports.values():
-                status, body = _get(f"http://127.0.0.1:{worker_port}{suffix}")
-                with contextlib.suppress(ValueError):
-                    if status in (200, 400, 404):
-                        answers.append((status, json.loads(body)))
-            code, merged = merge_answers(answers)
-            return code, JSON_TYPE, encode(merged)
-        if path == "/healthz":
-            return 200, text, b"ok\n"
-        if path == "/metrics":
-            scraped = [_get(f"http://127.0.0.1:{p}/metrics") for p in ports.values()]
-            bodies = [body.decode("utf-8") for status, body in scraped if status == 200]
-            if len(bodies) < len(ports):
-                log.warning("metrics: %d of %d workers did not answer the scrape",
-                            len(ports) - len(bodies), len(ports))
-            return 200, CONTENT_TYPE, merge_expositions(bodies)
-        if path == "/readyz":
-            details: dict[str, object] = {}
-            for index in range(self._expected):
-                port = ports.get(index)
-                if port is None:
-                    details[f"worker {index}"] = "starting"
-                    continue
-                status, body = _get(f"http://127.0.0.1:{port}/readyz")
-                if status != 200:
-                    details[f"worker {index}"] = body.decode("utf-8", "replace").strip()
-            ready = not details
-            payload = json.dumps({"ready": ready, "not_ready": details}, sort_keys=True)
-            return (200 if ready else 503), "application/json", payload.encode() + b"\n"
-        return 404, text, b"not found\n"
+    async def _drift(self, request: HttpRequest) -> HttpResponse:
+        """Every worker's report of its share, merged histogram by histogram."""
+        if drift_path(request.path) is None:
+            return not_found()
+        suffix = f"{request.path}?{request.query}" if request.query else request.path
+        answers: list[tuple[int, dict[str, Any]]] = []
+        ports = self._ports().values()
+        for status, body in await _get_all(f"http://127.0.0.1:{p}{suffix}" for p in ports):
+            with contextlib.suppress(ValueError):
+                if status in (200, 400, 404):
+                    answers.append((status, json.loads(body)))
+        code, merged = merge_answers(answers)
+        return HttpResponse(code, encode(merged), JSON_TYPE)
+
+    async def _scrape(self, request: HttpRequest) -> HttpResponse:
+        ports = self._ports()
+        scraped = await _get_all(f"http://127.0.0.1:{p}/metrics" for p in ports.values())
+        bodies = [body.decode("utf-8") for status, body in scraped if status == 200]
+        if len(bodies) < len(ports):
+            log.warning("metrics: %d of %d workers did not answer the scrape",
+                        len(ports) - len(bodies), len(ports))
+        # Parsing and merging every family is CPU work; keep it off the loop.
+        return HttpResponse(200, await asyncio.to_thread(merge_expositions, bodies),
+                            CONTENT_TYPE)
+
+    async def _ready(self, request: HttpRequest) -> HttpResponse:
+        ports = self._ports()
+        details: dict[str, object] = {
+            f"worker {index}": "starting" for index in range(self._expected)
+            if index not in ports}
+        serving = [index for index in range(self._expected) if index in ports]
+        urls = (f"http://127.0.0.1:{ports[index]}/readyz" for index in serving)
+        for index, (status, body) in zip(serving, await _get_all(urls), strict=True):
+            if status != 200:
+                details[f"worker {index}"] = body.decode("utf-8", "replace").strip()
+        ready = not details
+        payload = json.dumps({"ready": ready, "not_ready": details}, sort_keys=True)
+        return HttpResponse(200 if ready else 503, payload.encode() + b"\n", JSON_TYPE)

@@ -13,9 +13,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from gateway.http.connection import Limits
 from gateway.http.edge import RestEdge
-from gateway.http.listener import HttpListener, TlsFiles
+from gateway.http.listener import HttpListener, TlsFiles, port_limits
 from gateway.http.service import RestService
 from gateway.models.backends import RuntimeFactory
 from gateway.models.manager import ModelManager, VersionState
@@ -178,8 +177,10 @@ class Gateway:
         self.port = 0
         self.edge_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self.draining = False
+        # The metrics port: the REST port's HTTP stack and limits; no route takes a body.
         self.http = HttpEndpoints(
             self.metrics, manager_readiness(self.manager, lambda: self.draining),
+            port_limits(settings, max_body_bytes=0),
             DriftEndpoint(self.monitor, self.manager.models, self.manager.shadow.stats),
         )
         self.metrics_port = 0
@@ -201,12 +202,8 @@ class Gateway:
         tls = None
         if settings.tls_cert is not None and settings.tls_key is not None:
             tls = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-        limits = Limits(max_body_bytes=settings.max_message_bytes,
-                        read_timeout_s=settings.http_read_timeout_s,
-                        keepalive_s=settings.http_keepalive_s,
-                        max_connections=settings.max_connections,
-                        body_budget_bytes=settings.http_body_budget_bytes)
-        return HttpListener(edge.handle, limits, tls, screen=edge.screen)
+        return HttpListener(edge.handle, port_limits(settings, settings.max_message_bytes),
+                            tls, screen=edge.screen)
 
     async def start(self) -> int:
         """Bind and start serving, then load the models (health and ServerLive answer

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from gateway.http.listener import port_limits
 from gateway.process.metrics_fanin import MetricsFanIn
 from gateway.quota.table import QuotaTableError, QuotaTableFile, create_table
 from gateway.settings import Settings
@@ -93,7 +94,9 @@ class Supervisor:
         self._stopping = False
         self._ports_queue = self._context.Queue()
         self._metrics_ports: dict[int, int] = {}
-        self._fan_in = MetricsFanIn(self._current_ports, count)
+        # The merged metrics port: the workers' HTTP stack and limits; no route takes a body.
+        self._fan_in = MetricsFanIn(self._current_ports, count,
+                                    port_limits(settings, max_body_bytes=0))
 
     def _current_ports(self) -> dict[int, int]:
         while True:

@@ -16,6 +16,7 @@ import tritonclient.grpc as tc
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.process.metrics_fanin import merge_expositions
+from tests.hardening.raw_http import exchange
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.waiting import wait_until
 
@@ -115,6 +116,9 @@ def test_metrics_of_all_workers_are_merged_on_the_one_port() -> None:
         # Each request was counted by exactly one worker; the merged count is the total.
         assert _iris_requests(text) == 20
         assert _scrape(metrics_port, "/healthz")[0] == 200
+        # The supervisor's port is the workers' HTTP stack, with the same limit on a head.
+        huge = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 20_000 + b"\r\n\r\n"
+        assert exchange(metrics_port, huge).statuses == [431]
         assert gw.stop() == 0
 
 
