@@ -1,7 +1,8 @@
 """The batcher's production clock on real event loops (asyncio's and uvloop's): a timer set
-for less than a millisecond ahead fires once, never before it is due, and a lone request in a
-batcher with a 500 µs queue delay waits it out with a single wake-up (uvloop's own timers,
-counting whole milliseconds, fired dozens of times before such a delay ran out)."""
+for less than a millisecond ahead calls back once, never before it is due (its timerfd wakes
+the loop a little early, the clock waits out the rest), and a lone request in a batcher with
+a 500 µs queue delay waits it out with a single timer callback (uvloop's own timers, counting
+whole milliseconds, fired dozens of times before such a delay ran out)."""
 
 from __future__ import annotations
 
