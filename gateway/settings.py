@@ -8,6 +8,8 @@ import difflib
 import ipaddress
 import os
 import tomllib
+import types
+import typing
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -284,45 +286,88 @@ def fields() -> tuple[dataclasses.Field[Any], ...]:
     return tuple(f for f in dataclasses.fields(Settings) if not f.metadata.get("internal"))
 
 
-def _coerce(name: str, kind: Any, raw: Any, source: str) -> Any:
-    kind_name = kind if isinstance(kind, str) else kind.__name__
-    if kind_name.endswith(" | None"):
-        # Optional settings: an empty value (env var, flag) means "not set".
-        if raw is None or raw == "":
-            return None
-        kind_name = kind_name.removesuffix(" | None")
-    try:
-        if kind_name == "int":
-            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-                raise ValueError
-            return int(raw)
-        if kind_name == "float":
-            if isinstance(raw, bool):
-                raise ValueError
-            return float(raw)
-        if kind_name == "bool":
-            if isinstance(raw, bool):
-                return raw
-            text = str(raw).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if kind_name == "Path":
-            return Path(str(raw)).expanduser()
-        if kind_name == "tuple[str, ...]":
-            # Repeatable: a TOML list, repeated flags, or one env value split on whitespace.
-            items = raw.split() if isinstance(raw, str) else list(raw)
-            if not all(isinstance(item, str) for item in items):
-                raise ValueError
-            return tuple(items)
-        if not isinstance(raw, str):
-            raise ValueError
+def _integer(raw: Any) -> int:
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+        raise ValueError
+    return int(raw)
+
+
+def _real(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError
+    return float(raw)
+
+
+def _switch(raw: Any) -> bool:
+    if isinstance(raw, bool):
         return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _words(raw: Any) -> tuple[str, ...]:
+    # Repeatable: a TOML list, repeated flags, or one env value split on whitespace.
+    items = raw.split() if isinstance(raw, str) else list(raw)
+    if not all(isinstance(item, str) for item in items):
+        raise ValueError
+    return tuple(items)
+
+
+def _text(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise ValueError
+    return raw
+
+
+# How a raw value (TOML, environment text or flag text) becomes each type a setting has.
+_PARSERS: Final[dict[Any, Callable[[Any], Any]]] = {
+    int: _integer, float: _real, bool: _switch, str: _text,
+    Path: lambda raw: Path(str(raw)).expanduser(), tuple[str, ...]: _words,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SettingType:
+    """A setting's declared type, resolved: the parser's key and whether it may be unset."""
+
+    kind: Any
+    optional: bool
+
+    @property
+    def name(self) -> str:
+        return self.kind.__name__ if isinstance(self.kind, type) else str(self.kind)
+
+
+def setting_types() -> dict[str, SettingType]:
+    """Each user setting's resolved type (annotations are strings under ``from __future__
+    import annotations``; get_type_hints evaluates them)."""
+    hints = typing.get_type_hints(Settings)
+    resolved: dict[str, SettingType] = {}
+    for f in fields():
+        kind = hints[f.name]
+        members = typing.get_args(kind) if isinstance(kind, types.UnionType) else ()
+        optional = type(None) in members
+        if optional:
+            (kind,) = [m for m in members if m is not type(None)]
+        if kind not in _PARSERS:
+            raise TypeError(f"setting '{f.name}' has type {kind!r}, which no parser reads")
+        resolved[f.name] = SettingType(kind, optional)
+    return resolved
+
+
+def _coerce(name: str, kind: SettingType, raw: Any, source: str) -> Any:
+    # Optional settings: an empty value (env var, flag) means "not set".
+    if kind.optional and (raw is None or raw == ""):
+        return None
+    try:
+        return _PARSERS[kind.kind](raw)
     except (TypeError, ValueError):
         raise SettingsError(
-            f"setting '{name}' (from {source}): expected {kind_name}, got {raw!r}"
+            f"setting '{name}' (from {source}): expected {kind.name}, got {raw!r}"
         ) from None
 
 
@@ -334,6 +379,7 @@ def load_settings(
     values: dict[str, tuple[Any, str]] = {}
     problems: list[str] = []
     known = {f.name: f for f in fields()}
+    kinds = setting_types()
     if config_file is not None:
         try:
             data = tomllib.loads(config_file.read_text(encoding="utf-8"))
@@ -358,7 +404,7 @@ def load_settings(
     resolved: dict[str, Any] = {}
     for name, (raw, source) in values.items():
         try:
-            value = _coerce(name, known[name].type, raw, source)
+            value = _coerce(name, kinds[name], raw, source)
         except SettingsError as exc:
             problems.append(str(exc))  # checked further with its default
             continue

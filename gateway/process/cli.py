@@ -24,6 +24,7 @@ from gateway.settings import (
     check_exposure,
     fields,
     load_settings,
+    setting_types,
     worker_count,
 )
 from gateway.tenancy import admin as tenant_admin
@@ -44,10 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--check-config", action="store_true",
                      help="check the settings, model store, tenants and TLS files, then exit "
                      "(0: would serve, 2: what is wrong) without serving")
+    kinds = setting_types()
     for f in fields():
         flag = "--" + f.name.replace("_", "-")
         # Flags default to None so the layers below them (env, file, defaults) show through.
-        if f.type == "bool":
+        if kinds[f.name].kind is bool:
             run.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"),
                              action=argparse.BooleanOptionalAction)
             continue
