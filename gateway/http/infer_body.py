@@ -101,6 +101,12 @@ def parse_header(text: bytes | memoryview, exact: bool = False) -> Mapping[str, 
     return header
 
 
+def _may_hold_booleans(body: bytes, header_end: int) -> bool:
+    """Whether the JSON header holds the token true or false anywhere (a scan of its bytes,
+    far cheaper than a type check of every element of every data list)."""
+    return body.find(b"true", 0, header_end) >= 0 or body.find(b"false", 0, header_end) >= 0
+
+
 def decode_infer(
     header: Mapping[str, Any], body: bytes, binary_start: int,
     memory: TenantMemory | None = None,
@@ -181,7 +187,8 @@ def _tensors(
             if layout is not None:
                 layout[name] = (datatype, shape, start - binary_start, end - binary_start)
         else:
-            arrays[name] = from_json(name, datatype, shape, source)
+            arrays[name] = from_json(name, datatype, shape, source,
+                                     booleans=_may_hold_booleans(body, binary_start))
             layout = None
     return arrays, layout
 

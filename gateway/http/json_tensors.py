@@ -58,11 +58,14 @@ def _extend(name: str, items: list[Any], shape: tuple[int, ...], level: int, pat
             _extend(name, item, shape, level + 1, f"{path}[{index}]", out=out)
 
 
-def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) -> Tensor:
-    """An array of ``datatype`` and ``shape`` from the JSON ``data`` of one input."""
+def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any, *,
+              booleans: bool = True) -> Tensor:
+    """An array of ``datatype`` and ``shape`` from the JSON ``data`` of one input.
+    ``booleans`` False says the request holds no JSON true or false at all, so numeric data
+    need not be searched for one."""
     count = math.prod(shape)
     if datatype in _FLOATS and isinstance(data, list):
-        fast = _numbers(data, shape)
+        fast = _numbers(data, shape, booleans)
         if fast is not None:
             if datatype is DataType.BF16:
                 return _to_bf16(fast.astype(np.float32)).reshape(shape)
@@ -117,7 +120,8 @@ def from_json(name: str, datatype: DataType, shape: tuple[int, ...], data: Any) 
         ) from None
 
 
-def _numbers(data: list[Any], shape: tuple[int, ...]) -> np.ndarray[Any, Any] | None:
+def _numbers(data: list[Any], shape: tuple[int, ...], booleans: bool
+             ) -> np.ndarray[Any, Any] | None:
     """``data`` (flat, or nested as ``shape``) as numpy infers it, when that is numbers and
     no boolean (numpy would read true as 1.0); else None, and the element-wise path says
     what is wrong."""
@@ -126,7 +130,8 @@ def _numbers(data: list[Any], shape: tuple[int, ...]) -> np.ndarray[Any, Any] | 
     except (ValueError, TypeError, RecursionError):  # ragged nesting, too deep for numpy
         return None
     if (inferred.dtype.kind not in _NUMBER or inferred.size != math.prod(shape)
-            or (inferred.ndim > 1 and inferred.shape != shape) or _holds_bool(data)):
+            or (inferred.ndim > 1 and inferred.shape != shape)
+            or (booleans and _holds_bool(data))):
         return None
     return inferred
 
