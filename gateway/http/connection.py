@@ -287,6 +287,9 @@ class HttpConnection(asyncio.Protocol):
             return
         if self._refused is not None:  # every complete request before it is answered
             self._write(self._refused.response, keep_alive=False)
+            # Reading was paused while they were served: what the client sent meanwhile is
+            # read and dropped now, so closing does not reset the answers away.
+            self._transport.resume_reading()
             self._linger()
             return
         if self._closing:

@@ -131,6 +131,19 @@ def test_every_pipelined_request_before_a_framing_error_is_answered_in_order(
     answers_a_good_request(port, tenant_keys)
 
 
+def test_answers_before_a_framing_error_survive_a_client_that_keeps_sending(
+    gateway: tuple[GatewayProcess, int], tenant_keys: tuple[Path, str, str]
+) -> None:
+    proc, port = gateway
+    good = post(INFER, GOOD_BODY, auth(tenant_keys))
+    # After the junk the client goes on writing: what it sends while the request ahead is
+    # served is read and dropped, so the close that follows does not reset the answers.
+    with RssGrowth(proc.proc.pid) as growth:
+        done = exchange(port, good + b"JUNK\x00\x01 junk\r\n\r\n" + b"z" * (4 << 20))
+    assert done.statuses == [200, 400], done.raw
+    assert growth.peak_kib < SLACK >> 10
+
+
 @pytest.mark.parametrize("framing", [
     # Content-Length and Transfer-Encoding together, the chunked body hiding a request.
     "Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
