@@ -19,13 +19,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
 
 from loadtests import h2load
-from loadtests.accounting_report import table
+from loadtests.accounting_report import Account, table
 from loadtests.noop_server import start_noop
 from loadtests.peer_models import peer_models, write_store
 from loadtests.requests import request_for
@@ -38,7 +38,6 @@ from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 
 GATEWAY, NOOP = "modelgate", "no-op grpc.aio"
 LOOP = "event loop"
-CLOSES_WITHIN = 0.10  # what the stages may miss the loop thread's measured time by
 
 
 @dataclass(frozen=True)
@@ -53,41 +52,6 @@ class Plan:
     # stacks of every thread), so a low rate over a long window disturbs it least.
     rate: int = 25
     messages: int = 4  # per h2load stream body, for the stream kind
-
-
-@dataclass
-class Account:
-    """One level's figures. Per request: ``threads`` (CPU µs and thread count per thread
-    group, plain window), the loop thread's CPU and run-queue wait and its ``stages`` (µs
-    of its CPU per bucket, profiled window). ``closure`` is the sampled busy time over the
-    time the loop thread ran or waited to run: 1.0 when the profile accounts for all of it."""
-
-    server: str
-    model: str
-    kind: str
-    concurrency: int
-    requests_per_s: float
-    profiled_requests_per_s: float
-    threads: dict[str, tuple[float, int]]
-    loop_cpu_us: float
-    loop_waiting_us: float
-    loop_sleeps: float  # times the loop thread blocked (then was woken), per request
-    stages: dict[str, float]
-    stages_sum_us: float
-    closure: float
-    samples: int
-    idle_share: float
-    profile_errors: int
-    errors: dict[str, int] = field(default_factory=dict)
-    hottest: list[tuple[str, float]] = field(default_factory=list)
-
-    @property
-    def closes(self) -> bool:
-        return abs(self.closure - 1.0) <= CLOSES_WITHIN
-
-    @property
-    def label(self) -> str:
-        return f"{self.server}, {self.model} {self.kind}, c={self.concurrency}"
 
 
 @dataclass(frozen=True)

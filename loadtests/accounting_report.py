@@ -1,15 +1,51 @@
-"""The accounting's one Markdown table: a column per level, rows for throughput, each thread
-group's CPU per request, the loop thread's buckets, their sum and its closure."""
+"""The accounting's figures per level (``Account``) and its one Markdown table: a column per
+level, rows for throughput, each thread group's CPU per request, the loop thread's buckets,
+their sum and its closure."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from loadtests.stage_profile import OURS, TRANSPORT
 
-if TYPE_CHECKING:
-    from loadtests.accounting import Account
+CLOSES_WITHIN = 0.10  # what the stages may miss the loop thread's measured time by
+
+
+@dataclass
+class Account:
+    """One level's figures. Per request: ``threads`` (CPU µs and thread count per thread
+    group, plain window), the loop thread's CPU and run-queue wait and its ``stages`` (µs
+    of its CPU per bucket, profiled window). ``closure`` is the sampled busy time over the
+    time the loop thread ran or waited to run: 1.0 when the profile accounts for all of it."""
+
+    server: str
+    model: str
+    kind: str
+    concurrency: int
+    requests_per_s: float
+    profiled_requests_per_s: float
+    threads: dict[str, tuple[float, int]]
+    loop_cpu_us: float
+    loop_waiting_us: float
+    loop_sleeps: float  # times the loop thread blocked (then was woken), per request
+    stages: dict[str, float]
+    stages_sum_us: float
+    closure: float
+    samples: int
+    idle_share: float
+    profile_errors: int
+    errors: dict[str, int] = field(default_factory=dict)
+    hottest: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def closes(self) -> bool:
+        return abs(self.closure - 1.0) <= CLOSES_WITHIN
+
+    @property
+    def label(self) -> str:
+        return f"{self.server}, {self.model} {self.kind}, c={self.concurrency}"
+
 
 
 def _us(value: float) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import accounting
+from loadtests import accounting, accounting_report
 from loadtests.stage_profile import (
     BUCKETS,
     DECODE,
@@ -153,7 +153,7 @@ def test_a_short_run_reports_every_figure_and_its_closure(tmp_path: Path) -> Non
         assert accounting.LOOP in level["threads"]
         assert level["stages_sum_us"] == pytest.approx(sum(level["stages"].values()))
         assert level["closure"] > 0
-        assert level["closes"] == (abs(level["closure"] - 1) <= accounting.CLOSES_WITHIN)
+        assert level["closes"] == (abs(level["closure"] - 1) <= accounting_report.CLOSES_WITHIN)
     gateway, noop = levels
     # Only the gateway runs code of ours on its loop; both run the transport.
     assert sum(gateway["stages"][b] for b in OURS if b != OTHER_OURS) > 0
