@@ -52,6 +52,11 @@ class Limits:
 # this long, before closing: a client still sending its body then sees the answer.
 _LINGER_BYTES: Final = 64 * 1024 * 1024
 _LINGER_S: Final = 2.0
+# Each chunk of a chunked body costs the parser a callback, whatever its size: past the
+# first _FREE_CHUNKS, a body whose chunks average under _MIN_CHUNK_BYTES is refused, so the
+# loop time one request takes is in proportion to its bytes, as with Content-Length.
+_FREE_CHUNKS: Final = 1024
+_MIN_CHUNK_BYTES: Final = 1024
 
 
 class _Refused(Exception):
@@ -128,6 +133,7 @@ class HttpConnection(asyncio.Protocol):
         # The first chunk is kept as it came; later ones join one growing buffer, so a body
         # of a million tiny chunks costs its bytes, not a million objects.
         self._body: bytes | bytearray = b""
+        self._chunks = 0
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -245,6 +251,12 @@ class HttpConnection(asyncio.Protocol):
             self._body += body
         else:
             self._body = bytearray(self._body) + body
+
+    def on_chunk_header(self) -> None:
+        chunks = self._chunks = self._chunks + 1
+        if chunks > _FREE_CHUNKS and (chunks - 1) * _MIN_CHUNK_BYTES > len(self._body):
+            raise _Refused(400, f"the chunked body's chunks average under {_MIN_CHUNK_BYTES} "
+                                f"bytes after {_FREE_CHUNKS} of them; send larger chunks")
 
     def on_message_complete(self) -> None:
         self._reading = False

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(300)
 
 VICTIM_REQUESTS = 200  # half gRPC, half REST
 VICTIM_INTERVAL_S = 0.05  # a modest 20 requests a second
-MEMORY_BOUND = 64 << 20
+MEMORY_BOUND = 96 << 20
 
 
 def bearer(key: str) -> tuple[tuple[str, str], ...]:

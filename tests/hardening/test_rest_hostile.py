@@ -88,24 +88,40 @@ def test_tiny_chunks_with_a_key_cost_a_bounded_buffer(
     with RssGrowth(proc.proc.pid) as growth:
         done = attack(port, payload)
     for one in done:
-        assert one.statuses == [400], one.raw[:300]  # all 2 MiB arrived: not JSON
+        assert one.statuses == [400], one.raw[:300]
+        assert b"send larger chunks" in one.raw, one.raw[:300]
     # Held as list items, a million two-byte chunks cost over 40 MiB per connection.
     bound = ATTACKERS * PER_REQUEST_BOUND + SLACK
     assert growth.peak_kib < bound >> 10, (growth.peak_kib, bound >> 10)
     answers_a_good_request(port, tenant_keys)
 
 
-def test_a_body_over_the_limit_in_tiny_chunks_is_refused_as_it_passes(
+def test_a_chunked_body_over_the_limit_is_refused_as_it_passes(
     gateway: tuple[GatewayProcess, int], tenant_keys: tuple[Path, str, str]
 ) -> None:
     proc, port = gateway
-    payload = chunked_head(INFER, auth(tenant_keys)) + tiny_chunks(4 * LIMIT)
+    chunk = b"1000\r\n" + b"x" * 4096 + b"\r\n"  # 4 KiB chunks: the chunk rule allows them
+    payload = chunked_head(INFER, auth(tenant_keys)) + chunk * (4 * LIMIT // 4096) + b"0\r\n\r\n"
     with RssGrowth(proc.proc.pid) as growth:
         done = attack(port, payload)
     for one in done:
         assert one.statuses == [413], one.raw[:300]
     assert growth.peak_kib < (ATTACKERS * PER_REQUEST_BOUND + SLACK) >> 10, growth.peak_kib
     answers_a_good_request(port, tenant_keys)
+
+
+def test_tiny_chunks_are_taken_only_as_far_as_the_first_thousand(
+    gateway: tuple[GatewayProcess, int], tenant_keys: tuple[Path, str, str]
+) -> None:
+    _, port = gateway
+    head = chunked_head(INFER, auth(tenant_keys))
+    # Leading spaces are JSON whitespace: 1000 one-byte chunks, then the request.
+    fine = head + b"1\r\n \r\n" * 1000 + f"{len(GOOD_BODY):x}\r\n".encode() + GOOD_BODY
+    assert exchange(port, fine + b"\r\n0\r\n\r\n").statuses == [200]
+    many = head + b"1\r\n \r\n" * 2000 + f"{len(GOOD_BODY):x}\r\n".encode() + GOOD_BODY
+    refused = exchange(port, many + b"\r\n0\r\n\r\n")
+    assert refused.statuses == [400], refused.raw
+    assert b"send larger chunks" in refused.raw
 
 
 def test_every_pipelined_request_before_a_framing_error_is_answered_in_order(
