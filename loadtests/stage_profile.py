@@ -48,7 +48,7 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
     ("gateway/http/json_tensors.py", None, DECODE),
     ("gateway/http/", None, EDGE),
     ("gateway/tenancy/", None, EDGE),
-    ("gateway/pipeline/limits.py", None, EDGE),
+    ("gateway/request/inflight.py", None, EDGE),
     ("gateway/observability/", None, OBSERVERS),
     ("gateway/batching/", None, BATCHER),
     ("runtimes/", None, HANDOFF),

@@ -39,8 +39,8 @@ from gateway.observability.tracing import (
     Tracing,
     trace_id_hex,
 )
-from gateway.pipeline.limits import InflightLimit
 from gateway.request.context import QUOTA, RequestContext, RequestRecord
+from gateway.request.inflight import InflightLimit
 from gateway.status import status_of
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.tenants import ANONYMOUS as OPEN_TENANT

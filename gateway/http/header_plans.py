@@ -12,7 +12,8 @@ import numpy as np
 
 from gateway.errors import InvalidRequestError
 from gateway.http.infer_body import BinaryLayout, InferBody
-from gateway.pipeline.tensors import DecodedRequest, from_raw
+from gateway.pipeline.tensors import from_raw
+from gateway.request.decoded import DecodedRequest
 from model_store.datatypes import DataType
 from runtimes.base import InferRequest, Tensor
 

@@ -20,22 +20,24 @@ from gateway.pipeline.shared_memory import (
     BYTE_SIZE,
     OFFSET,
     REGION,
-    MemoryRef,
     TenantMemory,
     memory_ref,
 )
 from gateway.pipeline.tensors import (
     MAX_TENSORS,
-    DecodedRequest,
-    InputLayout,
-    OutputOptions,
-    RequestLayout,
     check_name,
     check_shape,
     check_size,
     datatype_of,
     from_raw,
     to_raw,
+)
+from gateway.request.decoded import (
+    DecodedRequest,
+    InputLayout,
+    MemoryRef,
+    OutputOptions,
+    RequestLayout,
 )
 from gateway.sanitize import echoed
 from model_store.datatypes import DataType

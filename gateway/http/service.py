@@ -28,7 +28,6 @@ from gateway.http.memory_endpoints import SharedMemoryEndpoints
 from gateway.http.messages import HttpRequest, HttpResponse, json_object, json_response
 from gateway.http.routes import Route
 from gateway.models.model_control import ModelControl
-from gateway.models.routing import request_metadata
 from gateway.monitoring.endpoint import DriftEndpoint, encode, window_of
 from gateway.observability.statistics import Duration, StatisticsSnapshot, record_encoding
 from gateway.pipeline.catalog import NOT_SERVED, Catalog, server_info
@@ -36,8 +35,9 @@ from gateway.pipeline.classification import output_types
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.pipeline.server_settings import ServerSettings
 from gateway.pipeline.shared_memory import SharedMemory, TenantMemory, write_outputs
-from gateway.pipeline.tensors import DecodedRequest
 from gateway.request.context import RequestContext
+from gateway.request.decoded import DecodedRequest
+from gateway.request.headers import request_metadata
 from model_store.config import config_document
 
 # A caller's deadline in milliseconds from arrival (the REST twin of gRPC's deadline).

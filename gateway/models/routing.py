@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from gateway.errors import InvalidRequestError, ModelNotFoundError
+from gateway.request.headers import LABEL_KEY, ROUTING_KEY
 from model_store.labels import LABEL, RoutingSpec
 
-LABEL_KEY: Final = "x-model-label"
-ROUTING_KEY: Final = "x-routing-key"
 _MAX_KEY: Final = 256
 
 
@@ -123,29 +122,3 @@ class Router:
         configured fraction; independent of the routing key so sticky users are sampled
         like everyone else)."""
         return table.shadow is not None and self._rng.random() < table.shadow_fraction
-
-
-TRACE_HEADERS: Final = frozenset({"traceparent", "tracestate"})
-_WANTED: Final = frozenset({LABEL_KEY, ROUTING_KEY, *TRACE_HEADERS})
-
-
-def request_metadata(
-    metadata: Iterable[Any] | None,
-) -> tuple[str | None, str | None, dict[str, str]]:
-    """In one pass: x-model-label, x-routing-key and the W3C trace headers (passed on to
-    upstreams as they came)."""
-    label: str | None = None
-    key: str | None = None
-    trace: dict[str, str] = {}
-    for name, value in metadata or ():
-        if name not in _WANTED:
-            continue
-        if name in TRACE_HEADERS:
-            trace[name] = value if isinstance(value, str) else value.decode("latin-1")
-            continue
-        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        if name == LABEL_KEY:
-            label = text.strip()
-        else:
-            key = text
-    return label, key, trace

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 
@@ -20,6 +20,8 @@ from gateway.monitoring.accumulator import ShapeMismatch, TensorTracker
 from gateway.monitoring.profile import PROFILE_FILE, Profile, ProfileError, Role, load
 from gateway.monitoring.reference import argmax_outputs, bins_for
 from gateway.monitoring.windows import Windows
+from gateway.request.context import RequestContext
+from gateway.request.inference import Inference
 from gateway.settings import Settings
 from runtimes.base import InferRequest, Tensor
 
@@ -135,7 +137,7 @@ class Monitor:
 
     # ---- the request path -------------------------------------------------------------
 
-    def hooks(self) -> list[Callable[[Any, Any], None]]:
+    def hooks(self) -> list[Callable[[RequestContext, Inference[ServedVersion]], None]]:
         """The pipeline's post-inference hooks: this monitor's, unless monitoring is off."""
         return [self.hook] if self.config.enabled else []
 
@@ -144,8 +146,8 @@ class Monitor:
         """Samples shadow answers too: they are what shadow vs primary compares."""
         self.offer(version, request.inputs, outputs, request.rows)
 
-    def hook(self, context: object, inference: Any) -> None:
-        """The pipeline's post-inference hook: ``inference`` has version, request, outputs."""
+    def hook(self, context: RequestContext, inference: Inference[ServedVersion]) -> None:
+        """The pipeline's post-inference hook: samples the version's inputs and outputs."""
         self.offer(inference.version, inference.request.inputs, inference.outputs,
                    inference.request.rows)
 

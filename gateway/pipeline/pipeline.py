@@ -11,36 +11,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from gateway.errors import QuotaExceededError
 from gateway.models.registry import ModelRegistry
 from gateway.models.served import ServedVersion
 from gateway.observability.observe import stage
 from gateway.pipeline.classification import check_classes, classify
-from gateway.pipeline.tensors import DecodedRequest, LayoutChecks, OutputOptions
+from gateway.pipeline.tensors import LayoutChecks
 from gateway.quota.store import Admission, LocalQuotaStore, QuotaStore, Scope
 from gateway.request.context import QUOTA, RequestContext
-from runtimes.base import InferRequest, Tensor
+from gateway.request.decoded import DecodedRequest
+from gateway.request.inference import Inference
+from runtimes.base import InferRequest
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class Inference:
-    """One completed inference: the version that ran (its spec is what an adapter encodes
-    the answer with), the request as checked against that version's spec, the outputs it
-    produced (classified where the request asked) and what the request asked of them."""
-
-    version: ServedVersion
-    request: InferRequest
-    outputs: dict[str, Tensor]
-    options: OutputOptions | None = None
-
-
 # A post-inference hook sees every successful inference; it must not block (sample, queue,
 # return) and its failures are logged, never answered to the caller.
-Hook = Callable[[RequestContext, Inference], None]
+Hook = Callable[[RequestContext, Inference[ServedVersion]], None]
 
 
 class InferencePipeline:
@@ -66,7 +55,7 @@ class InferencePipeline:
 
     async def infer(
         self, context: RequestContext, model: str, version: str, decoded: DecodedRequest
-    ) -> Inference:
+    ) -> Inference[ServedVersion]:
         """Resolve and lease ``model``/``version`` for the context's tenant, check the
         decoded request against the chosen version's spec, admit it against the tenant's
         quotas, run it and mirror it to the model's shadow."""

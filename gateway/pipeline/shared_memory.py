@@ -18,6 +18,7 @@ from gateway.errors import (
     SharedMemoryNotFoundError,
 )
 from gateway.pipeline.tensors import check_name, to_raw
+from gateway.request.decoded import MemoryRef
 from gateway.sanitize import echoed
 from model_store.datatypes import DataType
 from runtimes.base import Tensor
@@ -40,15 +41,6 @@ class RegionStatus:
 
     name: str
     key: str
-    offset: int
-    byte_size: int
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryRef:
-    """Where a tensor's bytes are: a region's name, an offset into the region, a size."""
-
-    region: str
     offset: int
     byte_size: int
 

@@ -30,13 +30,13 @@ from gateway.observability.log_settings import LogSettings
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import build_tracing
 from gateway.pipeline.catalog import Catalog
-from gateway.pipeline.limits import InflightLimit
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.pipeline.server_settings import ServerSettings
 from gateway.pipeline.shared_memory import SharedMemory
 from gateway.process.http_endpoints import HttpEndpoints, manager_readiness
 from gateway.process.tls import CertificateFiles
 from gateway.quota.redis_store import build_quota_store
+from gateway.request.inflight import InflightLimit
 from gateway.settings import Settings, check_exposure, upstream_configs
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.tenants import TenantRegistry

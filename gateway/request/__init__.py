@@ -1,2 +1,3 @@
-"""The request wing: the typed per-request context every transport builds and the pipeline
-and runtime wrappers read. May import: tenancy, quota and the foundation modules."""
+"""The request wing: the values every transport, the pipeline and the runtime wrappers share
+(context, decoded request, inference, headers read, the in-flight cap). May import: tenancy,
+quota and the foundation modules."""

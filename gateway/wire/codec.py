@@ -13,9 +13,9 @@ import numpy as np
 from gateway.errors import InvalidRequestError
 from gateway.models.served import ServedVersion
 from gateway.pipeline.classification import output_types
-from gateway.pipeline.pipeline import Inference
 from gateway.pipeline.shared_memory import TenantMemory, write_outputs
-from gateway.pipeline.tensors import DecodedRequest, RequestLayout
+from gateway.request.decoded import DecodedRequest, RequestLayout
+from gateway.request.inference import Inference
 from gateway.wire.conversion import (
     MAX_TENSORS,
     decode_request,
@@ -227,7 +227,7 @@ class Codecs:
         return self.decoder.decode(request, memory)
 
     def encode(
-        self, request: pb.ModelInferRequest, inference: Inference,
+        self, request: pb.ModelInferRequest, inference: Inference[ServedVersion],
         memory: TenantMemory | None = None,
     ) -> bytes | pb.ModelInferResponse:
         """The answer to ``request`` from what the pipeline returned; outputs asked for in

@@ -16,17 +16,12 @@ from gateway.pipeline.shared_memory import (
     BYTE_SIZE,
     OFFSET,
     REGION,
-    MemoryRef,
     TenantMemory,
     memory_ref,
 )
 from gateway.pipeline.tensors import (
     MAX_ELEMENTS,
     MAX_TENSORS,
-    DecodedRequest,
-    InputLayout,
-    OutputOptions,
-    RequestLayout,
     check_name,
     check_shape,
     check_size,
@@ -34,6 +29,13 @@ from gateway.pipeline.tensors import (
     element_bytes,
     from_raw,
     to_raw,
+)
+from gateway.request.decoded import (
+    DecodedRequest,
+    InputLayout,
+    MemoryRef,
+    OutputOptions,
+    RequestLayout,
 )
 from model_store.datatypes import CONTENTS_FIELDS, DataType
 from model_store.spec import ModelSpec

@@ -22,8 +22,8 @@ from gateway.errors import (
     OverloadedError,
 )
 from gateway.observability import observe
-from gateway.pipeline.limits import InflightLimit
 from gateway.request.context import RequestContext, RequestRecord
+from gateway.request.inflight import InflightLimit
 from gateway.settings import Settings
 from gateway.status import status_of
 from gateway.tenancy.auth import (

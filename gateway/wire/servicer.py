@@ -9,13 +9,13 @@ from typing import Any
 
 from gateway.errors import InvalidRequestError, NotSupportedError
 from gateway.models.model_control import ModelControl
-from gateway.models.routing import request_metadata
 from gateway.observability.log_settings import Value
 from gateway.observability.statistics import Duration, StatisticsSnapshot, record_encoding
 from gateway.pipeline.catalog import Catalog, IndexEntry, not_served, server_info
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.pipeline.server_settings import ServerSettings
 from gateway.pipeline.shared_memory import SharedMemory
+from gateway.request.headers import request_metadata
 from gateway.sanitize import strip_paths
 from gateway.wire.call import caller_of
 from gateway.wire.codec import Codecs

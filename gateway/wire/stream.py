@@ -34,12 +34,12 @@ from gateway.errors import (
     OverloadedError,
     QuotaExceededError,
 )
-from gateway.models.routing import LABEL_KEY, ROUTING_KEY, request_metadata
 from gateway.observability.statistics import record_encoding
-from gateway.pipeline.limits import InflightLimit
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.pipeline.shared_memory import SharedMemory
 from gateway.request.context import RequestContext
+from gateway.request.headers import LABEL_KEY, ROUTING_KEY, request_metadata
+from gateway.request.inflight import InflightLimit
 from gateway.sanitize import echoed
 from gateway.status import status_of
 from gateway.tenancy.auth import Authenticator, peer_subject

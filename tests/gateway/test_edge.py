@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from gateway.observability.metrics import Metrics
-from gateway.pipeline.limits import InflightLimit
+from gateway.request.inflight import InflightLimit
 from gateway.tenancy.auth import Authenticator
 from gateway.wire.edge import Edge, EdgeError
 from gateway.wire.rpc_observer import RpcObserver

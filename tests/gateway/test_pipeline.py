@@ -20,10 +20,12 @@ from gateway.errors import (
 )
 from gateway.models.backends import RuntimeFactory
 from gateway.models.manager import ModelManager
-from gateway.pipeline.pipeline import Inference, InferencePipeline
-from gateway.pipeline.tensors import DecodedRequest, InputLayout, LayoutChecks, RequestLayout
+from gateway.pipeline.pipeline import InferencePipeline
+from gateway.pipeline.tensors import LayoutChecks
 from gateway.quota.store import Limits, LocalQuotaStore
 from gateway.request.context import QUOTA, RequestContext, RequestRecord, context_of
+from gateway.request.decoded import DecodedRequest, InputLayout, RequestLayout
+from gateway.request.inference import Inference
 from gateway.tenancy.tenants import ANONYMOUS, ModelGrant, Tenant
 from model_store.datatypes import DataType
 from model_store.errors import InputMismatchError

@@ -19,11 +19,11 @@ from gateway.models.routing import (
     RoutingTable,
     choose_weighted,
     label_version,
-    request_metadata,
     requested_target,
     split_point,
     split_version,
 )
+from gateway.request.headers import request_metadata
 from model_store.labels import RoutingConfigError, RoutingSpec, parse_routing
 from tests.support import models
 from tests.support.gateway import RunningGateway, running_gateway

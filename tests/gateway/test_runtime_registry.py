@@ -13,8 +13,8 @@ from gateway.models.backends import RuntimeFactory, RuntimeRegistry, builtin_run
 from gateway.models.manager import ModelManager
 from gateway.models.served import VersionState
 from gateway.pipeline.pipeline import InferencePipeline
-from gateway.pipeline.tensors import DecodedRequest, RequestLayout
 from gateway.request.context import RequestContext
+from gateway.request.decoded import DecodedRequest, RequestLayout
 from gateway.tenancy.tenants import ANONYMOUS
 from model_store.datatypes import DataType
 from model_store.platforms import PLATFORMS, Platform

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from gateway.errors import OverloadedError
-from gateway.pipeline.limits import InflightLimit
+from gateway.request.inflight import InflightLimit
 from gateway.sanitize import EscapingFormatter, escape_controls, strip_paths
 
 
