@@ -9,11 +9,7 @@ from pathlib import Path
 from gateway.batching.batcher import DynamicBatcher
 from gateway.models.version_loader import RuntimeStack
 from gateway.observability.metrics import Metrics
-from gateway.observability.observed_runtime import (
-    ExecutionObserver,
-    Observations,
-    RequestObserver,
-)
+from gateway.observability.observed_runtime import ExecutionObserver, RequestObserver
 from gateway.observability.statistics import ModelStatistics, StatisticsRuntime
 from gateway.observability.tracing import Tracing
 from model_store.platforms import ONNX, PLATFORMS, TRITON, Platform, PlatformRegistry
@@ -92,10 +88,9 @@ class RuntimeFactory:
         if self._metrics is None:
             scheduled = with_scheduling(runtime, self._staged)
             return RuntimeStack(scheduled, scheduled.statistics)
-        observations: Observations = {}
-        executions = ExecutionObserver(runtime, self._metrics, self._tracing, observations)
+        executions = ExecutionObserver(runtime, self._metrics, self._tracing)
         scheduled = with_scheduling(executions, self._staged)
-        requests = RequestObserver(scheduled, self._metrics, self._tracing, observations)
+        requests = RequestObserver(scheduled, self._metrics, self._tracing)
         return RuntimeStack(requests, scheduled.statistics)
 
 

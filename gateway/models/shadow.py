@@ -19,7 +19,7 @@ from gateway.errors import ModelNotReadyError
 from gateway.models.routing import RoutingTable
 from gateway.models.served import Lease, ServedVersion, VersionState
 from gateway.observability.tracing import ATTR_MODEL, ATTR_VERSION
-from gateway.request.context import RequestRecord
+from gateway.request.observation import Observation
 from runtimes.base import InferRequest, Tensor
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,11 @@ class ShadowMirror:
 
     def offer(
         self, lease: Lease, request: InferRequest, outputs: Mapping[str, Tensor],
-        record: RequestRecord | None = None,
+        observation: Observation | None = None,
     ) -> None:
         """Mirror a request the primary (``lease``) answered to its model's shadow version,
         if the model's routing names one and this request is sampled. Never raises, never
-        waits; the shadow's span is a child of ``record``'s when that request is traced."""
+        waits; the shadow's span is a child of ``observation``'s when that request is traced."""
         model = lease.model
         if model is None:
             return
@@ -126,7 +126,8 @@ class ShadowMirror:
                     observer(shadow_lease.version, copy, answer)
                 return answer
 
-        parent = (record.tracer, record.span) if record and record.tracer and record.span else None
+        parent = (None if observation is None or observation.tracer is None
+                  or observation.span is None else (observation.tracer, observation.span))
         self.mirror(primary.name, primary.version, shadow, run, outputs, parent=parent)
 
     def add_listener(self, listener: Callable[[ShadowResult], None]) -> None:

@@ -1,10 +1,11 @@
 """Runtime wrappers that trace and measure inference: RequestObserver sits above the batcher
-(one request: in-flight, queue wait), ExecutionObserver below it (one executed batch)."""
+(one request: in-flight, its 'infer' span), ExecutionObserver below it (one executed batch:
+counts, and each member's queue and compute figures, once per batch at its end)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Final
 
 from opentelemetry import trace
@@ -22,66 +23,48 @@ from gateway.observability.tracing import (
     ATTR_VERSION,
     Tracing,
 )
-from gateway.request.context import RequestRecord, record_of
+from gateway.request.context import RequestContext, observation_of
+from gateway.request.observation import Observation
 from runtimes.base import InferRequest, Runtime, RuntimeWrapper, Tensor
 
 _W3C: Final = TraceContextTextMapPropagator()
 
 
-@dataclass(slots=True)
-class RequestObservation:
-    """One request's timings and span, shared between the two wrappers of a version through
-    their Observations (keyed by the request object, which the batcher passes on as is).
-    perf_counter seconds for durations; wall-clock nanoseconds for span timestamps."""
-
-    enqueued: float
-    enqueued_ns: int
-    span: trace.Span | None
-    dispatched: float | None = None
-    dispatched_ns: int | None = None
-    compute_s: float | None = None
-    batch_rows: int | None = None
-
-
-# A version's requests between its RequestObserver and its ExecutionObserver, by id() of
-# the InferRequest (alive while the RequestObserver awaits it, so ids are not reused).
-Observations = dict[int, RequestObservation]
-
-
 class _Observer(RuntimeWrapper):
     """What both observers hold: the version's metric children, the tracer (None: tracing
-    off), their span name and the observations shared through the batcher."""
+    off) and their span name. They share each request's Observation, which the request
+    carries through the batcher (``InferRequest.members``)."""
 
     _SPAN: str = ""
 
-    def __init__(
-        self, inner: Runtime, metrics: Metrics, tracing: Tracing | None,
-        observations: Observations,
-    ) -> None:
+    def __init__(self, inner: Runtime, metrics: Metrics, tracing: Tracing | None) -> None:
         super().__init__(inner)
         self._m: ModelMetrics = metrics.model(inner.model)
         self._tracer = tracing.tracer if tracing is not None else None
         self._name = f"{self._SPAN} {inner.model.name}"
-        self._observations = observations
 
 
 class RequestObserver(_Observer):
-    """Per request: in-flight and queue-depth gauges, queue and compute histograms, the
-    request's 'infer' span with a retroactive 'queue' child, and the RPC record's figures."""
+    """Per request: the in-flight and queue-depth gauges, the request's 'infer' span with a
+    retroactive 'queue' child, and the model and rows on its observation."""
 
     _SPAN = "infer"
 
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
         if request.warmup is not None:
             return await self.inner.infer(request)
-        record = record_of(request)
-        if record is not None:
-            record.model = self.model
-            record.rows = request.rows
+        observation = observation_of(request)
+        bare = observation is None
+        if observation is None:
+            observation = _attach(request)
+        edge_span = observation.span
+        observation.model = self.model
+        observation.rows = request.rows
         span: trace.Span | None = None
-        # A sampled-out RPC gets no child spans at all: that is what 1 % sampling buys.
+        # A sampled-out request gets no child spans at all: that is what 1 % sampling buys
+        # (one observed without an edge, a bare runtime call, is always traced).
         if self._tracer is not None and (
-            record is None or (record.span is not None and record.span.is_recording())
+            bare or (edge_span is not None and edge_span.is_recording())
         ):
             span = self._tracer.start_span(
                 self._name, kind=SpanKind.INTERNAL,
@@ -90,9 +73,9 @@ class RequestObserver(_Observer):
                     ATTR_ROWS: request.rows,
                 },
             )
-        obs = RequestObservation(time.perf_counter(), time.time_ns(), span)
-        key = id(request)
-        self._observations[key] = obs
+            observation.infer_span = span
+            observation.enqueued_ns = time.time_ns()
+        observation.enqueued = time.perf_counter()
         m = self._m
         m.in_flight.inc()
         m.queue_depth.inc()
@@ -103,71 +86,74 @@ class RequestObserver(_Observer):
                                 set_status_on_exception=True):
                 return await self.inner.infer(request)
         finally:
-            del self._observations[key]
             m.in_flight.dec()
-            self._finish(obs, record)
+            if observation.dispatched is None:
+                m.queue_depth.dec()  # left the queue without running: rejected, expired, gone
+            if span is not None:
+                self._end_span(span, observation)
 
-    def _finish(self, obs: RequestObservation, record: RequestRecord | None) -> None:
-        m = self._m
-        if obs.dispatched is None:
-            m.queue_depth.dec()  # left the queue without running: rejected, expired, gone
-        else:
-            queue_s = obs.dispatched - obs.enqueued
-            m.queue_duration.observe(queue_s)
-            if obs.compute_s is not None:
-                m.compute_duration.observe(obs.compute_s)
-            if record is not None:
-                record.queue_s = queue_s
-                record.compute_s = obs.compute_s
-                record.batch_rows = obs.batch_rows
-        span = obs.span
-        if span is None:
-            return
+    def _end_span(self, span: trace.Span, observation: Observation) -> None:
         if span.is_recording():
-            end_ns = obs.dispatched_ns if obs.dispatched_ns is not None else time.time_ns()
+            end_ns = observation.dispatched_ns or time.time_ns()
+            queue_us = (end_ns - observation.enqueued_ns) // 1000
             queue = self._tracer.start_span(  # type: ignore[union-attr]
                 "queue", context=trace.set_span_in_context(span),
-                start_time=obs.enqueued_ns,
-                attributes={ATTR_QUEUE_US: (end_ns - obs.enqueued_ns) // 1000},
+                start_time=observation.enqueued_ns, attributes={ATTR_QUEUE_US: queue_us},
             )
             queue.end(end_time=end_ns)
-            span.set_attribute(ATTR_QUEUE_US, (end_ns - obs.enqueued_ns) // 1000)
-            if obs.batch_rows is not None:
-                span.set_attribute(ATTR_BATCH_ROWS, obs.batch_rows)
+            span.set_attribute(ATTR_QUEUE_US, queue_us)
+            if observation.batch_rows is not None:
+                span.set_attribute(ATTR_BATCH_ROWS, observation.batch_rows)
         span.end()
 
 
-def _members(batch: InferRequest, observations: Observations) -> list[RequestObservation]:
-    found: list[RequestObservation] = []
+def _attach(request: InferRequest) -> Observation:
+    """An observation for a request that came without one (a bare runtime call, a shadow's
+    copy, an unobserved context): carried by the request itself so the ExecutionObserver
+    finds it."""
+    observation = Observation(method="", start=0.0)
+    context = request.context
+    request.context = (dataclasses.replace(context, observation=observation)
+                       if isinstance(context, RequestContext) else observation)
+    return observation
+
+
+def _members(batch: InferRequest) -> list[Observation]:
+    found: list[Observation] = []
     for member in batch.members or (batch,):
-        obs = observations.get(id(member))
-        if obs is not None:
-            found.append(obs)
+        observation = observation_of(member)
+        if observation is not None:
+            found.append(observation)
     return found
 
 
 class ExecutionObserver(_Observer):
     """Per execution (the merged batch the batcher runs, or one request of a model without
-    a batcher): inference and execution counts, batch sizes, and a 'batch' span linked to
-    the span of every member request (and each of those linked back to it)."""
+    a batcher): inference and execution counts, batch sizes, every member's queue and
+    compute figures (on its observation and in the histograms, in one pass at the batch's
+    end), and a 'batch' span linked to the span of every member request (and each of those
+    linked back to it)."""
 
     _SPAN = "batch"
 
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
-        members = _members(request, self._observations)
+        members = _members(request)
         if not members and request.warmup is not None:
             return await self.inner.infer(request)
         start = time.perf_counter()
-        start_ns = time.time_ns()
+        traced = False
         for obs in members:
             obs.dispatched = start
-            obs.dispatched_ns = start_ns
             obs.batch_rows = request.rows
-        self._m.queue_depth.dec(len(members))
+            if obs.infer_span is not None:
+                traced = True
+        m = self._m
+        m.queue_depth.dec(len(members))
         span = None
-        if self._tracer is not None and (
-            not members or any(o.span is not None for o in members)
-        ):
+        if self._tracer is not None and (not members or traced):
+            start_ns = time.time_ns()
+            for obs in members:
+                obs.dispatched_ns = start_ns
             span = self._start_span(request, members)
         try:
             if span is None:
@@ -183,21 +169,25 @@ class ExecutionObserver(_Observer):
                     outputs = await self.inner.infer(request)
         finally:
             compute = time.perf_counter() - start
+            queue_duration, compute_duration = m.queue_duration, m.compute_duration
             for obs in members:
+                queue_s = start - obs.enqueued
+                obs.queue_s = queue_s
                 obs.compute_s = compute
+                queue_duration.observe(queue_s)
+                compute_duration.observe(compute)
             if span is not None:
                 self._link_back(span, members)
                 span.end()
-        m = self._m
         m.inference_count.inc(request.rows)
         m.exec_count.inc()
         m.batch_size.observe(request.rows)
         return outputs
 
     def _start_span(
-        self, request: InferRequest, members: list[RequestObservation]
+        self, request: InferRequest, members: list[Observation]
     ) -> trace.Span:
-        spans = [o.span for o in members if o.span is not None]
+        spans = [o.infer_span for o in members if o.infer_span is not None]
         # The batch joins the trace of its first sampled member (so it is sampled when any
         # member is, and costs nothing when none is); links name every member.
         parent = next((s for s in spans if s.get_span_context().trace_flags.sampled), None)
@@ -214,10 +204,11 @@ class ExecutionObserver(_Observer):
         )
 
     @staticmethod
-    def _link_back(span: trace.Span, members: list[RequestObservation]) -> None:
+    def _link_back(span: trace.Span, members: list[Observation]) -> None:
         context = span.get_span_context()
         if not context.is_valid:
             return
         for obs in members:
-            if obs.span is not None and obs.span.is_recording():
-                obs.span.add_link(context)
+            member = obs.infer_span
+            if member is not None and member.is_recording():
+                member.add_link(context)

@@ -19,9 +19,10 @@ from gateway.observability.observe import stage
 from gateway.pipeline.classification import check_classes, classify
 from gateway.pipeline.tensors import LayoutChecks
 from gateway.quota.store import Admission, LocalQuotaStore, QuotaStore, Scope
-from gateway.request.context import QUOTA, RequestContext
+from gateway.request.context import RequestContext
 from gateway.request.decoded import DecodedRequest
 from gateway.request.inference import Inference
+from gateway.request.observation import QUOTA
 from runtimes.base import InferRequest
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,9 @@ class InferencePipeline:
                                     context.routing_key)
         try:
             served = lease.version
-            record = context.record
-            if record is not None:
-                record.model = served.id  # labels metrics, spans and the access log
+            observation = context.observation
+            if observation is not None:
+                observation.model = served.id  # labels metrics, spans and the access log
             request = self._checks.check(served, decoded)
             options = decoded.options
             if options is not None and options.classes:
@@ -82,7 +83,7 @@ class InferencePipeline:
             else:
                 outputs = await lease.runtime.infer(request)
             inference = Inference(served, request, outputs, options)
-            self._shadow.offer(lease, request, outputs, record)
+            self._shadow.offer(lease, request, outputs, observation)
         finally:
             lease.release()
         for hook in self._hooks:
@@ -117,11 +118,11 @@ class InferencePipeline:
     ) -> Admission:
         """Charge the request to its scopes, inside a 'quota' span when it is traced; a
         rejection is recorded for the metrics (the edge counts quota rejections)."""
-        record = context.record
+        observation = context.observation
         try:
-            with stage(record, "quota"):
+            with stage(observation, "quota"):
                 return await self._quota.admission(scopes, rows)
         except QuotaExceededError:
-            if record is not None:
-                record.rejected_by = QUOTA
+            if observation is not None:
+                observation.rejected_by = QUOTA
             raise

@@ -22,8 +22,9 @@ from gateway.errors import (
     OverloadedError,
 )
 from gateway.observability import observe
-from gateway.request.context import RequestContext, RequestRecord
+from gateway.request.context import RequestContext
 from gateway.request.inflight import InflightLimit
+from gateway.request.observation import Observation
 from gateway.settings import Settings
 from gateway.status import status_of
 from gateway.tenancy.auth import (
@@ -207,7 +208,7 @@ class Edge:
         observer, limit, checks = self._observer, self._inflight, self._checks
 
         async def call(request: Any, context: Context) -> Any:
-            record: RequestRecord | None = None
+            observation: Observation | None = None
             ours: tuple[tuple[str, str], ...] = ()
             # grpc.aio builds a new tuple on every invocation_metadata() call (about 6 us
             # with a few entries): an inference RPC reads it once here for the observer,
@@ -215,20 +216,20 @@ class Edge:
             metadata = tuple(context.invocation_metadata() or ()) if observed else None
             if observed:
                 model = getattr(request, "model_name", None)
-                record, ours = observer.open(method, context, metadata,
+                observation, ours = observer.open(method, context, metadata,
                                              model if isinstance(model, str) else None)
             started: float | None = None
             error: BaseException | None = None
             try:
                 try:
-                    started, tenant = checks(context, capped, guarded, record, metadata)
+                    started, tenant = checks(context, capped, guarded, observation, metadata)
                 except (OverloadedError, AuthenticationError) as exc:
                     error = exc
                     await _reject(context, exc, ours)
                 served: Any = context
                 if tenant is not None:
-                    served = CallContext(context, RequestContext(tenant, record=record), ours,
-                                         metadata)
+                    served = CallContext(
+                        context, RequestContext(tenant, observation=observation), ours, metadata)
                 try:
                     if streamed:
                         request = _checked(request)
@@ -245,8 +246,8 @@ class Edge:
             finally:
                 if started is not None:
                     limit.leave(started)
-                if record is not None:
-                    observer.close(record, context, request, error)
+                if observation is not None:
+                    observer.close(observation, context, request, error)
 
         return call
 
@@ -286,7 +287,8 @@ class Edge:
         return call
 
     def _checks(
-        self, context: Context, capped: bool, guarded: bool, record: RequestRecord | None,
+        self, context: Context, capped: bool, guarded: bool,
+        observation: Observation | None,
         metadata: tuple[tuple[str, Any], ...] | None = None,
     ) -> tuple[float | None, Tenant | None]:
         """Take an in-flight slot (returns its start time) and authenticate (returns the
@@ -296,26 +298,26 @@ class Edge:
         tenant: Tenant | None = None
         if guarded:
             try:
-                tenant = self._authenticate(context, record, metadata)
+                tenant = self._authenticate(context, observation, metadata)
             except AuthenticationError:
                 if started is not None:
                     self._inflight.leave(started)
                 raise
         return started, tenant
 
-    def _authenticate(self, context: Context, record: RequestRecord | None,
+    def _authenticate(self, context: Context, observation: Observation | None,
                       metadata: tuple[tuple[str, Any], ...] | None = None) -> Tenant:
         """The caller's tenant (``metadata``: the call's, if already read); raises
         AuthenticationError."""
         authenticator = self._authenticator
-        with observe.stage(record, "auth"):  # a child span of the RPC's when tracing is on
+        with observe.stage(observation, "auth"):  # a child of the RPC's span when traced
             if authenticator.registry is None:
                 tenant = ANONYMOUS  # open mode: nothing to check, so no metadata to read
             else:
                 if metadata is None:
                     metadata = tuple(context.invocation_metadata() or ())
                 tenant = authenticator.authenticate(metadata, lambda: peer_subject(context))
-        observe.set_tenant(record, tenant.id)  # metrics, traces and the access log
+        observe.set_tenant(observation, tenant.id)  # metrics, traces and the access log
         return tenant
 
 

@@ -40,6 +40,7 @@ from gateway.pipeline.shared_memory import SharedMemory
 from gateway.request.context import RequestContext
 from gateway.request.headers import LABEL_KEY, ROUTING_KEY, request_metadata
 from gateway.request.inflight import InflightLimit
+from gateway.request.observation import Observation
 from gateway.sanitize import echoed
 from gateway.status import status_of
 from gateway.tenancy.auth import Authenticator, peer_subject
@@ -364,7 +365,7 @@ class _Stream:
         traceparent = (_parameter(request, TRACEPARENT)
                        if parameters and request is not None else None)
         observer = owner._observer
-        record = observer.open_message(self.trace, self.tenant.id, traceparent,
+        observation = observer.open_message(self.trace, self.tenant.id, traceparent,
                                        request.model_name if request is not None else "")
         error: BaseException | None = None
         code = "OK"
@@ -375,10 +376,11 @@ class _Stream:
                     "the message is not a valid ModelInferRequest")
             if limit is not None:  # each message in flight counts, as a unary call does
                 started = limit.enter()
-            answer = await self._infer(request, record, traceparent, parameters)
+            answer = await self._infer(request, observation, traceparent, parameters)
         except asyncio.CancelledError as exc:
             # The stream went away: nothing to answer, but the message is still counted.
-            observer.close_message(record, "CANCELLED", exc, self._peer(), _asked(request))
+            observer.close_message(observation, "CANCELLED", exc, self._peer(),
+                                   _asked(request))
             raise
         except Exception as exc:
             error = exc
@@ -386,11 +388,11 @@ class _Stream:
         finally:
             if started is not None and limit is not None:
                 limit.leave(started)
-        observer.close_message(record, code, error, self.peer or self._peer(),
+        observer.close_message(observation, code, error, self.peer or self._peer(),
                                _asked(request))
         self.outbox.put(answer)
 
-    async def _infer(self, request: pb.ModelInferRequest, record: Any,
+    async def _infer(self, request: pb.ModelInferRequest, observation: Observation,
                      traceparent: str | None, parameters: bool) -> bytes:
         label, routing_key, trace_headers = self.label, self.routing_key, self.trace_headers
         if parameters:  # a message's own label, routing key and trace context come first
@@ -399,7 +401,8 @@ class _Stream:
             if traceparent:
                 trace_headers = {**trace_headers, TRACEPARENT: traceparent}
         context = RequestContext(self.tenant, "grpc_stream", label, routing_key,
-                                 self.deadline, trace_headers=trace_headers, record=record)
+                                 self.deadline, trace_headers=trace_headers,
+                                 observation=observation)
         codecs = self.owner._codecs
         shared = self.owner._memory
         memory = None if shared is None else shared.of(self.tenant.id)

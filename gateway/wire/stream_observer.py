@@ -1,6 +1,6 @@
-"""What ModelStreamInfer observes: the stream's span, and for each message a record with its
-own span (linked to the stream's), Prometheus counts under protocol grpc_stream, the access
-log line and the quota-rejection count, as the RPC observer does for one unary call."""
+"""ModelStreamInfer's side of observation: the stream's span, and for each message an
+observation with its own span (linked to the stream's) under protocol grpc_stream, closed with
+the message's code (gateway/observability/edge_observer.py counts, ends the span and logs)."""
 
 from __future__ import annotations
 
@@ -15,22 +15,15 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from gateway.errors import QuotaExceededError, limit_of
 from gateway.observability.access_log import AccessLog
+from gateway.observability.edge_observer import EdgeObserver, server_error
 from gateway.observability.metrics import Metrics
-from gateway.observability.tracing import (
-    ATTR_TENANT,
-    SAMPLING_MODEL,
-    Tracing,
-    trace_id_hex,
-)
-from gateway.request.context import QUOTA, RequestRecord
-from gateway.wire.rpc_observer import access_entry, set_ran
+from gateway.observability.tracing import ATTR_TENANT, SAMPLING_MODEL, Tracing
+from gateway.request.observation import Observation
 
 METHOD: Final = "ModelStreamInfer"
 STREAM_SPAN: Final = "inference.GRPCInferenceService/ModelStreamInfer"
 MESSAGE_SPAN: Final = "inference.GRPCInferenceService/ModelStreamInfer message"
 PROTOCOL: Final = "grpc_stream"
-_SERVER_ERRORS: Final = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED",
-                                   "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
@@ -52,7 +45,7 @@ class StreamObserver:
     ) -> None:
         self._metrics = metrics
         self._tracing = tracing
-        self._access_log = access_log
+        self._edge = EdgeObserver(metrics, tracing, access_log)
 
     # -- the stream ----------------------------------------------------------------------
 
@@ -78,54 +71,37 @@ class StreamObserver:
         span = stream.span
         if span.is_recording():
             span.set_attribute("modelgate.stream.messages", messages)
-            if code in _SERVER_ERRORS:
-                span.set_status(Status(StatusCode.ERROR, code))
+            failed = server_error(code)
+            if failed is not None:
+                span.set_status(Status(StatusCode.ERROR, failed))
         span.end()
 
     # -- one message ---------------------------------------------------------------------
 
     def open_message(self, stream: StreamTrace | None, tenant: str,
-                     traceparent: str | None, model: str = "") -> RequestRecord:
-        """A message's record; its span is a child of the message's own traceparent if it
-        carries one, else of the stream's caller context, and links to the stream span.
+                     traceparent: str | None, model: str = "") -> Observation:
+        """A message's observation; its span is a child of the message's own traceparent if
+        it carries one, else of the stream's caller context, and links to the stream span.
         The span is made current in the calling task (each message runs in its own)."""
-        record = RequestRecord(method=METHOD, start=time.perf_counter(), tenant=tenant)
+        observation = Observation(METHOD, time.perf_counter(), PROTOCOL, tenant=tenant)
         tracing = self._tracing
         if tracing is None or stream is None:
-            return record
+            return observation
         parent = (tracing.extract((("traceparent", traceparent),)) if traceparent
                   else stream.parent)
-        attributes = {"rpc.system": "grpc", "rpc.method": METHOD, ATTR_TENANT: tenant}
+        attributes: dict[str, str] = {"rpc.system": "grpc", "rpc.method": METHOD,
+                                      ATTR_TENANT: tenant}
         if model:  # the sampler applies the model's trace settings
             attributes[SAMPLING_MODEL] = model
-        span = tracing.tracer.start_span(
-            MESSAGE_SPAN, context=parent, kind=SpanKind.SERVER,
-            links=(Link(stream.span.get_span_context()),), attributes=attributes)
-        record.tracer = tracing.tracer
-        record.span = span
-        record.trace_id = trace_id_hex(span)
-        record.otel_token = otel_context.attach(trace.set_span_in_context(span, parent))
-        return record
+        self._edge.start_span(observation, MESSAGE_SPAN, parent, dict(attributes),
+                        (Link(stream.span.get_span_context()),))
+        return observation
 
-    def close_message(self, record: RequestRecord, code: str, error: BaseException | None,
+    def close_message(self, observation: Observation, code: str, error: BaseException | None,
                       peer: str, asked: tuple[str, str]) -> None:
-        """Count, end the span and log one answered message; ``asked`` is the model and
-        version the message named (logged when it never resolved)."""
-        elapsed = time.perf_counter() - record.start
-        self._metrics.count_request(record.model, record.tenant, code, elapsed, PROTOCOL)
-        if record.rejected_by == QUOTA or isinstance(error, QuotaExceededError):
-            self._metrics.count_quota_rejection(record.tenant, limit_of(error))
-        span = record.span
-        if span is not None:
-            if span.is_recording():
-                span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
-                set_ran(span, record)
-                if code in _SERVER_ERRORS:
-                    span.set_status(Status(StatusCode.ERROR, code))
-            span.end()
-            token, record.otel_token = record.otel_token, None
-            if token is not None:
-                otel_context.detach(token)  # type: ignore[arg-type]
-        if self._access_log is not None:
-            self._access_log.write(access_entry(record, code, peer, elapsed, asked,
-                                                protocol=PROTOCOL))
+        """Close one answered message's observation; ``asked`` is the model and version the
+        message named (logged when it never resolved)."""
+        attributes = (None if observation.span is None
+                      else {"rpc.grpc.status_code": grpc.StatusCode[code].value[0]})
+        self._edge.close(observation, code, error, peer, asked, attributes=attributes,
+                         failed=server_error(code))

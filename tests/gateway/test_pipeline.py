@@ -23,9 +23,10 @@ from gateway.models.manager import ModelManager
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.pipeline.tensors import LayoutChecks
 from gateway.quota.store import Limits, LocalQuotaStore
-from gateway.request.context import QUOTA, RequestContext, RequestRecord, context_of
+from gateway.request.context import RequestContext, context_of
 from gateway.request.decoded import DecodedRequest, InputLayout, RequestLayout
 from gateway.request.inference import Inference
+from gateway.request.observation import QUOTA, Observation
 from gateway.tenancy.tenants import ANONYMOUS, ModelGrant, Tenant
 from model_store.datatypes import DataType
 from model_store.errors import InputMismatchError
@@ -113,15 +114,16 @@ async def test_quota_is_charged_before_queueing_and_refunded_when_rejected_befor
     pipeline = InferencePipeline(manager, LocalQuotaStore())
     tenant = Tenant(id="q", models=(ModelGrant("*"),),
                     limits=Limits(requests_per_s=0.001, burst=1))
-    record = RequestRecord(method="ModelInfer", start=0.0)
+    record = Observation(method="ModelInfer", start=0.0)
     # A deadline already passed: the batcher refuses it before it runs; the token comes back.
     with pytest.raises(RequestTimeoutError):
-        await pipeline.infer(RequestContext(tenant, deadline=time.monotonic() - 1, record=record),
-                             "add", "", decoder())
+        await pipeline.infer(
+            RequestContext(tenant, deadline=time.monotonic() - 1, observation=record),
+            "add", "", decoder())
     assert record.rejected_by is None
     await pipeline.infer(RequestContext(tenant), "add", "", decoder())  # the refunded token
     with pytest.raises(QuotaExceededError):
-        await pipeline.infer(RequestContext(tenant, record=record), "add", "", decoder())
+        await pipeline.infer(RequestContext(tenant, observation=record), "add", "", decoder())
     assert record.rejected_by == QUOTA
     assert all(v.inflight == 0 for v in manager.model("add").versions.values())
 
