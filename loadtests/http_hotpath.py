@@ -82,7 +82,7 @@ async def measure(settings: Settings, model: str, binary: bool, *, concurrency: 
     await gateway.start()
     try:
         assert gateway.rest is not None
-        handler = gateway.rest.handler
+        handler = gateway.rest.listener.handler
         wire = request_bytes(model, binary, key)
         limits = Limits(max_body_bytes=settings.max_message_bytes)
         loop = asyncio.get_running_loop()

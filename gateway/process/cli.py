@@ -15,7 +15,8 @@ from gateway.monitoring import cli as monitoring_cli
 from gateway.process import event_loop
 from gateway.process.config_check import check_config, empty_store_problem
 from gateway.process.event_loop import EventLoopError
-from gateway.process.server import BindError, serve
+from gateway.process.frontend import BindError
+from gateway.process.server import serve
 from gateway.process.workers import Supervisor
 from gateway.sanitize import escape_log_lines
 from gateway.settings import (

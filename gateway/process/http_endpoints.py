@@ -8,12 +8,13 @@ import json
 from collections.abc import Callable
 
 from gateway.http.connection import Limits
-from gateway.http.listener import HttpListener
+from gateway.http.listener import HttpListener, port_limits
 from gateway.http.messages import HttpRequest, HttpResponse
 from gateway.http.route_table import Endpoint, RouteTable, alive, not_found
 from gateway.models.manager import ModelManager, VersionState
 from gateway.monitoring.endpoint import JSON_TYPE, DriftEndpoint, encode
 from gateway.observability.metrics import CONTENT_TYPE, Metrics
+from gateway.process.frontend import BindError, Services, address
 from gateway.sanitize import strip_paths
 
 # Readiness: (ready, details for the body).
@@ -92,3 +93,34 @@ def manager_readiness(manager: ModelManager, draining: Callable[[], bool]) -> Re
         return not not_ready, {"not_ready": not_ready}
 
     return check
+
+
+class MetricsFrontend:
+    """The metrics port as a frontend: settings.metrics_port, or in a supervisor's worker a
+    free loopback port its supervisor scrapes (serving the merged samples itself)."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self.endpoints = HttpEndpoints(
+            services.metrics, manager_readiness(services.manager, services.draining),
+            port_limits(services.settings, max_body_bytes=0), services.drift,
+        )
+
+    @property
+    def port(self) -> int:
+        return self.endpoints.port
+
+    async def start(self) -> None:
+        settings = self._services.settings
+        host, port = settings.host, settings.metrics_port
+        if self._services.worker_index is not None:
+            host, port = "127.0.0.1", 0
+        try:
+            await self.endpoints.start(host, port)
+        except OSError as exc:
+            raise BindError(
+                "metrics_port", f"cannot bind {address(settings.host, port)}: {exc}"
+            ) from exc
+
+    async def stop(self, grace: float) -> None:
+        await self.endpoints.stop(grace)
