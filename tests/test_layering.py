@@ -144,3 +144,30 @@ def test_the_protobuf_check_catches_a_wrong_import(tmp_path: Path) -> None:
     sample.write_text("from modelgate_pb import model_config_pb2 as mc\n")
     assert not protobuf_violations(sample, "model_store/sample.py")
     assert protobuf_violations(sample, "gateway/http/sample.py")
+
+
+# The values every wing shares live in request/ (docs/architecture.md, wing 3), once.
+SHARED_REQUEST_VALUES = {
+    "RequestContext": "gateway/request/context.py",
+    "DecodedRequest": "gateway/request/decoded.py",
+    "RequestLayout": "gateway/request/decoded.py",
+    "OutputOptions": "gateway/request/decoded.py",
+    "MemoryRef": "gateway/request/decoded.py",
+    "Inference": "gateway/request/inference.py",
+    "request_metadata": "gateway/request/headers.py",
+    "InflightLimit": "gateway/request/inflight.py",
+}
+
+
+def _definitions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    return {node.name for node in tree.body
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def test_the_shared_request_values_are_defined_once_in_request() -> None:
+    homes: dict[str, list[str]] = {name: [] for name in SHARED_REQUEST_VALUES}
+    for path in sorted((ROOT / "gateway").rglob("*.py")):
+        for name in _definitions(path) & homes.keys():
+            homes[name].append(path.relative_to(ROOT).as_posix())
+    assert homes == {name: [home] for name, home in SHARED_REQUEST_VALUES.items()}
