@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import grpc
+from grpc_health.v1._async import HealthServicer
 
 from gateway.models.backends import RuntimeFactory
 from gateway.models.manager import ModelManager, VersionState
@@ -148,6 +149,15 @@ class Gateway:
     @property
     def metrics_port(self) -> int:
         return self.probes.port
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        """The gRPC server (tests/hardening/test_auth_surface.py records what it serves)."""
+        return self.grpc.server
+
+    @property
+    def health(self) -> HealthServicer:
+        return self.grpc.health
 
     @property
     def streams(self) -> StreamInfer:
