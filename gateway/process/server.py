@@ -178,6 +178,8 @@ class Gateway:
         else:
             log.warning("no tenants file: the gateway is open, every caller may use every "
                         "model without a key (local development only)")
+        # The quota store starts before any port serves: a stream opened at once charges it
+        # (and the shared store's start frees what a previous worker of this index held).
         started: list[Frontend] = []
         try:
             for frontend in (*self.frontends, self.probes):
