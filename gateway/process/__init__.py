@@ -1,2 +1,2 @@
-"""The process: settings-driven CLI, server wiring, worker supervision, TLS, the event loop
-and the operator's HTTP port. May import every wing."""
+"""The process: settings-driven CLI, the composition root and its frontends (gRPC, REST, the
+metrics port), worker supervision, TLS, the event loop. May import every wing."""
