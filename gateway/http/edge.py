@@ -149,7 +149,7 @@ class RestEdge:
         attributes = None if observation.span is None else {"http.response.status_code": http}
         self._observer.close(
             observation, code, error, request.peer, (route.model, route.version),
-            answer=str(http), attributes=attributes, failed=str(http) if http >= 500 else None)
+            http=http, attributes=attributes)
 
 
 def _error(exc: Exception, status: Status) -> HttpResponse:

@@ -84,15 +84,14 @@ class EdgeObserver:
 
     def close(
         self, observation: Observation, code: str, error: BaseException | None, peer: str,
-        asked: Asked, *, answer: str | None = None,
-        attributes: Mapping[str, AttributeValue] | None = None, failed: str | None = None,
-        limit: str | None = None,
+        asked: Asked, *, http: int | None = None,
+        attributes: Mapping[str, AttributeValue] | None = None, limit: str | None = None,
     ) -> None:
         """Count, end the span and log one answered request. ``code``: the gRPC code name
-        (what the metrics label every transport with); ``answer``: the status as the access
-        log spells it (default ``code``); ``attributes``: the transport's on the span;
-        ``failed``: the span's error description when the server is at fault; ``limit``: a
-        quota's limit named by the answer when no QuotaExceededError is at hand."""
+        (what the metrics label every transport with); ``http``: the HTTP status a REST
+        answer had (the log and the span's error status then go by it); ``attributes``: the
+        transport's on the span; ``limit``: a quota's limit named by the answer when no
+        QuotaExceededError is at hand."""
         elapsed = time.perf_counter() - observation.start
         if observation.method in COUNTED:
             metrics = self._metrics
@@ -108,6 +107,8 @@ class EdgeObserver:
                 if attributes:
                     span.set_attributes(attributes)
                 _set_ran(span, observation)
+                failed = (code if code in SERVER_ERRORS else None) if http is None else (
+                    str(http) if http >= 500 else None)
                 if failed is not None:
                     span.set_status(Status(StatusCode.ERROR, failed))
             span.end()
@@ -115,7 +116,8 @@ class EdgeObserver:
             if token is not None:
                 otel_context.detach(token)  # type: ignore[arg-type]
         if self.access_log is not None:
-            self.access_log.write(_entry(observation, answer or code, peer, elapsed, asked))
+            answer = code if http is None else str(http)
+            self.access_log.write(_entry(observation, answer, peer, elapsed, asked))
 
 
 def server_error(code: str) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from typing import Any, TypeAlias
 
 import grpc
@@ -13,7 +14,7 @@ from opentelemetry.util.types import AttributeValue
 
 from gateway.errors import LIMIT_KEY
 from gateway.observability.access_log import AccessLog
-from gateway.observability.edge_observer import EdgeObserver, server_error
+from gateway.observability.edge_observer import EdgeObserver
 from gateway.observability.metrics import Metrics
 from gateway.observability.tracing import TRACE_ID_KEY, Tracing
 from gateway.request.observation import Observation
@@ -70,7 +71,7 @@ class RpcObserver:
         service, name = _split(method)
         edge = self._edge
         if edge.tracing is None:
-            return edge.open(name, "grpc", (), "", {}), ()
+            return Observation(name, time.perf_counter()), ()
         if metadata is None:
             metadata = tuple(context.invocation_metadata() or ())
         observation = edge.open(
@@ -99,7 +100,7 @@ class RpcObserver:
             if port is not None:
                 attributes["network.peer.port"] = port
         edge.close(observation, code_name, error, peer, _asked(request),
-                   attributes=attributes, failed=server_error(code_name), limit=limit)
+                   attributes=attributes, limit=limit)
 
 
 def _named_limit(context: Context) -> str | None:

@@ -103,5 +103,4 @@ class StreamObserver:
         message named (logged when it never resolved)."""
         attributes = (None if observation.span is None
                       else {"rpc.grpc.status_code": grpc.StatusCode[code].value[0]})
-        self._edge.close(observation, code, error, peer, asked, attributes=attributes,
-                         failed=server_error(code))
+        self._edge.close(observation, code, error, peer, asked, attributes=attributes)
