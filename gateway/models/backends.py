@@ -84,21 +84,32 @@ class RuntimeFactory:
 
     def _observed(self, runtime: Runtime) -> RuntimeStack:
         """Metrics and tracing around the scheduling: one observer per execution below the
-        batcher (it sees merged batches), one per request above it."""
+        batcher (it sees merged batches), one per request above it (which keeps the
+        version's statistics too)."""
         if self._metrics is None:
-            scheduled = with_scheduling(runtime, self._staged)
-            return RuntimeStack(scheduled, scheduled.statistics)
+            plain = with_scheduling(runtime, self._staged)
+            return RuntimeStack(plain, plain.statistics)
         executions = ExecutionObserver(runtime, self._metrics, self._tracing)
-        scheduled = with_scheduling(executions, self._staged)
-        requests = RequestObserver(scheduled, self._metrics, self._tracing)
-        return RuntimeStack(requests, scheduled.statistics)
+        statistics = ModelStatistics(runtime.model)
+        scheduled, batched = _scheduled(executions, statistics, self._staged)
+        requests = RequestObserver(scheduled, statistics, not batched, self._metrics,
+                                   self._tracing)
+        return RuntimeStack(requests, statistics)
 
 
 def with_scheduling(runtime: Runtime, staged_batches: int = 1) -> StatisticsRuntime:
     """Statistics around every runtime; the dynamic batcher in between when the config has
     a dynamic_batching block (else requests run as they come, instance_count at a time)."""
     statistics = ModelStatistics(runtime.model)
+    scheduled, batched = _scheduled(runtime, statistics, staged_batches)
+    return StatisticsRuntime(scheduled, statistics, records_executions=not batched)
+
+
+def _scheduled(
+    runtime: Runtime, statistics: ModelStatistics, staged_batches: int
+) -> tuple[Runtime, bool]:
+    """The runtime behind the dynamic batcher when its config asks for one (then True: the
+    batcher records the executions), else as it is."""
     if runtime.spec.dynamic_batching is not None:
-        batcher = DynamicBatcher(runtime, statistics=statistics, staged=staged_batches)
-        return StatisticsRuntime(batcher, statistics, records_executions=False)
-    return StatisticsRuntime(runtime, statistics, records_executions=True)
+        return DynamicBatcher(runtime, statistics=statistics, staged=staged_batches), True
+    return runtime, False

@@ -1,6 +1,7 @@
 """Runtime wrappers that trace and measure inference: RequestObserver sits above the batcher
-(one request: in-flight, its 'infer' span), ExecutionObserver below it (one executed batch:
-counts, and each member's queue and compute figures, once per batch at its end)."""
+(one request: in-flight, its 'infer' span, the version's statistics), ExecutionObserver below
+it (one executed batch: counts, and each member's queue and compute figures, once per batch
+at its end)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from gateway.observability.metrics import Metrics, ModelMetrics
+from gateway.observability.statistics import ModelStatistics, StatisticsRuntime
 from gateway.observability.tracing import (
     ATTR_BATCH_REQUESTS,
     ATTR_BATCH_ROWS,
@@ -44,11 +46,20 @@ class _Observer(RuntimeWrapper):
         self._name = f"{self._SPAN} {inner.model.name}"
 
 
-class RequestObserver(_Observer):
+class RequestObserver(StatisticsRuntime):
     """Per request: the in-flight and queue-depth gauges, the request's 'infer' span with a
-    retroactive 'queue' child, and the model and rows on its observation."""
+    retroactive 'queue' child, the model and rows on its observation, and the version's
+    statistics (a StatisticsRuntime whose accounting runs around the same await, so a
+    request passes one wrapper frame here rather than two)."""
 
-    _SPAN = "infer"
+    def __init__(
+        self, inner: Runtime, statistics: ModelStatistics, records_executions: bool,
+        metrics: Metrics, tracing: Tracing | None,
+    ) -> None:
+        super().__init__(inner, statistics, records_executions)
+        self._m: ModelMetrics = metrics.model(inner.model)
+        self._tracer = tracing.tracer if tracing is not None else None
+        self._name = f"infer {inner.model.name}"
 
     async def infer(self, request: InferRequest) -> dict[str, Tensor]:
         if request.warmup is not None:
@@ -79,13 +90,19 @@ class RequestObserver(_Observer):
         m = self._m
         m.in_flight.inc()
         m.queue_depth.inc()
+        entered = time.perf_counter_ns()
+        ok = False
         try:
             if span is None:
-                return await self.inner.infer(request)
-            with trace.use_span(span, end_on_exit=False, record_exception=True,
-                                set_status_on_exception=True):
-                return await self.inner.infer(request)
+                outputs = await self.inner.infer(request)
+            else:
+                with trace.use_span(span, end_on_exit=False, record_exception=True,
+                                    set_status_on_exception=True):
+                    outputs = await self.inner.infer(request)
+            ok = True
+            return outputs
         finally:
+            self.account(request, entered, ok)
             m.in_flight.dec()
             if observation.dispatched is None:
                 m.queue_depth.dec()  # left the queue without running: rejected, expired, gone

@@ -166,24 +166,33 @@ class StatisticsRuntime(RuntimeWrapper):
         if request.warmup is not None:
             return await self.inner.infer(request)
         entered = time.perf_counter_ns()
-        context = context_of(request)
-        arrived = min(context.arrived_ns, entered) if context is not None else entered
         ok = False
         try:
             outputs = await self.inner.infer(request)
             ok = True
         finally:
-            left = time.perf_counter_ns()
-            # A cancelled caller counts as a failure too: the request did not complete.
-            self.statistics.record_request(ok, left - arrived)
+            self.account(request, entered, ok)
+        return outputs
+
+    def account(self, request: InferRequest, entered: int, ok: bool) -> None:
+        """Count one request that entered the stack at ``entered`` (perf_counter ns) and
+        has just left it, answered (``ok``) or not; a subclass that wraps more around the
+        same await (the request observer) calls it from its own ``infer``."""
+        left = time.perf_counter_ns()
+        context = context_of(request)
+        arrived = min(context.arrived_ns, entered) if context is not None else entered
+        statistics = self.statistics
+        # A cancelled caller counts as a failure too: the request did not complete.
+        statistics.record_request(ok, left - arrived)
+        if not ok:
+            return
         if self._records_executions:
             started, ended = request.ran_ns or (entered, left)
             input_ns, infer_ns, output_ns = entered - arrived, ended - started, left - ended
-            self.statistics.record_queued(started - entered, input_ns, infer_ns, output_ns)
-            self.statistics.record_execution(request.rows, input_ns, infer_ns, output_ns)
+            statistics.record_queued(started - entered, input_ns, infer_ns, output_ns)
+            statistics.record_execution(request.rows, input_ns, infer_ns, output_ns)
         else:
-            self.statistics.record_prepared(entered - arrived)
-        return outputs
+            statistics.record_prepared(entered - arrived)
 
 
 def record_encoding(statistics: ModelStatistics | None, started_ns: int) -> None:
