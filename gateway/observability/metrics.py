@@ -128,9 +128,11 @@ class Metrics:
         )
         self._shared_memory = {d: shared_memory.labels(d) for d in ("input", "output")}
         self._models: dict[ModelId, ModelMetrics] = {}
-        # (model, tenant, code, protocol) -> the children one answered RPC counts into.
+        # (model, tenant, code, protocol) -> the children one answered RPC counts into, and
+        # its version's duration histogram (None when it never resolved).
         self._answered: dict[
-            tuple[ModelId | None, str | None, str, str], tuple[Count, Count, Count]
+            tuple[ModelId | None, str | None, str, str],
+            tuple[Count, Count, Count, Buckets | None],
         ] = {}
         self._tenants: set[str] = set()
         self._lock = threading.Lock()
@@ -182,14 +184,16 @@ class Metrics:
             labels = ("", "") if model is None else (model.name, str(model.version))
             children = (self.requests.labels(*labels, code),
                         self.tenant_requests.labels(self.tenant_label(tenant), code),
-                        self.protocol_requests.labels(protocol, code))
+                        self.protocol_requests.labels(protocol, code),
+                        None if model is None else self.model(model).request_duration)
             if len(self._answered) < _MAX_ANSWERED:
                 self._answered[key] = children
-        children[0].inc()
-        children[1].inc()
-        children[2].inc()
-        if model is not None and duration_s is not None:
-            self.model(model).request_duration.observe(duration_s)
+        requests, tenants, protocols, durations = children
+        requests.inc()
+        tenants.inc()
+        protocols.inc()
+        if durations is not None and duration_s is not None:
+            durations.observe(duration_s)
 
     def count_quota_rejection(self, tenant: str | None, limit: str | None) -> None:
         """Count one quota rejection; ``limit`` is its ``modelgate-limit`` trailer
