@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from tests.compat.calls import GRPC, KINDS, Case, _all_types, _args, call, settings_of
 from tests.compat.calls import _infer as _infer_add
 from tests.compat.conftest import Server
-from tests.gateway.test_tenants import admin, issue
+from tests.gateway.tenancy.test_tenants import admin, issue
 from tests.support.gateway import running_gateway
 from tests.support.otlp_receiver import OtlpReceiver
 from tests.support.waiting import wait_until

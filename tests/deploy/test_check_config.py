@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway.test_tenants import admin
+from tests.gateway.tenancy.test_tenants import admin
 from tests.support.certs import CertificateAuthority
 from tests.support.gateway import REPO_ROOT
 from tests.support.models import add_constant, add_model_config, write_model

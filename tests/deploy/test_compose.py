@@ -20,7 +20,7 @@ import yaml
 from tests.deploy import podman as pm
 from tests.deploy.test_container import infer_iris
 from tests.deploy.test_observability import dashboard_queries
-from tests.gateway.test_tenants import admin, issue
+from tests.gateway.tenancy.test_tenants import admin, issue
 from tests.support.certs import CertificateAuthority
 from tests.support.gateway import REPO_ROOT, free_port
 from tests.support.waiting import wait_until

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.overload import SLOW_WIDTH, slow_store
 from tests.deploy import podman as pm
-from tests.gateway.test_tenants import admin, issue
+from tests.gateway.tenancy.test_tenants import admin, issue
 from tests.support.gateway import REPO_ROOT, free_port
 from tests.support.waiting import wait_until
 

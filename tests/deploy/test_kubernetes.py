@@ -30,7 +30,7 @@ from gateway.process import cli
 from gateway.settings import Settings, load_settings
 from gateway.tenancy.tenants import hash_key, load_tenants
 from tests.deploy import podman as pm
-from tests.gateway.test_tenants import admin
+from tests.gateway.tenancy.test_tenants import admin
 from tests.support.gateway import REPO_ROOT, free_port
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until

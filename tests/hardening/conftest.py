@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from onnx import TensorProto, helper
 
-from tests.gateway.test_tenants import admin, issue
+from tests.gateway.tenancy.test_tenants import admin, issue
 from tests.support import models
 
 # CI runs a bounded number of examples without a deadline or the too-slow health check: on a

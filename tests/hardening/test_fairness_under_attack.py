@@ -21,7 +21,7 @@ import pytest
 
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
-from tests.gateway.test_tenants import admin, issue
+from tests.gateway.tenancy.test_tenants import admin, issue
 from tests.hardening.raw_http import GOOD_BODY, INFER, chunked_head, exchange, post, tiny_chunks
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.memory import RssGrowth

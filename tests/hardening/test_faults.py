@@ -21,7 +21,7 @@ from gateway.quota.redis_store import RedisQuotaStore
 from loadtests.overload import slow_store
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
-from tests.gateway.test_tenants import admin, issue
+from tests.gateway.tenancy.test_tenants import admin, issue
 from tests.support import models
 from tests.support.gateway import GatewayProcess, running_gateway
 from tests.support.redis_server import RedisServer, fresh_redis

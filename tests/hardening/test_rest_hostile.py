@@ -311,7 +311,7 @@ def test_json_data_of_the_wrong_kind_is_refused_in_any_position(
     gateway: tuple[GatewayProcess, int], tenant_keys: tuple[Path, str, str],
     data: list[object], named: str
 ) -> None:
-    # FP32 data, as the model takes it; the other datatypes' checks: tests/http.
+    # FP32 data, as the model takes it; the other datatypes' checks: tests/gateway/http.
     _, port = gateway
     body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
                                    "data": data}]}).encode()

@@ -17,7 +17,7 @@ import pytest
 
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
-from tests.gateway.test_tenants import admin, issue
+from tests.gateway.tenancy.test_tenants import admin, issue
 from tests.hardening.raw_http import GOOD_BODY, INFER, exchange, post
 from tests.support import models
 from tests.support.gateway import GatewayProcess, RunningGateway, free_port, running_gateway
