@@ -23,7 +23,12 @@ ENV_PREFIX: Final = "MODELGATE_"
 
 class SettingsError(Exception):
     """A setting with a bad value; the message names the setting, where it came from and
-    what is wrong."""
+    what is wrong. ``partial``: the settings built from the values that were valid (the
+    defaults in place of the others), so a check can go on to what they point at."""
+
+    def __init__(self, message: str, partial: Settings | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 def demo_store() -> Path:
@@ -423,7 +428,7 @@ def load_settings(
     except SettingsError as exc:
         problems.append(str(exc))
     if problems:
-        raise SettingsError("\n".join(problems))
+        raise SettingsError("\n".join(problems), partial=settings)
     if settings.grpc_port == 0 and worker_count(settings) > 1:
         raise SettingsError("setting 'workers': several workers need a fixed grpc_port, not 0")
     return settings

@@ -81,7 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("profile", "drift"):
         return monitoring_cli.run(args)
     try:
-        settings = build_settings(args, dict(os.environ))
+        try:
+            settings = build_settings(args, dict(os.environ))
+        except SettingsError as exc:
+            if not args.check_config or exc.partial is None:
+                raise
+            # Every problem in one run: the files the valid settings point at too.
+            return _check_config(exc.partial, found_before=exc)
         if args.check_config:
             return _check_config(settings)
         # Checked here too so a supervisor stops at once instead of restarting workers.
@@ -118,13 +124,20 @@ def _print_error(exc: Exception) -> None:
         print(f"modelgate: error: {line}", file=sys.stderr)
 
 
-def _check_config(settings: Settings) -> int:
+def _check_config(settings: Settings, found_before: SettingsError | None = None) -> int:
+    """Check what ``settings`` point at; ``found_before``: the settings' own problems (then
+    ``settings`` holds defaults in place of the bad values), printed first."""
     # The problems are the command's output; the store scan's own log lines would repeat them.
     logging.disable(logging.CRITICAL)
     try:
         found = check_config(settings)
     except SettingsError as exc:
+        if found_before is not None:
+            _print_error(found_before)
         _print_error(exc)
+        return 2
+    if found_before is not None:
+        _print_error(found_before)
         return 2
     print(f"modelgate: configuration OK ({len(found)} models)")
     for line in found:

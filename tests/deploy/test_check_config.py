@@ -104,6 +104,23 @@ def test_every_problem_is_one_line_and_an_unknown_key_gets_the_nearest_name(
     assert len(lines) == len(expected), lines
 
 
+def test_bad_settings_and_the_files_they_point_at_are_reported_in_one_run(
+    store: Path, tmp_path: Path
+) -> None:
+    """A bad setting does not hide a broken store or tenants file: both show in one run."""
+    (store / "plus" / "1" / "model.onnx").unlink()
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text("[tenants.acme\n", encoding="utf-8")
+    result = check("--store", str(store), "--tenants", str(tenants), "--grace-period-s",
+                   "soon")
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert "setting 'grace_period_s' (from --grace-period-s): expected float" in lines[0]
+    assert any("model plus version 1: model file model.onnx is missing" in line
+               for line in lines), lines
+    assert any(str(tenants) in line for line in lines[1:]), lines
+
+
 def test_grpc_and_rest_on_one_port_collide(store: Path) -> None:
     result = check("--store", str(store), "--grpc-port", "9001", "--http-port", "9001")
     assert result.returncode == 2
