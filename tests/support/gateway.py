@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,8 +20,8 @@ import grpc
 
 from gateway.process.server import Gateway
 from gateway.settings import Settings, demo_store
-from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
+from tests.support.waiting import wait_server_ready
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -117,19 +116,7 @@ class GatewayProcess:
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Wait until ServerReady says ready; raise with the log if the process died."""
-        give_up = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while time.monotonic() < give_up:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
-                try:
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise TimeoutError(f"gateway not ready after {timeout}s:\n{self.log()}")
+        wait_server_ready(self.target, self.proc, "gateway", self.log, timeout)
 
     def log(self) -> str:
         if not self._log.closed:

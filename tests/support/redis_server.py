@@ -7,11 +7,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from tests.support.gateway import free_port
+from tests.support.waiting import wait_until
 
 
 class RedisServer:
@@ -41,14 +41,14 @@ class RedisServer:
                if self.socket else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        give_up = time.monotonic() + timeout
-        while time.monotonic() < give_up:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited {self.proc.returncode}")
-            if self.ping():
-                return
-            time.sleep(0.02)
-        raise TimeoutError("redis-server did not answer PING")
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited {proc.returncode}")
+            return self.ping()
+
+        wait_until(answers, "redis-server answering PING", timeout)
 
     def ping(self) -> bool:
         try:

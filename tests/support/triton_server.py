@@ -10,18 +10,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import grpc
-
 from loadtests.peer_models import RUNNER_HEAD
 from loadtests.servers import children
-from modelgate_pb import grpc_service_pb2 as pb
-from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support.gateway import REPO_ROOT, free_port
 from tests.support.models import (
     ONNX_TYPES,
@@ -31,6 +26,7 @@ from tests.support.models import (
     config_pbtxt,
     identity_all_types,
 )
+from tests.support.waiting import wait_server_ready
 
 TRITON_VENV: Final = REPO_ROOT / ".triton-venv"
 INSTALL_SCRIPT: Final = REPO_ROOT / "scripts" / "install_test_deps.sh"
@@ -237,17 +233,7 @@ class TritonServer:
             log.close()
 
     def wait_ready(self, timeout: float) -> None:
-        give_up = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while time.monotonic() < give_up:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"tritonserver exited {self.proc.returncode}:\n{self.log()}")
-                with contextlib.suppress(grpc.RpcError):
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                        return
-                time.sleep(0.1)
-        raise TimeoutError(f"tritonserver not ready after {timeout}s:\n{self.log()}")
+        wait_server_ready(self.target, self.proc, "tritonserver", self.log, timeout)
 
     def log(self) -> str:
         text = self.log_path.read_text(encoding="utf-8", errors="replace")

@@ -4,9 +4,16 @@ a give-up time that raises, never an assertion about how fast something happened
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import subprocess
 import time
 from collections.abc import Callable
+
+import grpc
+
+from modelgate_pb import grpc_service_pb2 as pb
+from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 
 
 def wait_until(
@@ -42,3 +49,25 @@ async def until(
 async def _holds(predicate: Callable[[], object]) -> object:
     result = predicate()
     return await result if inspect.isawaitable(result) else result
+
+
+def wait_server_ready(
+    target: str, process: subprocess.Popen[bytes] | None, name: str,
+    log: Callable[[], str], timeout: float,
+) -> None:
+    """Wait until the gRPC server at ``target`` says ServerReady; raise with its ``log`` as
+    soon as its ``process`` exits, or when ``timeout`` seconds pass."""
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        def ready() -> bool:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{name} exited {process.returncode}:\n{log()}")
+            with contextlib.suppress(grpc.RpcError):
+                return bool(stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready)
+            return False
+
+        try:
+            wait_until(ready, f"{name} ready", timeout, interval=0.1)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{name} not ready after {timeout:g}s:\n{log()}") from exc

@@ -52,21 +52,18 @@ async def _scenario() -> None:
     await entered.wait()
     stopping = asyncio.ensure_future(listener.stop(grace=30))
     await until(lambda: listener.open_connections == 1, "idle connections closed")
-    refused: list[bool] = []
 
-    async def probe() -> None:
+    async def refused() -> bool:
         try:
             _, probe_writer = await asyncio.open_connection("127.0.0.1", port)
-            probe_writer.close()
         except OSError:
-            refused.append(True)
+            return True
+        probe_writer.close()
+        return False
 
-    for _ in range(200):  # the listening socket closes within a few loop turns
-        await probe()
-        if refused:
-            break
-        await asyncio.sleep(0.01)
-    assert refused, "new connections are still accepted while draining"
+    # The listening socket closes within a few loop turns of the drain starting.
+    await until(refused, "new connections refused while draining", limit_s=10.0,
+                interval=0.01)
     release.set()
     answer = await _answer(reader)
     assert b'{"path":"/slow"}' in answer and b"Connection: close" in answer
