@@ -247,8 +247,8 @@ def test_max_connections_has_a_safe_default_and_bounds_the_rest_port(
         port = gw.gateway.rest_port
         held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
         try:
-            rest = gw.gateway.rest
-            assert rest is not None
+            assert gw.gateway.rest is not None
+            rest = gw.gateway.rest.listener
             wait_until(lambda: rest.open_connections == 2, "two connections held")
             refused = exchange(port, post("/v2/health/live", b"", close=True), timeout=10)
             assert refused.statuses == []  # closed as it was accepted
@@ -268,8 +268,8 @@ def test_the_body_budget_refuses_new_bodies_with_503_instead_of_growing(
     with running_gateway(hardening_store, http_port=0, max_message_bytes=limit,
                          http_body_budget_bytes=limit) as gw:
         port = gw.gateway.rest_port
-        rest = gw.gateway.rest
-        assert rest is not None
+        assert gw.gateway.rest is not None
+        rest = gw.gateway.rest.listener
         body = b" " * (limit - 1000)
         # A body that stops short: the budget holds what arrived.
         slow = socket.create_connection(("127.0.0.1", port), timeout=30)
