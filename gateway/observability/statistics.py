@@ -78,17 +78,15 @@ class ModelStatistics:
         self._compute_output = Duration()
         self._batches: dict[int, BatchDurations] = {}
 
-    def record_request(self, ok: bool, duration_ns: int) -> None:
+    def record_request(self, ok: bool, duration_ns: int, prepared_ns: int | None = None) -> None:
         """One request finished: from its arrival at the edge to its runtime stack's answer
-        (an answered one's encoding is added by record_encoded)."""
+        (an answered one's encoding is added by record_encoded). ``prepared_ns``: a batched
+        request's time from its arrival to the batcher (decode, checks, admission), counted
+        in compute input beside the batch's merge the batcher counts."""
         with self._lock:
             (self._success if ok else self._fail).add(duration_ns)
-
-    def record_prepared(self, ns: int) -> None:
-        """A batched request's time from its arrival to the batcher (decode, checks,
-        admission): compute input, beside the batch's merge the batcher counts."""
-        with self._lock:
-            self._compute_input.ns += max(0, ns)
+            if prepared_ns is not None:
+                self._compute_input.ns += max(0, prepared_ns)
 
     def record_encoded(self, ns: int) -> None:
         """A successful request's answer took ``ns`` to encode: compute output, and part of
@@ -182,17 +180,15 @@ class StatisticsRuntime(RuntimeWrapper):
         context = context_of(request)
         arrived = min(context.arrived_ns, entered) if context is not None else entered
         statistics = self.statistics
-        # A cancelled caller counts as a failure too: the request did not complete.
-        statistics.record_request(ok, left - arrived)
-        if not ok:
+        if not ok or not self._records_executions:
+            # A cancelled caller counts as a failure too: the request did not complete.
+            statistics.record_request(ok, left - arrived, entered - arrived if ok else None)
             return
-        if self._records_executions:
-            started, ended = request.ran_ns or (entered, left)
-            input_ns, infer_ns, output_ns = entered - arrived, ended - started, left - ended
-            statistics.record_queued(started - entered, input_ns, infer_ns, output_ns)
-            statistics.record_execution(request.rows, input_ns, infer_ns, output_ns)
-        else:
-            statistics.record_prepared(entered - arrived)
+        statistics.record_request(ok, left - arrived)
+        started, ended = request.ran_ns or (entered, left)
+        input_ns, infer_ns, output_ns = entered - arrived, ended - started, left - ended
+        statistics.record_queued(started - entered, input_ns, infer_ns, output_ns)
+        statistics.record_execution(request.rows, input_ns, infer_ns, output_ns)
 
 
 def record_encoding(statistics: ModelStatistics | None, started_ns: int) -> None:

@@ -14,6 +14,9 @@ STEP: Final = 1 << 20
 # zlib window bits: a gzip member (grpc-encoding gzip) or a zlib stream (deflate).
 _GZIP: Final = 16 + zlib.MAX_WBITS
 _ZLIB: Final = zlib.MAX_WBITS
+# The first byte of every compressed message (gzip's magic, deflate's zlib header): what a
+# caller checks before calling inflated, so a plain message costs one lookup.
+COMPRESSED_FIRST_BYTES: Final = frozenset({0x1F, 0x78})
 
 
 def wbits_of(data: bytes) -> int | None:

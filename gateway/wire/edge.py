@@ -35,7 +35,7 @@ from gateway.tenancy.auth import (
 )
 from gateway.tenancy.tenants import ANONYMOUS, Tenant
 from gateway.wire.call import CallContext
-from gateway.wire.compression import inflated
+from gateway.wire.compression import COMPRESSED_FIRST_BYTES, inflated
 from gateway.wire.rpc_observer import RpcObserver
 from modelgate_pb import grpc_service_pb2 as pb
 
@@ -79,12 +79,14 @@ def _lenient(
     message = f"the request is not a valid {method.rpartition('/')[2]} request message"
 
     def deserialize(data: bytes) -> Any:
+        # Most messages are plain: one byte tells, before any call.
+        if data and data[0] in COMPRESSED_FIRST_BYTES:
+            try:
+                data = inflated(data, limit)  # gzip or deflate: bounded (compression.py)
+            except GatewayError as exc:
+                return Undecodable(exc)
         try:
-            plain = inflated(data, limit)  # gzip or deflate: bounded (wire/compression.py)
-        except GatewayError as exc:
-            return Undecodable(exc)
-        try:
-            return deserializer(plain)
+            return deserializer(data)
         except Exception:  # any parse failure is the client's bytes
             return Undecodable(InvalidRequestError(message))
 

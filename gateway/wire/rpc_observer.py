@@ -99,8 +99,10 @@ class RpcObserver:
             attributes = {"rpc.grpc.status_code": code.value[0], "network.peer.address": host}
             if port is not None:
                 attributes["network.peer.port"] = port
-        edge.close(observation, code_name, error, peer, _asked(request),
-                   attributes=attributes, limit=limit)
+        # What the request asked for goes only into the access log: read it only for one.
+        asked = _asked(request) if edge.access_log is not None else _NOT_ASKED
+        edge.close(observation, code_name, error, peer, asked, attributes=attributes,
+                   limit=limit)
 
 
 def _named_limit(context: Context) -> str | None:
@@ -110,6 +112,9 @@ def _named_limit(context: Context) -> str | None:
         if key == LIMIT_KEY:
             return str(value)
     return None
+
+
+_NOT_ASKED: tuple[str | None, str | None] = (None, None)
 
 
 def _asked(request: Any) -> tuple[str | None, str | None]:
