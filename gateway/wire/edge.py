@@ -217,9 +217,7 @@ class Edge:
             # auth and the servicer (through the CallContext).
             metadata = tuple(context.invocation_metadata() or ()) if observed else None
             if observed:
-                model = getattr(request, "model_name", None)
-                observation, ours = observer.open(method, context, metadata,
-                                             model if isinstance(model, str) else None)
+                observation, ours = observer.open(method, context, metadata, request)
             started: float | None = None
             error: BaseException | None = None
             try:

@@ -62,21 +62,23 @@ class RpcObserver:
 
     def open(
         self, method: str, context: Context, metadata: tuple[tuple[str, Any], ...] | None = None,
-        model: str | None = None,
+        request: Any = None,
     ) -> tuple[Observation, tuple[tuple[str, str], ...]]:
         """Open the observation (and span) of one RPC; returns it with the trailers every
         answer of the RPC carries (the trace id when tracing is on). ``metadata``: the
-        call's, if the caller has read it already; ``model``: the one the request names
-        (its trace settings decide the sampling)."""
+        call's, if the caller has read it already; ``request``: the RPC's message, whose
+        model's trace settings decide the sampling (read only when tracing is on)."""
         service, name = _split(method)
         edge = self._edge
         if edge.tracing is None:
             return Observation(name, time.perf_counter()), ()
+        model = getattr(request, "model_name", None)
         if metadata is None:
             metadata = tuple(context.invocation_metadata() or ())
         observation = edge.open(
             name, "grpc", metadata, method.lstrip("/"),
-            {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}, model=model)
+            {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            model=model if isinstance(model, str) else None)
         ours = ((TRACE_ID_KEY, observation.trace_id or ""),)
         context.set_trailing_metadata(ours)
         return observation, ours
