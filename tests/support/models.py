@@ -116,3 +116,19 @@ def all_types_config(name: str = "all_types", width: int = 3) -> str:
         [(f"out_{t}", t, [width]) for t in ONNX_TYPES],
         max_batch_size=8,
     )
+
+
+def plain_and_batched_store(root: Path, batch: int = 4) -> Path:
+    """'plain' (adds 1) runs each request alone; 'batched' (adds 2) waits up to 10 s for a
+    full batch of ``batch`` rows, and warms up with one, so loading never waits that out."""
+    write_model(root, "plain", 1, add_constant(1.0), add_model_config("plain"))
+    batched = add_model_config(
+        "batched", max_batch_size=batch,
+        extra=(
+            "dynamic_batching { max_queue_delay_microseconds: 10000000 }\n"
+            f'model_warmup [{{ name: "full" batch_size: {batch} inputs {{ key: "x" value: '
+            "{ data_type: TYPE_FP32 dims: [4] zero_data: true } } }]\n"
+        ),
+    )
+    write_model(root, "batched", 1, add_constant(2.0), batched)
+    return root

@@ -20,7 +20,12 @@ from gateway.observability.metrics import MAX_TENANTS, OTHER_TENANT, Metrics
 from modelgate_pb import grpc_service_pb2 as pb
 from tests.gateway.tenancy.test_tenants import admin, issue
 from tests.support.gateway import RunningGateway, running_gateway
-from tests.support.models import add_constant, add_model_config, write_model
+from tests.support.models import (
+    add_constant,
+    add_model_config,
+    plain_and_batched_store,
+    write_model,
+)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -30,20 +35,6 @@ def infer_request(model: str, rows: int = 1, width: int = 4) -> pb.ModelInferReq
     request.inputs.add(name="x", datatype="FP32", shape=[rows, width])
     request.raw_input_contents.append(np.ones((rows, width), np.float32).tobytes())
     return request
-
-
-def make_store(root: Path) -> Path:
-    write_model(root, "plain", 1, add_constant(1.0), add_model_config("plain"))
-    batched = add_model_config(
-        "batched", max_batch_size=4,
-        extra=(
-            "dynamic_batching { max_queue_delay_microseconds: 10000000 }\n"
-            'model_warmup [{ name: "full" batch_size: 4 inputs { key: "x" value: '
-            "{ data_type: TYPE_FP32 dims: [4] zero_data: true } } }]\n"
-        ),
-    )
-    write_model(root, "batched", 1, add_constant(2.0), batched)
-    return root
 
 
 def get(gw: RunningGateway, path: str, method: str = "GET") -> tuple[int, str]:
@@ -71,7 +62,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
-    with running_gateway(make_store(tmp_path_factory.mktemp("store"))) as gw:
+    with running_gateway(plain_and_batched_store(tmp_path_factory.mktemp("store"))) as gw:
         yield gw
 
 

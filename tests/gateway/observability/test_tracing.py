@@ -19,29 +19,15 @@ from gateway.settings import Settings
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 from tests.support.gateway import GatewayProcess, RunningGateway, running_gateway
-from tests.support.models import add_constant, add_model_config, write_model
+from tests.support.models import (
+    plain_and_batched_store,
+)
 from tests.support.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 SERVER_KIND = 2  # opentelemetry.proto Span.SPAN_KIND_SERVER
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"
 BATCH = 4
-
-
-def make_store(root: Path) -> Path:
-    """'plain' runs each request alone; 'batched' waits (up to 10 s) for a full batch of 4."""
-    write_model(root, "plain", 1, add_constant(1.0), add_model_config("plain"))
-    batched = add_model_config(
-        "batched", max_batch_size=BATCH,
-        extra=(
-            "dynamic_batching { max_queue_delay_microseconds: 10000000 }\n"
-            # A full-batch warm-up, so loading never waits out the queue delay.
-            'model_warmup [{ name: "full" batch_size: 4 inputs { key: "x" value: '
-            "{ data_type: TYPE_FP32 dims: [4] zero_data: true } } }]\n"
-        ),
-    )
-    write_model(root, "batched", 1, add_constant(2.0), batched)
-    return root
 
 
 def infer_request(model: str, rows: int = 1) -> pb.ModelInferRequest:
@@ -68,7 +54,7 @@ def receiver() -> Iterator[OtlpReceiver]:
 @pytest.fixture(scope="module")
 def traced(receiver: OtlpReceiver, tmp_path_factory: pytest.TempPathFactory,
            ) -> Iterator[RunningGateway]:
-    store = make_store(tmp_path_factory.mktemp("store"))
+    store = plain_and_batched_store(tmp_path_factory.mktemp("store"))
     with running_gateway(store, otlp_endpoint=receiver.endpoint) as gw:
         yield gw
 
@@ -181,7 +167,7 @@ def test_batch_span_links_to_every_member_request(
 def test_sampling_ratio_zero_exports_nothing_but_honours_a_sampled_parent(
     tmp_path: Path,
 ) -> None:
-    store = make_store(tmp_path)
+    store = plain_and_batched_store(tmp_path)
     with OtlpReceiver() as rx, running_gateway(
         store, otlp_endpoint=rx.endpoint, trace_sampling_ratio=0.0
     ) as gw:
@@ -202,7 +188,7 @@ def test_a_ratio_decides_before_any_span_and_sampled_traces_keep_the_id_returned
     # sampled-out requests get an id but no span; sampled ones are exported under the
     # very id their answer carried. With 0.5, 40 requests are all of one kind with odds
     # of 2 in a trillion.
-    store = make_store(tmp_path)
+    store = plain_and_batched_store(tmp_path)
     with OtlpReceiver() as rx, running_gateway(
         store, otlp_endpoint=rx.endpoint, trace_sampling_ratio=0.5
     ) as gw:
@@ -223,7 +209,7 @@ def test_a_ratio_decides_before_any_span_and_sampled_traces_keep_the_id_returned
 def test_stopped_collector_costs_only_dropped_spans(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = make_store(tmp_path)
+    store = plain_and_batched_store(tmp_path)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1")  # read at start-up
     rx = OtlpReceiver().start()
     endpoint = rx.endpoint
@@ -244,7 +230,7 @@ def test_stopped_collector_costs_only_dropped_spans(
 
 
 def test_tracing_is_off_without_configuration(tmp_path: Path) -> None:
-    with running_gateway(make_store(tmp_path)) as gw:
+    with running_gateway(plain_and_batched_store(tmp_path)) as gw:
         assert gw.gateway.tracing is None
         _, call = gw.stub().ModelInfer.with_call(infer_request("plain"))
         assert TRACE_ID_KEY not in dict(call.trailing_metadata() or ())
@@ -277,7 +263,7 @@ def test_unsupported_otlp_protocol_is_refused() -> None:
 
 
 def test_modelgate_serve_takes_flags_and_otel_environment(tmp_path: Path) -> None:
-    store = make_store(tmp_path)
+    store = plain_and_batched_store(tmp_path)
     env = {"OTEL_SERVICE_NAME": "gw-under-test", "OTEL_BSP_SCHEDULE_DELAY": "50"}
     with OtlpReceiver() as rx, GatewayProcess(
         ["--store", str(store), "--otlp-endpoint", f"127.0.0.1:{rx.port}",
