@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -439,6 +439,10 @@ def valid_json_all_types(draw: st.DrawFn) -> tuple[dict[str, object], dict[str, 
     return {"inputs": inputs}, sent
 
 
+# Hypothesis makes FP16 and FP32 values by drawing wider floats and rejecting those the
+# narrower width cannot hold ("reject() in downcast": about 3 in 4 examples of thirteen
+# tensors); that count is its own, so its filter health check says nothing here.
+@settings(suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(pair=valid_json_all_types())
 def test_valid_json_bodies_of_every_datatype_get_their_own_data_back(
     gateway: RunningGateway, pair: tuple[dict[str, object], dict[str, np.ndarray]]
