@@ -28,7 +28,7 @@ from loadtests import h2load
 from loadtests.accounting_report import Account, table
 from loadtests.noop_server import start_noop
 from loadtests.peer_models import peer_models, write_store
-from loadtests.requests import request_for
+from loadtests.requests import answered_request
 from loadtests.runner import machine
 from loadtests.servers import free_port, scrape, start_gateway
 from loadtests.stage_profile import BUCKETS, IDLE, LoopProfile, record
@@ -153,17 +153,6 @@ def measure(level: Level, body: bytes, plan: Plan) -> Account:
     return figures
 
 
-def _request(target: str, model: str) -> pb.ModelInferRequest:
-    """A one-row request for ``model``, answered once without error before any load (h2load
-    cannot tell a gRPC error from an answer)."""
-    with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
-        request = request_for(meta, batch=1)
-        stub.ModelInfer(request, timeout=30)
-    return request
-
-
 def _body(request: pb.ModelInferRequest, kind: str, plan: Plan) -> bytes:
     if kind == "stream":
         return h2load.stream_body_for(request, plan.messages)
@@ -181,7 +170,7 @@ def run(plan: Plan) -> list[Account]:
     one server at a time."""
     accounts: list[Account] = []
     with _store() as store, start_gateway(store) as gw:
-        requests = {model: _request(gw.target, model) for model in plan.models}
+        requests = {model: answered_request(gw.target, model) for model in plan.models}
         with grpc.insecure_channel(gw.target) as channel:
             answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
                 requests[plan.models[0]], timeout=30).SerializeToString()

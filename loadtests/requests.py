@@ -7,9 +7,11 @@ import ipaddress
 import math
 import struct
 
+import grpc
 import numpy as np
 
 from modelgate_pb import grpc_service_pb2 as pb
+from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 
 _NUMPY = {
     "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
@@ -49,6 +51,18 @@ def request_for(
         ]
         request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
         request.raw_input_contents.append(_random_raw(tensor.datatype, shape, rng))
+    return request
+
+
+def answered_request(target: str, model: str) -> pb.ModelInferRequest:
+    """A one-row request for ``model`` at ``target``, answered once without error before any
+    load (h2load cannot tell a gRPC error from an answer)."""
+    require_loopback(target)
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
+        request = request_for(meta, batch=1)
+        stub.ModelInfer(request, timeout=30)
     return request
 
 

@@ -65,16 +65,24 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def start_gateway(
-    store: Path | None, extra: Sequence[str] = (), *, workers: int = 1
+    store: Path | None, extra: Sequence[str] = (), *, workers: int = 1,
+    source: Path | None = None,
 ) -> Iterator[Served]:
     """``modelgate serve`` on a free loopback port (the demo store when ``store`` is None);
-    yields once every worker is ready, and stops it afterwards."""
+    yields once every worker is ready, and stops it afterwards. With ``source``, the code
+    served is that checkout's (another revision's worktree), run by this interpreter."""
     port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "gateway.process.cli", "serve", "--host", "127.0.0.1",
                "--grpc-port", str(port), "--metrics-port", str(metrics_port),
                "--log-level", "WARNING", "--workers", str(workers),
                *(["--store", str(store)] if store else []), *extra]
-    proc = subprocess.Popen(command)
+    if source is None:
+        proc = subprocess.Popen(command)
+    else:
+        # PYTHONPATH comes before the editable install's finder, so the checkout's own
+        # packages are the ones imported.
+        env = {**os.environ, "PYTHONPATH": str(source)}
+        proc = subprocess.Popen(command, cwd=source, env=env)
     target = f"127.0.0.1:{port}"
     try:
         give_up = time.monotonic() + READY_TIMEOUT_S

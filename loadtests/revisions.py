@@ -1,0 +1,201 @@
+"""The gateway at two or more git revisions side by side: each served in turn from its own
+worktree (``modelgate serve``, the batched MLP), driven by h2load on loopback, rounds
+alternated.
+
+    .venv/bin/python -m loadtests.revisions BASE [LATER ...] [--rounds 4] [--json out.json]
+
+With one revision named, the later one is this checkout as it stands, named by its commit
+(with ``+`` if it has changes).
+
+Alternating rounds of the two revisions in one run is what makes them comparable: on a
+small machine the same revision's figures drift by several percent between runs. Each
+round reports answers/s, the process's CPU per answer, the event-loop thread's share of it
+(from /proc) and the mean latency, at each level; the table gives each revision's median."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from loadtests import h2load
+from loadtests.peer_models import peer_models, write_store
+from loadtests.requests import answered_request
+from loadtests.runner import machine
+from loadtests.servers import cpu_seconds, start_gateway
+from loadtests.thread_cpu import spent, thread_times
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "mlp"
+LEVELS = {"c=1": (1, 1), "c=32": (4, 8)}  # name: (connections, streams per connection)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One revision's figures at one level in one round."""
+
+    revision: str
+    level: str
+    round: int
+    answers_per_s: float
+    cpu_us: float  # the whole serving process, per answer
+    loop_us: float  # its main (event-loop) thread, per answer
+    loop_sleeps: float  # times that thread went to sleep, per answer
+    mean_latency_us: float
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=False, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+@contextlib.contextmanager
+def worktrees(revisions: Sequence[str]) -> Iterator[dict[str, Path]]:
+    """A detached worktree per revision (``.`` is this checkout as it stands), removed after."""
+    with tempfile.TemporaryDirectory(prefix="modelgate-revisions-") as folder:
+        trees: dict[str, Path] = {}
+        try:
+            for revision in revisions:
+                if revision == ".":
+                    trees[revision] = ROOT
+                    continue
+                tree = Path(folder) / _git("rev-parse", "--short", revision)
+                _git("worktree", "add", "--detach", str(tree), revision)
+                trees[revision] = tree
+            yield trees
+        finally:
+            for tree in trees.values():
+                if tree != ROOT:
+                    _git("worktree", "remove", "--force", str(tree))
+
+
+def measure(revision: str, tree: Path, store: Path, round_: int, *, levels: Sequence[str],
+            duration_s: float, warmup_s: float) -> list[Round]:
+    """One round of ``revision``: a fresh server, then each level in turn."""
+    rounds = []
+    with start_gateway(store, source=tree) as served:
+        body = h2load.body_for(answered_request(served.target, MODEL))
+        for level in levels:
+            connections, streams = LEVELS[level]
+            if warmup_s:
+                h2load.run_h2load(served.target, body, connections=connections,
+                                  streams=streams, duration_s=warmup_s, warmup_s=0)
+            threads, cpu = thread_times(served.pid), cpu_seconds(served.pid)
+            run = h2load.run_h2load(served.target, body, connections=connections,
+                                    streams=streams, duration_s=duration_s, warmup_s=0)
+            cpu = cpu_seconds(served.pid) - cpu
+            loop = spent(threads, thread_times(served.pid)).get(served.pid)
+            if run.http_errors or run.done == 0:
+                raise RuntimeError(f"{revision} at {level}: {dict(run.http_errors)} "
+                                   f"in {run.done} answers")
+            latencies = run.latencies_s or [0.0]
+            rounds.append(Round(revision, level, round_, run.done / duration_s,
+                                cpu / run.done * 1e6,
+                                (loop.cpu_ns / 1e3 / run.done) if loop else 0.0,
+                                (loop.sleeps / run.done) if loop else 0.0,
+                                statistics.fmean(latencies) * 1e6))
+    return rounds
+
+
+def run(revisions: Sequence[str], rounds: int, *, levels: Sequence[str], duration_s: float,
+        warmup_s: float) -> list[Round]:
+    results: list[Round] = []
+    with tempfile.TemporaryDirectory(prefix="modelgate-revisions-store-") as folder, \
+            worktrees(revisions) as trees:
+        store = write_store(Path(folder) / "store", peer_models())
+        for round_ in range(rounds):
+            # Alternate the order, so no revision always follows the same other one.
+            order = list(trees.items()) if round_ % 2 == 0 else list(trees.items())[::-1]
+            for revision, tree in order:
+                found = measure(revision, tree, store, round_, levels=levels,
+                                duration_s=duration_s, warmup_s=warmup_s)
+                results += found
+                print(" ".join(f"{r.revision} r{r.round} {r.level}: {r.answers_per_s:,.0f}/s "
+                               f"{r.cpu_us:.0f} us cpu, {r.loop_us:.0f} us loop"
+                               for r in found), flush=True)
+    return results
+
+
+def _median(rows: Sequence[Round], field: str) -> float:
+    return statistics.median(float(getattr(r, field)) for r in rows)
+
+
+def table(results: Sequence[Round], revisions: Sequence[str]) -> str:
+    """Each revision's medians per level, its range of answers/s, and the last one's over
+    the first one's."""
+    base, last = revisions[0], revisions[-1]
+    lines = ["| level | figure | " + " | ".join(revisions) + " | ratio |",
+             "|---|---|" + "---:|" * (len(revisions) + 1)]
+    for level in dict.fromkeys(r.level for r in results):
+        by = {rev: [r for r in results if r.level == level and r.revision == rev]
+              for rev in revisions}
+        for field, name in (("answers_per_s", "answers/s"), ("cpu_us", "CPU µs/answer"),
+                            ("loop_us", "loop-thread CPU µs/answer"),
+                            ("loop_sleeps", "loop-thread sleeps/answer"),
+                            ("mean_latency_us", "mean latency µs")):
+            medians = {rev: _median(rows, field) for rev, rows in by.items()}
+            digits = 2 if field == "loop_sleeps" else 0
+            cells = [f"{medians[rev]:,.{digits}f}" + (
+                f" ({min(r.answers_per_s for r in by[rev]):,.0f}-"
+                f"{max(r.answers_per_s for r in by[rev]):,.0f})"
+                if field == "answers_per_s" else "") for rev in revisions]
+            ratio = medians[last] / medians[base] if medians[base] else 0.0
+            lines.append(f"| {level} | {name} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.revisions", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("revisions", nargs="+", metavar="REVISION",
+                        help="git revisions, earliest first; '.' is this checkout as it "
+                             "stands, and is the later one when only one is named")
+    parser.add_argument("--rounds", type=int, default=4, help="alternated rounds per revision")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds measured per level")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each level")
+    parser.add_argument("--levels", default=",".join(LEVELS),
+                        help=f"comma-separated, of {', '.join(LEVELS)}")
+    parser.add_argument("--json", type=Path, help="also write every round here")
+    args = parser.parse_args(argv)
+    if not (1 <= args.rounds <= 20 and 0 < args.duration <= 60 and 0 <= args.warmup <= 30):
+        parser.error("--rounds lies in [1, 20], --duration in (0, 60], --warmup in [0, 30]")
+    levels = args.levels.split(",")
+    if not set(levels) <= set(LEVELS):
+        parser.error(f"--levels takes {', '.join(LEVELS)}")
+    if h2load.binary() is None:
+        parser.error("h2load not found (scripts/install_test_deps.sh installs nghttp2-client)")
+    revisions = list(dict.fromkeys(args.revisions if len(args.revisions) > 1
+                                   else [*args.revisions, "."]))
+    if len(revisions) > 6:
+        parser.error("at most 6 revisions at once")
+    results = run(revisions, args.rounds, levels=levels, duration_s=args.duration,
+                  warmup_s=args.warmup)
+    if "." in revisions:  # name this checkout by its commit, marked if it has changes
+        here = _git("rev-parse", "--short", "HEAD") + ("+" if _git("status", "--porcelain")
+                                                        else "")
+        results = [replace(r, revision=here) if r.revision == "." else r for r in results]
+        revisions[revisions.index(".")] = here
+    where = machine()
+    where["command"] = " ".join([".venv/bin/python -m loadtests.revisions",
+                                 *(sys.argv[1:] if argv is None else argv)])
+    print(f"\n{where['cpu_model']}, {where['cpus']} cores, load average "
+          f"{where['load_average']}: `{where['command']}`\n")
+    print(table(results, revisions))
+    if args.json:
+        args.json.write_text(json.dumps(
+            {"machine": where, "rounds": [asdict(r) for r in results]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
