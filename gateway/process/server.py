@@ -29,6 +29,7 @@ from gateway.pipeline.catalog import Catalog
 from gateway.pipeline.pipeline import InferencePipeline
 from gateway.pipeline.server_settings import ServerSettings
 from gateway.pipeline.shared_memory import SharedMemory
+from gateway.process import collector
 from gateway.process.frontend import BindError, Frontend, FrontendFactory, Services, address
 from gateway.process.grpc_frontend import GrpcFrontend
 from gateway.process.http_endpoints import MetricsFrontend
@@ -255,6 +256,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await gateway.start()
+    collector.settle()  # after the models loaded: what start-up built is frozen
     if started is not None:
         started(gateway)
     await stopping.wait()
