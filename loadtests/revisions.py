@@ -151,7 +151,21 @@ def table(results: Sequence[Round], revisions: Sequence[str]) -> str:
                 if field == "answers_per_s" else "") for rev in revisions]
             ratio = medians[last] / medians[base] if medians[base] else 0.0
             lines.append(f"| {level} | {name} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+        paired = _paired(by[base], by[last])
+        if paired:
+            lines.append(f"| {level} | answers/s, {last} over {base} in the same round "
+                         f"(median, range) | " + " | ".join("" for _ in revisions)
+                         + f" | {statistics.median(paired):.2f} "
+                         f"({min(paired):.2f}-{max(paired):.2f}) |")
     return "\n".join(lines)
+
+
+def _paired(first: Sequence[Round], last: Sequence[Round]) -> list[float]:
+    """Each round's ratio of the two revisions' answers/s: measured minutes apart, so the
+    machine's drift between runs mostly cancels."""
+    earlier = {r.round: r.answers_per_s for r in first}
+    return [r.answers_per_s / earlier[r.round] for r in last
+            if earlier.get(r.round)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

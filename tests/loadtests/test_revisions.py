@@ -33,6 +33,9 @@ def test_the_table_gives_each_revisions_median_and_the_later_over_the_earlier() 
     assert "| c=1 | loop-thread CPU µs/answer | 80 | 160 | 2.00 |" in text
     assert "| c=1 | loop-thread sleeps/answer | 0.50 | 1.00 | 2.00 |" in text
     assert text.count("| mean latency µs | 1,000 | 1,000 | 1.00 |") == len(LEVELS)
+    # Round by round: 1800/900, 2000/1000 and 10/5000.
+    assert ("| c=32 | answers/s, b over a in the same round (median, range) |  |  "
+            "| 2.00 (0.00-2.00) |") in text
 
 
 def test_a_short_run_serves_both_revisions_and_removes_its_worktree(tmp_path: Path) -> None:
