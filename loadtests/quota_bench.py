@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import itertools
 import json
 import sys
@@ -22,15 +21,14 @@ from typing import Any
 
 import grpc
 
-from gateway.process import cli
 from gateway.quota.redis_store import RedisQuotaStore
 from gateway.quota.store import Limits, LocalQuotaStore, QuotaStore, Scope
 from gateway.settings import demo_store
-from gateway.tenancy import admin as tenant_admin
 from loadtests.drivers import closed_loop
 from loadtests.requests import request_for
 from loadtests.results import LevelResult
 from loadtests.servers import cpu_seconds, redis_process, start_gateway
+from loadtests.tenant_admin import tenants
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
 
@@ -67,15 +65,8 @@ def tenants_file(folder: Path, flags: Sequence[str]) -> tuple[Path, str]:
     path = folder / "tenants.toml"
     path.unlink(missing_ok=True)
 
-    def run(*argv: str) -> str:
-        out = io.StringIO()
-        args = cli._parser().parse_args(["tenants", "--file", str(path), *argv])
-        if tenant_admin.run(args, {}, out) != 0:
-            raise RuntimeError(f"tenants {' '.join(argv)} failed")
-        return out.getvalue()
-
-    run("create", "bench", "--models", "*", *flags)
-    return path, run("issue-key", "bench").splitlines()[0]
+    tenants(path, "create", "bench", "--models", "*", *flags)
+    return path, tenants(path, "issue-key", "bench").splitlines()[0]
 
 
 async def _measure(target: str, pid: int, key: str | None, model: str, *, concurrency: int,

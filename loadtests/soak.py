@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import shutil
 import sys
@@ -19,12 +18,11 @@ from pathlib import Path
 
 import grpc
 
-from gateway.process import cli
-from gateway.tenancy import admin as tenant_admin
 from loadtests.overload import percentiles
 from loadtests.probes import rss_kib
 from loadtests.requests import request_for
 from loadtests.servers import redis_process, served_gateway
+from loadtests.tenant_admin import tenants
 from loadtests.tracing_bench import span_sink
 from modelgate_pb import grpc_service_pb2 as pb
 from modelgate_pb import grpc_service_pb2_grpc as pb_grpc
@@ -55,18 +53,11 @@ def tenants_file(folder: Path, count: int) -> tuple[Path, list[str]]:
     path = folder / "tenants.toml"
     keys: list[str] = []
 
-    def run(*argv: str) -> str:
-        out = io.StringIO()
-        args = cli._parser().parse_args(["tenants", "--file", str(path), *argv])
-        if tenant_admin.run(args, {}, out) != 0:
-            raise RuntimeError(f"tenants {' '.join(argv)} failed")
-        return out.getvalue()
-
     for index in range(count):
         name = f"soak{index}"
-        run("create", name, "--models", *MODELS, "--requests-per-s", "100000",
+        tenants(path, "create", name, "--models", *MODELS, "--requests-per-s", "100000",
             "--rows-per-s", "1000000", "--concurrent", "256", "--requests-per-day", "1000000000")
-        keys.append(run("issue-key", name).splitlines()[0])
+        keys.append(tenants(path, "issue-key", name).splitlines()[0])
     return path, keys
 
 
