@@ -1,12 +1,14 @@
 """Where a serving process's event-loop thread spends its time, by sampling: py-spy's native
-stacks of the loop thread, each sample put in one bucket (a stage of the request path, the
-native transport under no frame of ours, or idle).
+stacks of the loop thread, each sample put in one bucket (a stage of the request path or
+the native transport under no frame of ours); the ticks without a sample are idle.
 
-A sample's bucket is decided by its innermost frame of our own code (gateway/, runtimes/,
-model_store/, loadtests/): the stage that called whatever runs at the leaf, native calls
-included. A sample without such a frame is the transport's and the loop's own work (grpc's
-Cython layer and core, uvloop and libuv, the interpreter). A sample whose innermost named
-native frame is a wait (epoll, a condition variable, a sleep) is idle."""
+py-spy runs without ``--idle``, so it records a thread only in the ticks where it finds it
+active (running, or runnable and waiting for a core); a stack's leaf tells less: a thread
+in ``epoll_wait`` may be sleeping, or doing the kernel's work of a poll that returns at
+once, which is CPU. A sample's bucket is decided by its innermost frame of our own code
+(gateway/, runtimes/, model_store/, loadtests/): the stage that called whatever runs at the
+leaf, native calls included. A sample without such a frame is the transport's and the
+loop's own work (grpc's Cython layer and core, uvloop and libuv, the interpreter)."""
 
 from __future__ import annotations
 
@@ -61,12 +63,6 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
 # (the command's main, the no-op server's supervisor) are no stage.
 LOOP_RUNNER = "gateway/process/event_loop.py"
 OUR_PACKAGES = ("gateway/", "runtimes/", "model_store/", "loadtests/")
-WAITS = frozenset({
-    "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect",
-    "pthread_cond_wait", "pthread_cond_timedwait", "pthread_cond_clockwait", "sem_wait",
-    "sem_timedwait", "sem_clockwait", "clock_nanosleep", "nanosleep", "do_futex_wait",
-    "__futex_abstimed_wait_common", "futex_wait",
-})
 _FRAME = re.compile(r"^(.*) \(([^()]*)\)$")
 _COMPILED = tuple((prefix, re.compile(p) if p else None, stage) for prefix, p, stage in RULES)
 
@@ -110,9 +106,6 @@ def stage_of(frame: Frame) -> str:
 def bucket_of(frames: list[Frame]) -> str:
     """The bucket of one sample's stack (root first)."""
     frames = below_loop(frames)
-    named = [f for f in frames if not f.function.startswith("0x")]
-    if named and named[-1].function in WAITS:
-        return IDLE
     if any(f.function == "gc_collect_main" for f in frames):
         return GC
     if any(f.file.startswith("onnxruntime/") for f in frames):
@@ -130,8 +123,8 @@ def bucket_of(frames: list[Frame]) -> str:
 
 @dataclass
 class LoopProfile:
-    """The loop thread's samples by bucket (idle included), the sample count of every
-    thread, Python's names of the threads, and what py-spy reported."""
+    """The loop thread's samples by bucket (idle: the ticks in which py-spy found it
+    inactive), Python's names of the threads, and what py-spy reported."""
 
     buckets: Counter[str] = field(default_factory=Counter)
     thread_names: dict[int, str] = field(default_factory=dict)
@@ -152,9 +145,10 @@ _LINE = re.compile(r"^thread \((\d+)\): ([^;]*);?(.*) (\d+)$")
 _ERRORS = re.compile(r"Errors: (\d+)")
 
 
-def parse_raw(text: str, loop_tid: int) -> LoopProfile:
+def parse_raw(text: str, loop_tid: int, ticks: int) -> LoopProfile:
     """py-spy's ``--format raw --threads`` output (one ``stack count`` line per distinct
-    stack) reduced to the loop thread's buckets."""
+    stack, active threads only) reduced to the loop thread's buckets; of ``ticks`` (the
+    times py-spy sampled), those without a sample of the loop thread are idle."""
     profile = LoopProfile()
     for line in text.splitlines():
         found = _LINE.match(line.strip())
@@ -170,6 +164,8 @@ def parse_raw(text: str, loop_tid: int) -> LoopProfile:
         ours = [f for f in below_loop(frames) if is_ours(f)]
         if bucket in OURS and ours:
             profile.functions[f"{ours[-1].function} ({ours[-1].file})"] += int(count)
+    # py-spy's ticks are its rate times its duration; a late tick is one fewer, never more.
+    profile.buckets[IDLE] = max(0, ticks - profile.samples)
     return profile
 
 
@@ -181,29 +177,30 @@ def py_spy() -> str | None:
 
 
 def record(pid: int, loop_tid: int, seconds: float, rate: int) -> LoopProfile:
-    """Samples ``pid``'s threads (native frames, idle ones included) ``rate`` times a second
-    for ``seconds``; needs ptrace rights over ``pid`` (root, or the same user with
-    ptrace_scope 0)."""
+    """Samples ``pid``'s active threads (native frames) ``rate`` times a second for
+    ``seconds``; needs ptrace rights over ``pid`` (root, or the same user with ptrace_scope
+    0)."""
     executable = py_spy()
     if executable is None:
         raise RuntimeError("py-spy not found (pip install -e '.[test]' installs it)")
     if not 0 < seconds <= 120 or not 0 < rate <= 1000:
         raise ValueError("py-spy records for (0, 120] seconds at (0, 1000] samples/s")
+    duration = max(1, round(seconds))
     with tempfile.TemporaryDirectory(prefix="modelgate-py-spy-") as folder:
         output = Path(folder) / "raw.txt"
         done = subprocess.run(
             [executable, "record", "--pid", str(pid), "--format", "raw", "--threads",
-             "--idle", "--native", "--duration", str(max(1, round(seconds))), "--rate",
-             str(rate), "--output", str(output)],
+             "--native", "--duration", str(duration), "--rate", str(rate), "--output",
+             str(output)],
             capture_output=True, text=True, check=False, timeout=seconds + 60,
         )
         if done.returncode != 0 or not output.exists():
             raise RuntimeError(f"py-spy failed ({done.returncode}): {done.stderr[-2000:]}")
         raw = output.read_text()
     out, err = done.stdout, done.stderr
-    profile = parse_raw(raw, loop_tid)
+    profile = parse_raw(raw, loop_tid, duration * rate)
     errors = _ERRORS.search(out + err)
     profile.errors = int(errors.group(1)) if errors else 0
-    if profile.samples == 0:
+    if profile.samples == profile.buckets[IDLE]:
         raise RuntimeError(f"py-spy recorded no sample of thread {loop_tid}: {err[-2000:]}")
     return profile

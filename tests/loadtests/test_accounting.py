@@ -21,6 +21,7 @@ from loadtests.stage_profile import (
     GRPC,
     IDLE,
     LOOP_RUNNER,
+    NATIVE_OTHER,
     OTHER_OURS,
     OURS,
     PIPELINE,
@@ -66,11 +67,15 @@ def test_a_sample_falls_in_the_stage_of_its_innermost_frame_of_ours() -> None:
                    "PyUpb_Message_FromString (_message.abi3.so)") == DECODE
 
 
-def test_waits_are_idle_and_native_work_is_the_transports() -> None:
+def test_a_wait_found_active_and_native_work_are_the_transports() -> None:
+    # py-spy records a thread only while it is active: one in epoll then is the loop's poll
+    # (a poll that returns at once, or the kernel's wake-up), CPU of the loop's own.
     assert _bucket("uv_run (core.c:464)", "uv__io_poll (linux.c:1452)",
-                   "epoll_pwait (libc.so.6)") == IDLE
-    # A wait with unsymbolised frames below it is still a wait.
-    assert _bucket("pthread_cond_timedwait (libc.so.6)", "0x7f176daa3f16 (libc.so.6)") == IDLE
+                   "epoll_pwait (libc.so.6)") == UVLOOP
+    # Only libc below the loop's frames: the loop's own.
+    assert _bucket("pthread_cond_timedwait (libc.so.6)", "0x7f176daa3f16 (libc.so.6)") == (
+        UVLOOP)
+    assert bucket_of([parse_frame("pthread_cond_timedwait (libc.so.6)")]) == NATIVE_OTHER
     assert _bucket("0x7f1763923952 (grpc/_cython/cygrpc.cpython-311-x86_64-linux-gnu.so)",
                    "eventfd_write (libc.so.6)", "write (libc.so.6)") == GRPC
     assert _bucket("uv__run_idle (loop-watcher.c:68)",
@@ -101,9 +106,11 @@ def test_raw_output_is_reduced_to_the_loop_threads_buckets() -> None:
         f"thread (10): MainThread;{loop};0x1 (grpc/_cython/cygrpc.so);write (libc.so.6) 1",
         "thread (11): ort-mlp/1_0;Thread.run (threading.py:982);run (onnxruntime/x.py:9) 40",
     ])
-    profile = parse_raw(raw, 10)
-    assert profile.samples == 10
-    assert profile.share(IDLE) == pytest.approx(0.6)
+    # Sampled 20 times: the loop thread was found active in 10 of them.
+    profile = parse_raw(raw, 10, 20)
+    assert profile.samples == 20
+    assert profile.share(IDLE) == pytest.approx(0.5)
+    assert profile.buckets[UVLOOP] == 6
     assert profile.buckets[DECODE] == 3 and profile.buckets[GRPC] == 1
     assert profile.thread_names == {10: "MainThread", 11: "ort-mlp/1_0"}
     assert profile.functions["RequestDecoder.decode (gateway/wire/codec.py)"] == 3
