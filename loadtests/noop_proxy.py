@@ -8,13 +8,10 @@ upstream (loadtests/forwarding.py).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,13 @@ from typing import Any
 import grpc
 
 from gateway.process import event_loop
-from loadtests.noop_server import METHOD, NoopServer
+from loadtests.noop_server import (
+    METHOD,
+    NoopServer,
+    serve_handler,
+    server_arguments,
+    wait_ready,
+)
 from loadtests.requests import require_loopback
 from loadtests.servers import stop_process
 
@@ -49,17 +52,7 @@ class _Forward(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
 async def _serve(port: int, upstream: str, started: Callable[[], None]) -> None:
     async with grpc.aio.insecure_channel(upstream) as channel:
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((_Forward(channel),))
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        started()
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        await stopping.wait()
-        await server.stop(1)
+        await serve_handler(port, _Forward(channel), started)
 
 
 @contextlib.contextmanager
@@ -73,11 +66,7 @@ def start_noop_proxy(port: int, upstream: str) -> Iterator[NoopServer]:
         proc = subprocess.Popen([sys.executable, "-m", "loadtests.noop_proxy", "--port",
                                  str(port), "--upstream", upstream, "--ready-file", str(ready)])
         try:
-            give_up = time.monotonic() + 60
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > give_up:
-                    raise RuntimeError("the no-op proxy did not start")
-                time.sleep(0.05)
+            wait_ready(proc, ready, "the no-op proxy")
             yield NoopServer(target, proc.pid)
         finally:
             stop_process(proc)
@@ -85,11 +74,8 @@ def start_noop_proxy(port: int, upstream: str) -> Iterator[NoopServer]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.noop_proxy", description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
+    server_arguments(parser)
     parser.add_argument("--upstream", required=True, help="host:port, on loopback")
-    parser.add_argument("--ready-file", type=Path, help="written once it serves")
-    parser.add_argument("--event-loop", choices=event_loop.CHOICES, default="auto",
-                        help="the event loop, chosen as the gateway's event_loop setting")
     args = parser.parse_args(argv)
     try:
         require_loopback(args.upstream)

@@ -77,8 +77,17 @@ class _FixedAnswer(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 async def _serve(
     port: int, answer: bytes, shared: bool, parent: int | None, started: Callable[[], None]
 ) -> None:
+    await serve_handler(port, _FixedAnswer(answer), started, shared=shared, parent=parent)
+
+
+async def serve_handler(
+    port: int, handler: grpc.GenericRpcHandler, started: Callable[[], None],  # type: ignore[type-arg]
+    *, shared: bool = False, parent: int | None = None,
+) -> None:
+    """A grpc.aio server of ``handler`` on the loopback ``port`` until SIGTERM or SIGINT
+    (or, with ``parent``, until that supervisor is gone); ``started`` once it serves."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if shared else 0)])
-    server.add_generic_rpc_handlers((_FixedAnswer(answer),))
+    server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     started()
@@ -140,6 +149,26 @@ class NoopServer:
     pid: int  # the supervisor's, when several workers serve
 
 
+def wait_ready(proc: subprocess.Popen[bytes], ready: Path, what: str,
+               seconds: float = 60.0) -> float:
+    """Waits until ``proc`` has written ``ready``, and returns the monotonic time it gives
+    up at; raises if ``proc`` ends or ``seconds`` pass first."""
+    give_up = time.monotonic() + seconds
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > give_up:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.05)
+    return give_up
+
+
+def server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every no-op server process takes: its port, a ready file, the loop."""
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ready-file", type=Path, help="written once it serves")
+    parser.add_argument("--event-loop", choices=CHOICES, default="auto",
+                        help="the event loop, chosen as the gateway's event_loop setting")
+
+
 @contextlib.contextmanager
 def noop_process(port: int, answer: bytes, workers: int = 1) -> Iterator[str]:
     """The no-op server in a subprocess (its own interpreter, like the gateway) with
@@ -159,11 +188,7 @@ def start_noop(port: int, answer: bytes, workers: int = 1) -> Iterator[NoopServe
                                  str(port), "--answer-file", str(answer_file), "--workers",
                                  str(workers), "--ready-file", str(ready)])
         try:
-            give_up = time.monotonic() + 60
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > give_up:
-                    raise RuntimeError("the no-op server did not start")
-                time.sleep(0.05)
+            give_up = wait_ready(proc, ready, "the no-op server")
             with grpc.insecure_channel(target) as channel:
                 call = channel.unary_unary(METHOD, None, None)
                 while True:
@@ -181,12 +206,9 @@ def start_noop(port: int, answer: bytes, workers: int = 1) -> Iterator[NoopServe
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.noop_server", description=__doc__)
-    parser.add_argument("--port", type=int, required=True)
+    server_arguments(parser)
     parser.add_argument("--answer-file", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the port")
-    parser.add_argument("--ready-file", type=Path, help="written once every worker serves")
-    parser.add_argument("--event-loop", choices=CHOICES, default="auto",
-                        help="the event loop, chosen as the gateway's event_loop setting")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
