@@ -107,7 +107,7 @@ class EdgeObserver:
                 if attributes:
                     span.set_attributes(attributes)
                 _set_ran(span, observation)
-                failed = (code if code in SERVER_ERRORS else None) if http is None else (
+                failed = server_error(code) if http is None else (
                     str(http) if http >= 500 else None)
                 if failed is not None:
                     span.set_status(Status(StatusCode.ERROR, failed))
