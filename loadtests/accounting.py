@@ -88,16 +88,23 @@ def account(level: Level, window: tuple[float, float], answered: tuple[int, int]
     # A sample cannot tell running from waiting for a core: the busy samples stand for
     # both, so each bucket's share of them is scaled to the CPU the thread had.
     running = cpu_us / (cpu_us + waiting_us) if cpu_us + waiting_us else 0.0
-    stages = {b: profile.share(b) * wall_us * running for b in BUCKETS}
-    busy = sum(profile.buckets[b] for b in BUCKETS) or 1
-    hottest = [(name, n / busy * busy_us * running)
+    # py-spy finds the thread in a system call far more often than it is in one (it stops
+    # the process with ptrace), so the samples in the kernel stand for the system time the
+    # kernel counted for the thread, and the others for its user time.
+    ticks = loop.user_ns + loop.system_ns
+    kernel_share = loop.system_ns / ticks if ticks else None
+    split = profile.busy_split(kernel_share)
+    stages = {b: split[b] * busy_us * running for b in BUCKETS}
+    weight = profile.user_sample_weight(kernel_share)
+    hottest = [(name, n * weight * busy_us * running)
                for name, n in profile.functions.most_common(12)]
     return Account(
         level.server, level.model, level.kind, level.concurrency, plain_n / plain_s,
         profiled_n / profiled_s, threads, cpu_us, waiting_us, plain[level.pid].sleeps / plain_n,
         stages, sum(stages.values()),
         busy_us / (cpu_us + waiting_us) if cpu_us + waiting_us else 0.0, profile.samples,
-        profile.share(IDLE), profile.errors, hottest=hottest)
+        profile.share(IDLE), profile.errors, hottest=hottest,
+        kernel_sampled=profile.kernel_share, kernel_measured=kernel_share)
 
 
 def measure(level: Level, body: bytes, plan: Plan) -> Account:

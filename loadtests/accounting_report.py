@@ -37,6 +37,10 @@ class Account:
     profile_errors: int
     errors: dict[str, int] = field(default_factory=dict)
     hottest: list[tuple[str, float]] = field(default_factory=list)
+    # The loop thread's share of busy samples taken in a system call, and the share of its
+    # CPU the kernel counted as system time (None: not read); the stages use the latter.
+    kernel_sampled: float = 0.0
+    kernel_measured: float | None = None
 
     @property
     def closes(self) -> bool:
@@ -91,6 +95,9 @@ def table(accounts: Sequence[Account], where: dict[str, object]) -> str:
              [_us(a.loop_cpu_us - a.stages_sum_us) for a in accounts]),
         _row("loop: went to sleep, times per request (plain window)",
              [f"{a.loop_sleeps:.2f}" for a in accounts]),
+        _row("loop: in the kernel, share of samples / of CPU (stime)",
+             [f"{a.kernel_sampled:.0%} / " + (f"{a.kernel_measured:.0%}"
+              if a.kernel_measured is not None else "-") for a in accounts]),
         _row("closure (sampled busy ÷ ran or waited)",
              [f"{a.closure:.1%} {'ok' if a.closes else 'OPEN'}" for a in accounts]),
         _row("loop samples (idle share)",

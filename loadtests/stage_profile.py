@@ -63,6 +63,16 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
 # (the command's main, the no-op server's supervisor) are no stage.
 LOOP_RUNNER = "gateway/process/event_loop.py"
 OUR_PACKAGES = ("gateway/", "runtimes/", "model_store/", "loadtests/")
+# The C library's system-call wrappers the loop thread is found in: a sample whose leaf is
+# one of them was taken in the kernel (the accounting rescales those against /proc's stime,
+# since py-spy finds a thread in a system call far more often than it is in one).
+SYSCALLS = frozenset({
+    "epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "recv",
+    "recvfrom", "recvmsg", "send", "sendto", "sendmsg", "read", "readv", "write", "writev",
+    "getpid", "gettid", "timerfd_settime", "eventfd_read", "eventfd_write", "syscall",
+    "futex", "pthread_cond_signal", "pthread_cond_broadcast", "sem_post", "accept4", "close",
+    "ioctl", "madvise", "munmap", "mmap", "brk", "clock_nanosleep", "nanosleep",
+})
 _FRAME = re.compile(r"^(.*) \(([^()]*)\)$")
 _COMPILED = tuple((prefix, re.compile(p) if p else None, stage) for prefix, p, stage in RULES)
 
@@ -103,6 +113,12 @@ def stage_of(frame: Frame) -> str:
     return OTHER_OURS
 
 
+def in_kernel(frames: list[Frame]) -> bool:
+    """Whether a sample's leaf is a system call's wrapper in the C library."""
+    return bool(frames) and frames[-1].function in SYSCALLS and (
+        frames[-1].file.startswith("libc") or not frames[-1].file)
+
+
 def bucket_of(frames: list[Frame]) -> str:
     """The bucket of one sample's stack (root first)."""
     frames = below_loop(frames)
@@ -127,6 +143,8 @@ class LoopProfile:
     inactive), Python's names of the threads, and what py-spy reported."""
 
     buckets: Counter[str] = field(default_factory=Counter)
+    # Of each bucket's samples, those taken in a system call (``in_kernel``).
+    kernel: Counter[str] = field(default_factory=Counter)
     thread_names: dict[int, str] = field(default_factory=dict)
     errors: int = 0
     # The loop thread's hottest stacks of ours: (innermost frames, samples), for a report.
@@ -139,6 +157,37 @@ class LoopProfile:
     def share(self, bucket: str) -> float:
         """The fraction of the loop thread's samples (of its wall time) in ``bucket``."""
         return self.buckets[bucket] / self.samples if self.samples else 0.0
+
+    @property
+    def kernel_share(self) -> float:
+        """The fraction of the busy samples taken in a system call."""
+        busy = sum(self.buckets[b] for b in BUCKETS)
+        return sum(self.kernel[b] for b in BUCKETS) / busy if busy else 0.0
+
+    def busy_split(self, kernel_share: float | None = None) -> dict[str, float]:
+        """Each bucket's fraction of the busy samples. With ``kernel_share`` (the share of
+        the thread's CPU the kernel counted as system time), the samples taken in a system
+        call stand for that share and the others for the rest."""
+        busy = {b: self.buckets[b] for b in BUCKETS}
+        total = sum(busy.values())
+        if not total:
+            return dict.fromkeys(BUCKETS, 0.0)
+        kernel = sum(self.kernel[b] for b in BUCKETS)
+        user = total - kernel
+        if kernel_share is None or not kernel or not user:
+            return {b: n / total for b, n in busy.items()}
+        return {b: kernel_share * self.kernel[b] / kernel
+                + (1.0 - kernel_share) * (busy[b] - self.kernel[b]) / user for b in BUCKETS}
+
+    def user_sample_weight(self, kernel_share: float | None = None) -> float:
+        """The fraction of the busy time one user-space sample stands for."""
+        total = sum(self.buckets[b] for b in BUCKETS)
+        user = total - sum(self.kernel[b] for b in BUCKETS)
+        if not user:
+            return 0.0
+        if kernel_share is None or user == total:
+            return 1.0 / total
+        return (1.0 - kernel_share) / user
 
 
 _LINE = re.compile(r"^thread \((\d+)\): ([^;]*);?(.*) (\d+)$")
@@ -161,6 +210,9 @@ def parse_raw(text: str, loop_tid: int, ticks: int) -> LoopProfile:
         frames = [parse_frame(part) for part in stack.split(";") if part]
         bucket = bucket_of(frames)
         profile.buckets[bucket] += int(count)
+        if in_kernel(frames):
+            profile.kernel[bucket] += int(count)
+            continue  # the hottest functions are those of user-space samples
         ours = [f for f in below_loop(frames) if is_ours(f)]
         if bucket in OURS and ours:
             profile.functions[f"{ours[-1].function} ({ours[-1].file})"] += int(count)

@@ -1,5 +1,6 @@
 """The CPU time of each thread of a running process, from Linux /proc: per-thread on-CPU and
-run-queue time (``schedstat``, nanoseconds), falling back to ``stat``'s clock ticks."""
+run-queue time (``schedstat``, nanoseconds; ``stat``'s clock ticks where there is none), and
+the kernel's user/system split of it (``stat``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ class ThreadTime:
     cpu_ns: int
     waiting_ns: int
     sleeps: int = 0
+    # The kernel's split of the thread's CPU (``stat``'s utime and stime, in clock ticks
+    # turned into ns): coarse, but no sampler's bias is in it.
+    user_ns: int = 0
+    system_ns: int = 0
 
 
 def _sleeps(task: Path) -> int:
@@ -32,15 +37,16 @@ def _sleeps(task: Path) -> int:
 def _read_thread(task: Path) -> ThreadTime | None:
     try:
         name = (task / "comm").read_text().strip()
+        # Fields after the parenthesised command name; utime and stime are 14 and 15.
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+        user_ns, system_ns = int(fields[11]) * tick_ns, int(fields[12]) * tick_ns
         try:
             on_cpu, waiting, _ = (task / "schedstat").read_text().split()
-            return ThreadTime(name, int(on_cpu), int(waiting), _sleeps(task))
+            return ThreadTime(name, int(on_cpu), int(waiting), _sleeps(task), user_ns,
+                              system_ns)
         except (OSError, ValueError):
-            # Fields after the parenthesised command name; utime and stime are 14 and 15.
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            ticks = int(fields[11]) + int(fields[12])
-            return ThreadTime(name, ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK"), 0,
-                              _sleeps(task))
+            return ThreadTime(name, user_ns + system_ns, 0, _sleeps(task), user_ns, system_ns)
     except (OSError, IndexError, ValueError):
         return None  # the thread ended while it was read
 
@@ -63,7 +69,8 @@ def spent(before: dict[int, ThreadTime], after: dict[int, ThreadTime]) -> dict[i
     for tid, now in after.items():
         then = before.get(tid, ThreadTime(now.name, 0, 0))
         spent_by[tid] = ThreadTime(now.name, now.cpu_ns - then.cpu_ns,
-                                   now.waiting_ns - then.waiting_ns, now.sleeps - then.sleeps)
+                                   now.waiting_ns - then.waiting_ns, now.sleeps - then.sleeps,
+                                   now.user_ns - then.user_ns, now.system_ns - then.system_ns)
     return spent_by
 
 

@@ -114,6 +114,31 @@ def test_raw_output_is_reduced_to_the_loop_threads_buckets() -> None:
     assert profile.buckets[DECODE] == 3 and profile.buckets[GRPC] == 1
     assert profile.thread_names == {10: "MainThread", 11: "ort-mlp/1_0"}
     assert profile.functions["RequestDecoder.decode (gateway/wire/codec.py)"] == 3
+    assert profile.kernel == {UVLOOP: 6, GRPC: 1}  # the samples whose leaf is a system call
+
+
+def test_samples_in_a_system_call_stand_for_the_kernels_measured_share() -> None:
+    loop = ";".join(LOOP)
+    raw = "\n".join([
+        f"thread (10): MainThread;{loop};epoll_pwait (libc.so.6) 6",
+        f"thread (10): MainThread;{loop};RequestDecoder.decode (gateway/wire/codec.py:70) 3",
+        f"thread (10): MainThread;{loop};0x1 (grpc/_cython/cygrpc.so);write (libc.so.6) 1",
+        # malloc is no system call: a user-space sample, like the decoder's.
+        f"thread (10): MainThread;{loop};0x1 (grpc/_cython/cygrpc.so);malloc (libc.so.6) 2",
+    ])
+    profile = parse_raw(raw, 10, 12)
+    assert profile.kernel_share == pytest.approx(7 / 12)
+    # Unscaled: each bucket's share of the samples.
+    assert profile.busy_split()[UVLOOP] == pytest.approx(6 / 12)
+    # The kernel counted 20 % of the thread's CPU as system time: the 7 samples in a
+    # system call share those 20 %, the 5 others the remaining 80 %.
+    split = profile.busy_split(0.2)
+    assert split[UVLOOP] == pytest.approx(0.2 * 6 / 7)
+    assert split[GRPC] == pytest.approx(0.2 * 1 / 7 + 0.8 * 2 / 5)
+    assert split[DECODE] == pytest.approx(0.8 * 3 / 5)
+    assert sum(split.values()) == pytest.approx(1.0)
+    assert profile.user_sample_weight(0.2) == pytest.approx(0.8 / 5)
+    assert profile.user_sample_weight() == pytest.approx(1 / 12)
 
 
 def test_thread_times_count_a_busy_threads_cpu() -> None:
@@ -132,6 +157,7 @@ def test_thread_times_count_a_busy_threads_cpu() -> None:
         assert tid is not None
         before = thread_times(pid)
         assert tid in before and pid in before
+        assert before[pid].user_ns + before[pid].system_ns > 0  # this process has run
         wait_until(lambda: spent(before, thread_times(pid))[tid].cpu_ns > 0,
                    "the spinning thread charged CPU")
     finally:
@@ -161,6 +187,7 @@ def test_a_short_run_reports_every_figure_and_its_closure(tmp_path: Path) -> Non
         assert accounting.LOOP in level["threads"]
         assert level["stages_sum_us"] == pytest.approx(sum(level["stages"].values()))
         assert level["closure"] > 0
+        assert 0 <= level["kernel_sampled"] <= 1 and 0 <= level["kernel_measured"] <= 1
         assert level["closes"] == (abs(level["closure"] - 1) <= accounting_report.CLOSES_WITHIN)
     gateway, noop = levels
     # Only the gateway runs code of ours on its loop; both run the transport, and the
