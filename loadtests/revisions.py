@@ -5,7 +5,10 @@ alternated.
     .venv/bin/python -m loadtests.revisions BASE [LATER ...] [--rounds 4] [--json out.json]
 
 With one revision named, the later one is this checkout as it stands, named by its commit
-(with ``+`` if it has changes).
+(with ``+`` if it has changes). A revision followed by ``+FLAG`` (``.+--inline-compute-us=0``)
+is served with that ``modelgate serve`` flag, so one revision can be set against itself
+with other settings; ``--tree NAME=PATH`` serves a directory as it is (built extensions
+included).
 
 Alternating rounds of the two revisions in one run is what makes them comparable: on a
 small machine the same revision's figures drift by several percent between runs. Each
@@ -34,7 +37,28 @@ from loadtests.thread_cpu import spent, thread_times
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mlp"
-LEVELS = {"c=1": (1, 1), "c=32": (4, 8)}  # name: (connections, streams per connection)
+# name: (connections, streams per connection)
+LEVELS = {"c=1": (1, 1), "c=4": (4, 1), "c=8": (4, 2), "c=32": (4, 8)}
+DEFAULT_LEVELS = ("c=1", "c=32")
+MODELS = ("mlp", "mlp_unbatched")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing served: a git revision (or a directory served as it is), with flags."""
+
+    name: str
+    revision: str | None
+    flags: tuple[str, ...] = ()
+    path: Path | None = None
+
+
+def entry(text: str) -> Entry:
+    """``REVISION[+FLAG...]``: a revision and the serve flags it runs with."""
+    revision, *flags = text.split("+")
+    if not revision or any(not flag.startswith("--") for flag in flags):
+        raise ValueError(f"{text!r}: a revision, then any number of +--flag[=value]")
+    return Entry(text, revision, tuple(flags))
 
 
 @dataclass(frozen=True)
@@ -65,7 +89,7 @@ def worktrees(revisions: Sequence[str]) -> Iterator[dict[str, Path]]:
     with tempfile.TemporaryDirectory(prefix="modelgate-revisions-") as folder:
         trees: dict[str, Path] = {}
         try:
-            for revision in revisions:
+            for revision in dict.fromkeys(revisions):
                 if revision == ".":
                     trees[revision] = ROOT
                     continue
@@ -80,11 +104,12 @@ def worktrees(revisions: Sequence[str]) -> Iterator[dict[str, Path]]:
 
 
 def measure(revision: str, tree: Path, store: Path, round_: int, *, levels: Sequence[str],
-            duration_s: float, warmup_s: float) -> list[Round]:
+            duration_s: float, warmup_s: float, flags: Sequence[str] = (),
+            model: str = MODEL) -> list[Round]:
     """One round of ``revision``: a fresh server, then each level in turn."""
     rounds = []
-    with start_gateway(store, source=tree) as served:
-        body = h2load.body_for(answered_request(served.target, MODEL))
+    with start_gateway(store, flags, source=tree) as served:
+        body = h2load.body_for(answered_request(served.target, model))
         for level in levels:
             connections, streams = LEVELS[level]
             if warmup_s:
@@ -107,18 +132,22 @@ def measure(revision: str, tree: Path, store: Path, round_: int, *, levels: Sequ
     return rounds
 
 
-def run(revisions: Sequence[str], rounds: int, *, levels: Sequence[str], duration_s: float,
-        warmup_s: float) -> list[Round]:
+def run(entries: Sequence[Entry], rounds: int, *, levels: Sequence[str], duration_s: float,
+        warmup_s: float, model: str = MODEL) -> list[Round]:
     results: list[Round] = []
+    revisions = [e.revision for e in entries if e.revision is not None]
     with tempfile.TemporaryDirectory(prefix="modelgate-revisions-store-") as folder, \
             worktrees(revisions) as trees:
         store = write_store(Path(folder) / "store", peer_models())
         for round_ in range(rounds):
             # Alternate the order, so no revision always follows the same other one.
-            order = list(trees.items()) if round_ % 2 == 0 else list(trees.items())[::-1]
-            for revision, tree in order:
-                found = measure(revision, tree, store, round_, levels=levels,
-                                duration_s=duration_s, warmup_s=warmup_s)
+            order = list(entries) if round_ % 2 == 0 else list(entries)[::-1]
+            for served in order:
+                tree = served.path if served.revision is None else trees[served.revision]
+                assert tree is not None
+                found = measure(served.name, tree, store, round_, levels=levels,
+                                duration_s=duration_s, warmup_s=warmup_s, flags=served.flags,
+                                model=model)
                 results += found
                 print(" ".join(f"{r.revision} r{r.round} {r.level}: {r.answers_per_s:,.0f}/s "
                                f"{r.cpu_us:.0f} us cpu, {r.loop_us:.0f} us loop"
@@ -171,13 +200,17 @@ def _paired(first: Sequence[Round], last: Sequence[Round]) -> list[float]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.revisions", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("revisions", nargs="+", metavar="REVISION",
-                        help="git revisions, earliest first; '.' is this checkout as it "
-                             "stands, and is the later one when only one is named")
+    parser.add_argument("revisions", nargs="*", metavar="REVISION",
+                        help="git revisions, earliest first, each with any +--flag[=value] "
+                             "to serve it with; '.' is this checkout as it stands, and is "
+                             "the later one when only one is named")
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
+                        help="also serve this directory as it is (after the revisions)")
+    parser.add_argument("--model", choices=MODELS, default=MODEL, help="the model driven")
     parser.add_argument("--rounds", type=int, default=4, help="alternated rounds per revision")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds measured per level")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each level")
-    parser.add_argument("--levels", default=",".join(LEVELS),
+    parser.add_argument("--levels", default=",".join(DEFAULT_LEVELS),
                         help=f"comma-separated, of {', '.join(LEVELS)}")
     parser.add_argument("--json", type=Path, help="also write every round here")
     args = parser.parse_args(argv)
@@ -188,23 +221,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--levels takes {', '.join(LEVELS)}")
     if h2load.binary() is None:
         parser.error("h2load not found (scripts/install_test_deps.sh installs nghttp2-client)")
-    revisions = list(dict.fromkeys(args.revisions if len(args.revisions) > 1
-                                   else [*args.revisions, "."]))
-    if len(revisions) > 6:
-        parser.error("at most 6 revisions at once")
-    results = run(revisions, args.rounds, levels=levels, duration_s=args.duration,
-                  warmup_s=args.warmup)
-    if "." in revisions:  # name this checkout by its commit, marked if it has changes
+    named = list(dict.fromkeys(args.revisions))
+    if len(named) == 1 and not args.tree:
+        named.append(".")
+    try:
+        entries = [entry(text) for text in named]
+        for text in args.tree:
+            name, _, path = text.partition("=")
+            if not name or not Path(path).is_dir():
+                raise ValueError(f"--tree {text!r}: NAME=PATH of a directory")
+            entries.append(Entry(name, None, (), Path(path).resolve()))
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not 2 <= len(entries) <= 6:
+        parser.error("2 to 6 revisions and trees at once")
+    results = run(entries, args.rounds, levels=levels, duration_s=args.duration,
+                  warmup_s=args.warmup, model=args.model)
+    names = [e.name for e in entries]
+    if any(e.revision == "." for e in entries):
+        # This checkout is named by its commit, marked if it has changes.
         here = _git("rev-parse", "--short", "HEAD") + ("+" if _git("status", "--porcelain")
                                                         else "")
-        results = [replace(r, revision=here) if r.revision == "." else r for r in results]
-        revisions[revisions.index(".")] = here
+        renamed = {e.name: here + e.name[1:] for e in entries if e.revision == "."}
+        results = [replace(r, revision=renamed.get(r.revision, r.revision)) for r in results]
+        names = [renamed.get(name, name) for name in names]
     where = machine()
     where["command"] = " ".join([".venv/bin/python -m loadtests.revisions",
                                  *(sys.argv[1:] if argv is None else argv)])
     print(f"\n{where['cpu_model']}, {where['cpus']} cores, load average "
           f"{where['load_average']}: `{where['command']}`\n")
-    print(table(results, revisions))
+    print(table(results, names))
     if args.json:
         args.json.write_text(json.dumps(
             {"machine": where, "rounds": [asdict(r) for r in results]}, indent=1))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loadtests import revisions
-from loadtests.revisions import LEVELS, Round, table
+from loadtests.revisions import DEFAULT_LEVELS, LEVELS, Entry, Round, entry, table
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,18 +38,30 @@ def test_the_table_gives_each_revisions_median_and_the_later_over_the_earlier() 
             "| 2.00 (0.00-2.00) |") in text
 
 
+def test_a_revision_may_carry_the_flags_it_is_served_with() -> None:
+    assert entry("HEAD~2") == Entry("HEAD~2", "HEAD~2")
+    assert entry(".+--inline-compute-us=0+--event-loop=asyncio") == Entry(
+        ".+--inline-compute-us=0+--event-loop=asyncio", ".",
+        ("--inline-compute-us=0", "--event-loop=asyncio"))
+    for bad in ("+--workers=2", ".+workers=2"):
+        with pytest.raises(ValueError, match="a revision, then"):
+            entry(bad)
+
+
 def test_a_short_run_serves_both_revisions_and_removes_its_worktree(tmp_path: Path) -> None:
     before = _worktrees()
     out = tmp_path / "revisions.json"
-    code = revisions.main(["HEAD", "--rounds", "1", "--duration", "1", "--warmup", "0",
-                           "--json", str(out)])
+    # This checkout with a flag beside HEAD: both the worktree and the flag path run.
+    code = revisions.main(["HEAD", ".+--inline-compute-us=0", "--rounds", "1", "--duration",
+                           "1", "--warmup", "0", "--json", str(out)])
     assert code == 0
     assert _worktrees() == before
     report = json.loads(out.read_text())
     seen = {(r["revision"], r["level"]) for r in report["rounds"]}
     names = sorted({r["revision"] for r in report["rounds"]})
     assert len(names) == 2 and "HEAD" in names
-    assert seen == {(name, level) for name in names for level in LEVELS}
+    assert next(n for n in names if n != "HEAD").endswith("+--inline-compute-us=0")
+    assert seen == {(name, level) for name in names for level in DEFAULT_LEVELS}
     for row in report["rounds"]:
         assert row["answers_per_s"] > 0 and row["cpu_us"] > 0 and row["loop_us"] > 0
     assert report["machine"]["command"].startswith(".venv/bin/python -m loadtests.revisions")
