@@ -13,7 +13,8 @@ included).
 Alternating rounds of the two revisions in one run is what makes them comparable: on a
 small machine the same revision's figures drift by several percent between runs. Each
 round reports answers/s, the process's CPU per answer, the event-loop thread's share of it
-(from /proc) and the mean latency, at each level; the table gives each revision's median."""
+(from /proc), the mean latency and the mean batch (the gateway's own counters), at each
+level; the table gives each revision's median."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from loadtests import h2load
 from loadtests.peer_models import peer_models, write_store
 from loadtests.requests import answered_request
 from loadtests.runner import machine
-from loadtests.servers import cpu_seconds, start_gateway
+from loadtests.servers import cpu_seconds, scrape, start_gateway
 from loadtests.thread_cpu import spent, thread_times
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,7 @@ class Round:
     loop_us: float  # its main (event-loop) thread, per answer
     loop_sleeps: float  # times that thread went to sleep, per answer
     mean_latency_us: float
+    mean_batch: float = 0.0  # rows per model execution (the gateway's counters; 0: unread)
 
 
 def _git(*args: str) -> str:
@@ -115,11 +117,16 @@ def measure(revision: str, tree: Path, store: Path, round_: int, *, levels: Sequ
             if warmup_s:
                 h2load.run_h2load(served.target, body, connections=connections,
                                   streams=streams, duration_s=warmup_s, warmup_s=0)
+            counted = scrape(served.metrics_port)
             threads, cpu = thread_times(served.pid), cpu_seconds(served.pid)
             run = h2load.run_h2load(served.target, body, connections=connections,
                                     streams=streams, duration_s=duration_s, warmup_s=0)
             cpu = cpu_seconds(served.pid) - cpu
             loop = spent(threads, thread_times(served.pid)).get(served.pid)
+            after = scrape(served.metrics_port)
+            batches = (after.since(counted) if after and counted else None)
+            mean_batch = (batches.rows[model] / batches.batches[model]
+                          if batches and batches.batches[model] else 0.0)
             if run.http_errors or run.done == 0:
                 raise RuntimeError(f"{revision} at {level}: {dict(run.http_errors)} "
                                    f"in {run.done} answers")
@@ -128,7 +135,7 @@ def measure(revision: str, tree: Path, store: Path, round_: int, *, levels: Sequ
                                 cpu / run.done * 1e6,
                                 (loop.cpu_ns / 1e3 / run.done) if loop else 0.0,
                                 (loop.sleeps / run.done) if loop else 0.0,
-                                statistics.fmean(latencies) * 1e6))
+                                statistics.fmean(latencies) * 1e6, mean_batch))
     return rounds
 
 
@@ -171,9 +178,10 @@ def table(results: Sequence[Round], revisions: Sequence[str]) -> str:
         for field, name in (("answers_per_s", "answers/s"), ("cpu_us", "CPU µs/answer"),
                             ("loop_us", "loop-thread CPU µs/answer"),
                             ("loop_sleeps", "loop-thread sleeps/answer"),
-                            ("mean_latency_us", "mean latency µs")):
+                            ("mean_latency_us", "mean latency µs"),
+                            ("mean_batch", "rows per model execution")):
             medians = {rev: _median(rows, field) for rev, rows in by.items()}
-            digits = 2 if field == "loop_sleeps" else 0
+            digits = 2 if field in ("loop_sleeps", "mean_batch") else 0
             cells = [f"{medians[rev]:,.{digits}f}" + (
                 f" ({min(r.answers_per_s for r in by[rev]):,.0f}-"
                 f"{max(r.answers_per_s for r in by[rev]):,.0f})"

@@ -33,6 +33,7 @@ def test_the_table_gives_each_revisions_median_and_the_later_over_the_earlier() 
     assert "| c=1 | loop-thread CPU µs/answer | 80 | 160 | 2.00 |" in text
     assert "| c=1 | loop-thread sleeps/answer | 0.50 | 1.00 | 2.00 |" in text
     assert text.count("| mean latency µs | 1,000 | 1,000 | 1.00 |") == len(LEVELS)
+    assert text.count("| rows per model execution | 0.00 | 0.00 | 0.00 |") == len(LEVELS)
     # Round by round: 1800/900, 2000/1000 and 10/5000.
     assert ("| c=32 | answers/s, b over a in the same round (median, range) |  |  "
             "| 2.00 (0.00-2.00) |") in text
@@ -64,4 +65,5 @@ def test_a_short_run_serves_both_revisions_and_removes_its_worktree(tmp_path: Pa
     assert seen == {(name, level) for name in names for level in DEFAULT_LEVELS}
     for row in report["rounds"]:
         assert row["answers_per_s"] > 0 and row["cpu_us"] > 0 and row["loop_us"] > 0
+        assert row["mean_batch"] >= 1  # the batched MLP: at least a row per execution
     assert report["machine"]["command"].startswith(".venv/bin/python -m loadtests.revisions")
