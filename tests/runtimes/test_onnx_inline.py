@@ -16,7 +16,13 @@ from loadtests.overload import SLOW_WIDTH, slow_model
 from model_store.repository import ModelRepository
 from model_store.spec import ModelId
 from runtimes.base import InferRequest
-from runtimes.onnx_runtime import BUSY_SHARE, OnnxOptions, OnnxRuntime
+from runtimes.onnx_runtime import (
+    BUSY_SHARE,
+    CROWDED_BATCH,
+    RELAXED_BATCH,
+    OnnxOptions,
+    OnnxRuntime,
+)
 from tests.support import models
 
 
@@ -109,6 +115,49 @@ def test_with_other_requests_in_flight_only_the_shortest_runs_stay_inline(
     threads_used.reported_s = 0.001  # under a quarter: inline even with others in flight
     asyncio.run(run(store, "tiny", options, rows=2, times=4, in_flight=3))
     assert threads_used[1:] == [loop_thread] * 3
+
+
+def test_while_batches_are_crowded_every_run_uses_the_worker(
+    store: Path, threads_used: ThreadsUsed
+) -> None:
+    # Batches of 8 requests: once their moving average reaches CROWDED_BATCH, even the
+    # shortest run goes to the worker; batches of 1 bring it back to the loop only once the
+    # average falls to RELAXED_BATCH, not as soon as it drops below CROWDED_BATCH.
+    assert (CROWDED_BATCH, RELAXED_BATCH) == (6.0, 4.0)
+    entry = ModelRepository(store).scan()["tiny"]
+    assert entry.spec is not None
+    threads_used.reported_s = 0.000_001  # far under any bound
+    loop_thread = threading.current_thread().name
+    width = entry.spec.inputs[0].dims[0]
+
+    def batch(members: int) -> InferRequest:
+        row = np.ones((1, width), dtype=np.float32)
+        parts = tuple(InferRequest({"x": row}, rows=1) for _ in range(members))
+        return InferRequest({"x": np.ones((members, width), dtype=np.float32)},
+                            rows=members, members=parts)
+
+    async def scenario() -> list[bool]:
+        runtime = OnnxRuntime(ModelId("tiny", 1), entry.spec, entry.version_files[1],
+                              OnnxOptions(device="cpu", inline_below_us=50_000))
+        await runtime.load()
+        try:
+            inline = []
+            for members in [8] * 20 + [1] * 12:
+                before = len(threads_used)
+                await runtime.infer(batch(members))
+                inline.append(threads_used[before] == loop_thread)
+            return inline
+        finally:
+            await runtime.unload()
+
+    inline = asyncio.run(scenario())
+    # The average after n batches of 8 is 8 - 7 * 0.9**n: 6 or more from the 12th run on.
+    # The first run is measured on the worker.
+    assert inline[:12] == [False] + [True] * 10 + [False]
+    assert inline[12:20] == [False] * 8
+    # Then batches of 1: the average (7.15) is under 6 from the 2nd of them and 4 or less
+    # only from the 7th; the runs go back to the loop only then.
+    assert inline[20:26] == [False] * 6 and inline[26:] == [True] * 6
 
 
 def test_inline_and_worker_runs_answer_alike(store: Path) -> None:
