@@ -98,12 +98,20 @@ def test_every_rule_names_a_file_or_folder_that_exists() -> None:
         assert stage in OURS
 
 
-def test_raw_output_is_reduced_to_the_loop_threads_buckets() -> None:
+def _loop_samples(*more: str) -> list[str]:
+    """Raw lines of the loop thread (id 10): 6 in epoll, 3 decoding, 1 in grpc's write;
+    ``more`` are further stacks below the loop, each ending in its count."""
     loop = ";".join(LOOP)
+    return [f"thread (10): MainThread;{loop};{stack}" for stack in (
+        "epoll_pwait (libc.so.6) 6",
+        "RequestDecoder.decode (gateway/wire/codec.py:70) 3",
+        "0x1 (grpc/_cython/cygrpc.so);write (libc.so.6) 1",
+        *more)]
+
+
+def test_raw_output_is_reduced_to_the_loop_threads_buckets() -> None:
     raw = "\n".join([
-        f"thread (10): MainThread;{loop};epoll_pwait (libc.so.6) 6",
-        f"thread (10): MainThread;{loop};RequestDecoder.decode (gateway/wire/codec.py:70) 3",
-        f"thread (10): MainThread;{loop};0x1 (grpc/_cython/cygrpc.so);write (libc.so.6) 1",
+        *_loop_samples(),
         "thread (11): ort-mlp/1_0;Thread.run (threading.py:982);run (onnxruntime/x.py:9) 40",
     ])
     # Sampled 20 times: the loop thread was found active in 10 of them.
@@ -118,14 +126,8 @@ def test_raw_output_is_reduced_to_the_loop_threads_buckets() -> None:
 
 
 def test_samples_in_a_system_call_stand_for_the_kernels_measured_share() -> None:
-    loop = ";".join(LOOP)
-    raw = "\n".join([
-        f"thread (10): MainThread;{loop};epoll_pwait (libc.so.6) 6",
-        f"thread (10): MainThread;{loop};RequestDecoder.decode (gateway/wire/codec.py:70) 3",
-        f"thread (10): MainThread;{loop};0x1 (grpc/_cython/cygrpc.so);write (libc.so.6) 1",
-        # malloc is no system call: a user-space sample, like the decoder's.
-        f"thread (10): MainThread;{loop};0x1 (grpc/_cython/cygrpc.so);malloc (libc.so.6) 2",
-    ])
+    # malloc is no system call: a user-space sample, like the decoder's.
+    raw = "\n".join(_loop_samples("0x1 (grpc/_cython/cygrpc.so);malloc (libc.so.6) 2"))
     profile = parse_raw(raw, 10, 12)
     assert profile.kernel_share == pytest.approx(7 / 12)
     # Unscaled: each bucket's share of the samples.
