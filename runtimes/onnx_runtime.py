@@ -63,7 +63,7 @@ BUSY_SHARE: Final = 0.25
 # Batches that full mean requests reach the batcher faster than the loop serves them: a run
 # on the worker lets the loop read the next ones meanwhile, and the batches grow (the
 # batched MLP at 32 concurrent requests: 6.9 requests a batch inline, 11.9 on the worker,
-# 13 % more answers; at 4 and 8, 3.9 a batch, inline answers 7 % more).
+# 13-16 % more answers; at 4 and 8, 3.9 a batch, where inline runs answer 7 % more).
 CROWDED_BATCH: Final = 6.0
 RELAXED_BATCH: Final = 4.0
 
