@@ -164,30 +164,29 @@ class LoopProfile:
         busy = sum(self.buckets[b] for b in BUCKETS)
         return sum(self.kernel[b] for b in BUCKETS) / busy if busy else 0.0
 
+    def _weights(self, kernel_share: float | None) -> tuple[float, float]:
+        """The fraction of the busy time one sample stands for: (in a system call, in user
+        space). Unscaled (no ``kernel_share``, or samples of one kind only) both are
+        1 / the busy samples."""
+        total = sum(self.buckets[b] for b in BUCKETS)
+        kernel = sum(self.kernel[b] for b in BUCKETS)
+        if not total:
+            return 0.0, 0.0
+        if kernel_share is None or not kernel or kernel == total:
+            return 1.0 / total, 1.0 / total
+        return kernel_share / kernel, (1.0 - kernel_share) / (total - kernel)
+
     def busy_split(self, kernel_share: float | None = None) -> dict[str, float]:
         """Each bucket's fraction of the busy samples. With ``kernel_share`` (the share of
         the thread's CPU the kernel counted as system time), the samples taken in a system
         call stand for that share and the others for the rest."""
-        busy = {b: self.buckets[b] for b in BUCKETS}
-        total = sum(busy.values())
-        if not total:
-            return dict.fromkeys(BUCKETS, 0.0)
-        kernel = sum(self.kernel[b] for b in BUCKETS)
-        user = total - kernel
-        if kernel_share is None or not kernel or not user:
-            return {b: n / total for b, n in busy.items()}
-        return {b: kernel_share * self.kernel[b] / kernel
-                + (1.0 - kernel_share) * (busy[b] - self.kernel[b]) / user for b in BUCKETS}
+        in_call, in_user = self._weights(kernel_share)
+        return {b: self.kernel[b] * in_call + (self.buckets[b] - self.kernel[b]) * in_user
+                for b in BUCKETS}
 
     def user_sample_weight(self, kernel_share: float | None = None) -> float:
         """The fraction of the busy time one user-space sample stands for."""
-        total = sum(self.buckets[b] for b in BUCKETS)
-        user = total - sum(self.kernel[b] for b in BUCKETS)
-        if not user:
-            return 0.0
-        if kernel_share is None or user == total:
-            return 1.0 / total
-        return (1.0 - kernel_share) / user
+        return self._weights(kernel_share)[1]
 
 
 _LINE = re.compile(r"^thread \((\d+)\): ([^;]*);?(.*) (\d+)$")
